@@ -1,0 +1,35 @@
+"""distcomp: compress what data-parallel PyTorch ranks send each other.
+
+    state = distcomp.register(ddp_model, "powersgd", rank=4)
+"""
+
+from distcomp import compressors as _compressors  # noqa: F401 - registers the built-in compressors
+from distcomp.bucket import Bucket
+from distcomp.compressor import Compressor, CompressorConfig
+from distcomp.config import config_from_dict, config_to_dict, load_config
+from distcomp.errors import CheckpointError, ConfigError, DistcompError, RankMismatchError
+from distcomp.hooks.ddp import CompressionState, compressed_hook, ddp_comm_hook, register
+from distcomp.registry import available_compressors, build_config, get_compressor, register_compressor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Bucket",
+    "CheckpointError",
+    "CompressionState",
+    "Compressor",
+    "CompressorConfig",
+    "ConfigError",
+    "DistcompError",
+    "RankMismatchError",
+    "available_compressors",
+    "build_config",
+    "compressed_hook",
+    "config_from_dict",
+    "config_to_dict",
+    "ddp_comm_hook",
+    "get_compressor",
+    "load_config",
+    "register",
+    "register_compressor",
+]

@@ -1,0 +1,130 @@
+"""``topk`` and ``randomk``: send a small fraction of the gradient, keep the rest as residual.
+
+``topk`` keeps the entries of largest magnitude on each rank; ranks pick
+different entries, so values and indices are all-gathered and every rank
+scatter-adds them. ``randomk`` draws the same random entries on every rank
+(a generator seeded identically everywhere), so the values alone are summable
+and go through one all-reduce.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from distcomp.bucket import Bucket
+from distcomp.collectives import sparse_mean
+from distcomp.comm import Comm
+from distcomp.compressor import Compressor, CompressorConfig, local_health
+from distcomp.config import require
+from distcomp.error_feedback import ErrorFeedback
+from distcomp.errors import CheckpointError
+from distcomp.registry import register_compressor
+
+
+@dataclass(kw_only=True, frozen=True)
+class SparseConfig(CompressorConfig):
+    """Options shared by ``topk`` and ``randomk``."""
+
+    ratio: float = 0.01
+    """Fraction of each bucket's entries sent per step (ignored when ``k`` is set)."""
+    k: int | None = None
+    """Entries sent per bucket per step; at most the bucket size."""
+    start_step: int = 2
+    """First compressed step (DDP rebuilds buckets after step 1; earlier steps are exact)."""
+    error_feedback: bool = True
+    """Add what was not sent back into the next step's gradient."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(0.0 < self.ratio <= 1.0, "ratio", f"must be in (0, 1], got {self.ratio}")
+        require(self.k is None or self.k >= 1, "k", f"must be >= 1 or null, got {self.k}")
+
+    def k_for(self, numel: int) -> int:
+        """Entries to send from a bucket of ``numel`` values."""
+        k = self.k if self.k is not None else round(self.ratio * numel)
+        return max(1, min(k, numel))
+
+
+class _Sparse(Compressor):
+    config: SparseConfig
+
+    def __init__(self, config: SparseConfig | None = None) -> None:
+        super().__init__(config)
+        self.ef = ErrorFeedback(self.config.error_feedback)
+
+    def _finish(self, bucket: Bucket, comm: Comm, corrected, mean, local, nonfinite: bool) -> torch.Tensor:
+        if nonfinite:
+            comm.record.nonfinite = True
+            return bucket.buffer.fill_(float("nan"))
+        comm.record.residual_norm = self.ef.commit(bucket, corrected, local)
+        return bucket.buffer.copy_(mean)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"residuals": self.ef.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "residuals" not in state:
+            raise CheckpointError(f"{self.name} state has no 'residuals': not a {self.name} checkpoint")
+        self.ef.load_state_dict(state["residuals"])
+
+
+@register_compressor("topk")
+class TopK(_Sparse):
+    """Top-k sparsification with error feedback; values and int32 indices are all-gathered.
+
+    Checkpointing: :meth:`state_dict` holds this rank's residuals by parameter name.
+    """
+
+    @dataclass(kw_only=True, frozen=True)
+    class Config(SparseConfig):
+        """Options of ``topk``."""
+
+    def compress(self, bucket: Bucket, comm: Comm, step: int) -> torch.Tensor:
+        corrected = self.ef.corrected(bucket)
+        k = self.config.k_for(corrected.numel())
+        mean, local, nonfinite = sparse_mean(comm, corrected, k, local_health(corrected))
+        return self._finish(bucket, comm, corrected, mean, local, nonfinite)
+
+
+@register_compressor("randomk")
+class RandomK(_Sparse):
+    """Random-k sparsification with error feedback; indices come from a generator shared by all ranks.
+
+    Checkpointing: :meth:`state_dict` adds the generator state to the residuals.
+    """
+
+    @dataclass(kw_only=True, frozen=True)
+    class Config(SparseConfig):
+        """Options of ``randomk``."""
+
+        seed: int = 0
+        """Seed of the index generator (identical on every rank, so payloads are summable)."""
+
+    config: Config
+
+    def __init__(self, config: Config | None = None) -> None:
+        super().__init__(config)
+        self.generator = torch.Generator().manual_seed(self.config.seed)
+
+    def compress(self, bucket: Bucket, comm: Comm, step: int) -> torch.Tensor:
+        corrected = self.ef.corrected(bucket)
+        n = corrected.numel()
+        idx = torch.randperm(n, generator=self.generator)[: self.config.k_for(n)].to(corrected.device)
+        values = corrected[idx]
+        summed = comm.all_reduce(torch.cat([values, local_health(corrected)]))
+        local = torch.zeros_like(corrected).index_copy_(0, idx, values)
+        mean = torch.zeros_like(corrected).index_copy_(0, idx, summed[:-1].div_(comm.world_size))
+        nonfinite = not bool(torch.isfinite(summed[-1]))
+        return self._finish(bucket, comm, corrected, mean, local, nonfinite)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "generator" not in state:
+            raise CheckpointError("randomk state has no 'generator': not a randomk checkpoint")
+        self.generator.set_state(state["generator"])

@@ -1,0 +1,78 @@
+"""Compression configs: YAML presets and validation helpers for the nested ``Config`` dataclasses.
+
+A preset file looks like::
+
+    version: 1
+    compressor: powersgd
+    rank: 4
+    start_step: 2
+
+It is read with ``yaml.safe_load`` (no tags, no interpolation, no evaluation);
+every key other than ``version`` and ``compressor`` is a field of the
+compressor's ``Config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distcomp.errors import ConfigError
+from distcomp.registry import build_config, compressor_for_config
+
+CONFIG_VERSION = 1
+
+
+def require(condition: bool, key: str, problem: str) -> None:
+    """Raise a :class:`ConfigError` naming ``key`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(f"config key {key!r}: {problem}")
+
+
+def load_config(path: str | Path) -> Any:
+    """Read a compression preset (YAML) into the compressor's ``Config`` instance."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with 'version' and 'compressor' keys")
+    return config_from_dict(raw, source=str(path))
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Any:
+    """Build a compressor ``Config`` from ``{"version": 1, "compressor": name, **fields}``."""
+    values = dict(raw)
+    version = values.pop("version", None)
+    if version != CONFIG_VERSION:
+        raise ConfigError(f"{source}: 'version' must be {CONFIG_VERSION} (got {version!r}); add 'version: 1'")
+    name = values.pop("compressor", None)
+    if not isinstance(name, str):
+        raise ConfigError(f"{source}: missing 'compressor' (the name of a registered compressor)")
+    try:
+        return build_config(name, values)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except TypeError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """The inverse of :func:`config_from_dict`: plain values only, safe for YAML and checkpoints."""
+    return {
+        "version": CONFIG_VERSION,
+        "compressor": compressor_for_config(config).name,
+        **dataclasses.asdict(config),
+    }
+
+
+def config_digest(config: Any, **extra: Any) -> str:
+    """A stable hash of a config (plus ``extra`` settings), equal on ranks that agree."""
+    blob = json.dumps({**config_to_dict(config), **extra}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()

@@ -1,0 +1,100 @@
+"""Error feedback: remember what compression dropped and add it back next step.
+
+``corrected = grad + residual``, then ``residual = corrected - decoded`` where
+``decoded`` is this rank's own contribution as the receivers will see it. The
+invariant ``corrected == decoded + residual`` holds up to float rounding, so no
+gradient signal is ever lost, only delayed.
+
+Residuals live as one flat fp32 tensor per bucket layout (fast to add to a
+flat bucket), and are saved and loaded per parameter name, so a checkpoint does
+not depend on how DDP happened to bucket the parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distcomp.bucket import Bucket
+from distcomp.errors import CheckpointError
+
+
+class ErrorFeedback:
+    """Per-rank residual memory keyed by parameter name.
+
+    Checkpointing: :meth:`state_dict` returns ``{name: residual}`` in fp32 for
+    this rank; residuals differ between ranks, so save one file per rank.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._flat: dict[tuple[str, ...], tuple[torch.Tensor, tuple[torch.Size, ...], tuple[int, ...]]] = {}
+        self._loose: dict[str, torch.Tensor] = {}
+
+    def corrected(self, bucket: Bucket) -> torch.Tensor:
+        """A new fp32 flat tensor: the bucket's gradients plus the stored residual."""
+        out = bucket.buffer.to(torch.float32, copy=True)
+        if self.enabled:
+            out.add_(self._residual(bucket))
+        return out
+
+    def commit(self, bucket: Bucket, corrected: torch.Tensor, decoded: torch.Tensor) -> float:
+        """Store ``corrected - decoded`` as the bucket's residual; return its L2 norm."""
+        if not self.enabled:
+            return 0.0
+        residual = self._residual(bucket)
+        torch.sub(corrected, decoded, out=residual)
+        return float(torch.linalg.vector_norm(residual))
+
+    def _residual(self, bucket: Bucket) -> torch.Tensor:
+        entry = self._flat.get(bucket.key)
+        if entry is None:
+            entry = (self._assemble(bucket), bucket.shapes, bucket.offsets)
+            self._flat[bucket.key] = entry
+        return entry[0]
+
+    def _assemble(self, bucket: Bucket) -> torch.Tensor:
+        """Build a flat residual for a new layout from per-name pieces (a rebuild or a load)."""
+        wanted = set(bucket.names)
+        for key in [k for k in self._flat if wanted.intersection(k)]:
+            self._loose.update(_split(key, *self._flat.pop(key)))
+        flat = torch.zeros(bucket.numel, dtype=torch.float32, device=bucket.buffer.device)
+        for (name, view), shape in zip(bucket.views(flat), bucket.shapes):
+            piece = self._loose.pop(name, None)
+            if piece is None:
+                continue
+            if piece.numel() != shape.numel():
+                raise CheckpointError(
+                    f"error-feedback residual {name!r} has {piece.numel()} elements but the parameter "
+                    f"has {shape.numel()} ({tuple(shape)}): the checkpoint is from a different model"
+                )
+            view.copy_(piece.reshape(shape))
+        return flat
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Residuals of this rank by parameter name (fp32 tensors)."""
+        out = {name: t.clone() for name, t in self._loose.items()}
+        for key, entry in self._flat.items():
+            out.update(_split(key, *entry))
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], shapes: dict[str, torch.Size] | None = None) -> None:
+        """Restore residuals; ``shapes`` (name -> shape), when known, is checked now, else at first use."""
+        for name, t in state.items():
+            if shapes is not None and name in shapes and t.numel() != shapes[name].numel():
+                raise CheckpointError(
+                    f"error-feedback residual {name!r} has {t.numel()} elements in the checkpoint "
+                    f"but the parameter has {shapes[name].numel()} ({tuple(shapes[name])}): "
+                    "the checkpoint is from a different model"
+                )
+        self._flat.clear()
+        self._loose = {name: t.detach().to(torch.float32).clone() for name, t in state.items()}
+
+
+def _split(
+    names: tuple[str, ...], flat: torch.Tensor, shapes: tuple[torch.Size, ...], offsets: tuple[int, ...]
+) -> dict[str, torch.Tensor]:
+    """Cut a flat residual back into per-name tensors (copies)."""
+    return {
+        name: flat[off : off + shape.numel()].view(shape).clone()
+        for name, shape, off in zip(names, shapes, offsets)
+    }

@@ -1,0 +1,226 @@
+"""DDP comm hooks: ``distcomp.register(ddp_model, "powersgd", rank=4)``.
+
+DDP calls the hook once per bucket, in the same order on every rank. The hook
+turns torch's ``GradBucket`` into a :class:`~distcomp.bucket.Bucket` keyed by
+parameter names (DDP rebuilds buckets after the first step, so bucket indices
+are not stable) and hands it to the compressor through an executor that issues
+all collectives from one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from distcomp.bucket import Bucket
+from distcomp.comm import BucketRecord, Comm
+from distcomp.compressor import Compressor
+from distcomp.config import config_to_dict
+from distcomp.errors import CheckpointError
+from distcomp.hooks.agreement import check_agreement
+from distcomp.hooks.executor import InlineExecutor, WorkerExecutor
+from distcomp.registry import build_config, compressor_for_config, get_compressor
+from distcomp.telemetry import Telemetry
+
+STATE_FORMAT = "distcomp.compression/1"
+
+
+class CompressionState:
+    """The state a distcomp DDP comm hook carries: compressor, step counter, telemetry.
+
+    Checkpointing: :meth:`state_dict` holds this rank's compressor state (residuals
+    differ per rank: save one file per rank), the step, and the config, world size
+    and rank it was made with; never the process group.
+    """
+
+    def __init__(
+        self,
+        compressor: Compressor,
+        *,
+        group: dist.ProcessGroup | None = None,
+        param_names: dict[int, str] | None = None,
+        overlap: bool = True,
+        log_every: int = 0,
+    ) -> None:
+        self.compressor = compressor
+        self.group = group
+        self.overlap = overlap
+        self.step = 0
+        self.telemetry = Telemetry(log_every=log_every)
+        self._names = dict(param_names or {})
+        self._name_from_order = param_names is None
+        self._bucket_in_step = 0
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self._executor: InlineExecutor | WorkerExecutor = InlineExecutor()
+        self._comm_group = group
+        if overlap:
+            ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
+            self._comm_group = dist.new_group(ranks=ranks)
+            self._executor = WorkerExecutor()
+
+    # -- the hook ---------------------------------------------------------------
+
+    def on_bucket(self, grad_bucket: dist.GradBucket) -> torch.futures.Future:
+        """Compress and average one DDP bucket; returns the future DDP waits on."""
+        bucket = self._bucket(grad_bucket)
+        step, last = self.step, grad_bucket.is_last()
+        self._bucket_in_step = 0 if last else self._bucket_in_step + 1
+        if last:
+            self.step += 1
+
+        def job() -> torch.Tensor:
+            comm = Comm(self._comm_group, BucketRecord(index=bucket.index, numel=bucket.numel))
+            try:
+                return self.compressor.reduce(bucket, comm, step)
+            finally:
+                self.telemetry.add(step, comm.record)
+                if last:
+                    self.telemetry.end_step()
+
+        return self._executor.submit(job)
+
+    def _bucket(self, grad_bucket: dist.GradBucket) -> Bucket:
+        buffer = grad_bucket.buffer()
+        params = grad_bucket.parameters()
+        grads = grad_bucket.gradients()
+        base, size = buffer.data_ptr(), buffer.element_size()
+        offsets = tuple((g.data_ptr() - base) // size for g in grads)
+        names = tuple(self._name(p) for p in params)
+        return Bucket(buffer, names, tuple(p.shape for p in params), offsets, self._bucket_in_step)
+
+    def _name(self, param: torch.Tensor) -> str:
+        name = self._names.get(id(param))
+        if name is None:
+            if not self._name_from_order:
+                raise KeyError("a DDP bucket holds a parameter that is not in the model given to distcomp")
+            # Without the model, parameters are named by first appearance, which is
+            # the same on every rank and in every run (DDP's initial bucket order).
+            name = f"param{len(self._names)}"
+            self._names[id(param)] = name
+        return name
+
+    # -- telemetry, checkpoints, lifetime ----------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """Last step and cumulative: dense vs sent bytes, ratio, codec and communication time, residual norm."""
+        return self.telemetry.summary()
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state (tensors and plain values; loadable with ``torch.load(weights_only=True)``)."""
+        return {
+            "format": STATE_FORMAT,
+            "config": config_to_dict(self.compressor.config),
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "step": self.step,
+            "compressor": self.compressor.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a different config, world size or rank is a :class:`CheckpointError`."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise CheckpointError(f"not a distcomp compression state (expected format {STATE_FORMAT!r})")
+        mine = config_to_dict(self.compressor.config)
+        if state["config"] != mine:
+            diffs = {k: (state["config"].get(k), mine.get(k)) for k in mine.keys() | state["config"].keys()
+                     if state["config"].get(k) != mine.get(k)}
+            raise CheckpointError(f"checkpoint was written with another compression config: {diffs} (saved, current)")
+        if state["world_size"] != self.world_size:
+            raise CheckpointError(
+                f"checkpoint was written by a job of {state['world_size']} ranks, this one has {self.world_size}: "
+                "error residuals are per rank and cannot be redistributed; resume with the same world size"
+            )
+        if state["rank"] != self.rank:
+            raise CheckpointError(
+                f"checkpoint was written by rank {state['rank']} but this is rank {self.rank}: "
+                "load each rank's own file"
+            )
+        self.compressor.load_state_dict(state["compressor"])
+        self.step = int(state["step"])
+
+    def close(self) -> None:
+        """Stop the communication worker (pending buckets finish first)."""
+        self._executor.shutdown()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        for key in ("group", "_comm_group", "_executor"):
+            state.pop(key, None)
+        return state
+
+
+def compressed_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future:
+    """The DDP comm hook function: ``model.register_comm_hook(state, compressed_hook)``."""
+    return state.on_bucket(bucket)
+
+
+# DDP validates the hook's annotations as objects; postponed (string) annotations fail that check.
+compressed_hook.__annotations__ = {
+    "state": CompressionState,
+    "bucket": dist.GradBucket,
+    "return": torch.futures.Future[torch.Tensor],
+}
+
+
+def _make_compressor(compressor: str | Any, config: dict[str, Any]) -> Compressor:
+    if isinstance(compressor, str):
+        return get_compressor(compressor)(build_config(compressor, config))
+    cls = compressor_for_config(compressor)
+    return cls(dataclasses.replace(compressor, **config) if config else compressor)
+
+
+def ddp_comm_hook(
+    compressor: str | Any,
+    /,
+    *,
+    model: torch.nn.Module | None = None,
+    group: dist.ProcessGroup | None = None,
+    overlap: bool = True,
+    log_every: int = 0,
+    **config: Any,
+) -> tuple[Callable[[CompressionState, dist.GradBucket], torch.futures.Future], CompressionState]:
+    """``(hook, state)`` for ``ddp_model.register_comm_hook(state, hook)``; call it on every rank.
+
+    ``compressor`` is a registered name (with its options as keyword arguments) or
+    a compressor ``Config``. ``model`` (the DDP model or the module inside it)
+    gives parameter names for checkpoints; without it parameters are named by
+    order. ``overlap`` runs communication on a worker thread so it overlaps the
+    backward pass. Raises :class:`~distcomp.errors.RankMismatchError` on every rank
+    if the ranks were given different settings.
+    """
+    comp = _make_compressor(compressor, config)
+    group = group if group is not None else getattr(model, "process_group", None)
+    check_agreement({**config_to_dict(comp.config), "overlap": overlap}, group)
+    names = None
+    if model is not None:
+        module = model.module if isinstance(model, DistributedDataParallel) else model
+        names = {id(p): n for n, p in module.named_parameters()}
+    state = CompressionState(comp, group=group, param_names=names, overlap=overlap, log_every=log_every)
+    return compressed_hook, state
+
+
+def register(
+    model: DistributedDataParallel,
+    compressor: str | Any,
+    /,
+    *,
+    overlap: bool = True,
+    log_every: int = 0,
+    **config: Any,
+) -> CompressionState:
+    """Compress ``model``'s gradient all-reduce: ``state = distcomp.register(ddp, "powersgd", rank=4)``."""
+    if not isinstance(model, DistributedDataParallel):
+        raise TypeError(
+            f"distcomp.register expects a DistributedDataParallel model, got {type(model).__name__}; "
+            "wrap it first (DDP(model)), or use distcomp.fsdp.register for FSDP"
+        )
+    hook, state = ddp_comm_hook(
+        compressor, model=model, group=model.process_group, overlap=overlap, log_every=log_every, **config
+    )
+    model.register_comm_hook(state, hook)
+    return state

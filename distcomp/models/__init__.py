@@ -1,0 +1,1 @@
+"""Small reference models for the main job, the tests and the benchmarks."""

@@ -1,0 +1,1 @@
+"""Multi-node launch helpers (installed as ``distcomp.launch``)."""
