@@ -1,15 +1,16 @@
 """Compression configs: YAML presets and validation helpers for the nested ``Config`` dataclasses.
 
-A preset file looks like::
+A compression config looks like::
 
     version: 1
     compressor: powersgd
     rank: 4
     start_step: 2
 
-It is read with ``yaml.safe_load`` (no tags, no interpolation, no evaluation);
-every key other than ``version`` and ``compressor`` is a field of the
-compressor's ``Config``.
+either as a whole file or as the ``compression:`` section of a training config
+(which carries ``version`` at its top). It is read with ``yaml.safe_load`` (no
+tags, no interpolation, no evaluation); every key other than ``version`` and
+``compressor`` is a field of the compressor's ``Config``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def require(condition: bool, key: str, problem: str) -> None:
 
 
 def load_config(path: str | Path) -> Any:
-    """Read a compression preset (YAML) into the compressor's ``Config`` instance."""
+    """Read a compression config (YAML file, or a training config's ``compression`` section) into its ``Config``."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -43,6 +44,11 @@ def load_config(path: str | Path) -> Any:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with 'version' and 'compressor' keys")
+    if "compression" in raw:
+        section = raw["compression"]
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: 'compression' must be a mapping with a 'compressor' key")
+        return config_from_dict({"version": raw.get("version"), **section}, source=f"{path}: compression")
     return config_from_dict(raw, source=str(path))
 
 
