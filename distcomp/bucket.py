@@ -57,6 +57,20 @@ class Bucket:
     def numels(self) -> list[int]:
         return [s.numel() for s in self.shapes]
 
+    def select(self, names: tuple[str, ...]) -> list[tuple[str, torch.Tensor]]:
+        """``(name, view)`` pairs of the buffer for ``names``, in that order."""
+        where = {n: i for i, n in enumerate(self.names)}
+        flat = self.buffer
+        out = []
+        for name in names:
+            i = where[name]
+            out.append((name, flat[self.offsets[i] : self.offsets[i] + self.shapes[i].numel()].view(self.shapes[i])))
+        return out
+
+    def subset(self, names: tuple[str, ...], index: int = 0) -> Bucket:
+        """A new bucket holding copies of ``names``' gradients, contiguous, in that order."""
+        return Bucket.from_tensors(self.select(names), index=index)
+
     def views(self, flat: torch.Tensor | None = None) -> list[tuple[str, torch.Tensor]]:
         """``(name, view)`` pairs into ``flat`` (default: the buffer) with each parameter's shape."""
         flat = self.buffer if flat is None else flat

@@ -29,7 +29,10 @@ class RankFailed(RuntimeError):
     """A rank raised, died, or ran out of time."""
 
 
-def _entry(fn: Callable[..., Any], rank: int, world_size: int, store: str, coll_timeout: float, args: tuple, results: Any) -> None:
+def _entry(
+    fn: Callable[..., Any], rank: int, world_size: int, store: str, coll_timeout: float, args: tuple,
+    results: Any, allow_exit: bool,
+) -> None:
     import torch
     import torch.distributed as dist
 
@@ -44,6 +47,12 @@ def _entry(fn: Callable[..., Any], rank: int, world_size: int, store: str, coll_
             timeout=datetime.timedelta(seconds=coll_timeout),
         )
         out = fn(rank, world_size, *args)
+        if allow_exit:
+            # A peer may be gone: no teardown collective, which would only time out.
+            results.put(pickle.dumps((rank, "ok", out)))
+            results.close()
+            results.join_thread()
+            os._exit(0)
         # Barrier before teardown: exiting right after DDP can abort the process.
         dist.barrier()
         dist.destroy_process_group()
@@ -60,20 +69,25 @@ def run_ranks(
     args: tuple = (),
     timeout: float = 180.0,
     collective_timeout: float = 60.0,
+    allow_exit: bool = False,
 ) -> list[Any]:
-    """``[fn(0, world_size, *args), fn(1, ...), ...]``, each on its own process."""
+    """``[fn(0, world_size, *args), fn(1, ...), ...]``, each on its own process.
+
+    With ``allow_exit`` a rank that exits without reporting (a simulated crash)
+    gives ``None`` instead of failing the call.
+    """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
         procs = [
-            ctx.Process(target=_entry, args=(fn, r, world_size, store, collective_timeout, args, results), daemon=True)
+            ctx.Process(target=_entry, args=(fn, r, world_size, store, collective_timeout, args, results, allow_exit), daemon=True)
             for r in range(world_size)
         ]
         for p in procs:
             p.start()
         try:
-            return _collect(procs, results, world_size, timeout)
+            return _collect(procs, results, world_size, timeout, allow_exit)
         finally:
             for p in procs:
                 if p.is_alive():
@@ -81,7 +95,7 @@ def run_ranks(
                 p.join(5)
 
 
-def _collect(procs: list, results: Any, world_size: int, timeout: float) -> list[Any]:
+def _collect(procs: list, results: Any, world_size: int, timeout: float, allow_exit: bool) -> list[Any]:
     deadline = time.monotonic() + timeout
     got: dict[int, Any] = {}
     errors: dict[int, str] = {}
@@ -93,11 +107,14 @@ def _collect(procs: list, results: Any, world_size: int, timeout: float) -> list
         try:
             rank, status, payload = pickle.loads(results.get(timeout=min(left, 1.0)))
         except queue.Empty:
-            dead = [i for i, p in enumerate(procs) if not p.is_alive() and i not in got and i not in errors and p.exitcode]
+            dead = [i for i, p in enumerate(procs) if not p.is_alive() and i not in got and i not in errors]
             if dead and results.empty():
                 time.sleep(0.5)
-                if results.empty():
+                if not results.empty():
+                    continue
+                if not allow_exit:
                     raise RankFailed(f"ranks {dead} died (exit codes {[procs[i].exitcode for i in dead]})" + _fmt(errors))
+                got.update(dict.fromkeys(dead))
             continue
         (got if status == "ok" else errors)[rank] = payload
     if errors:

@@ -10,6 +10,7 @@ all collectives from one place.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any, Callable
 
 import torch
@@ -27,6 +28,7 @@ from distcomp.registry import build_config, compressor_for_config, get_compresso
 from distcomp.telemetry import Telemetry
 
 STATE_FORMAT = "distcomp.compression/1"
+logger = logging.getLogger("distcomp")
 
 
 class CompressionState:
@@ -54,6 +56,9 @@ class CompressionState:
         self._names = dict(param_names or {})
         self._name_from_order = param_names is None
         self._bucket_in_step = 0
+        self._layouts: list[tuple[str, ...]] = []
+        self._step_layouts: list[tuple[str, ...]] = []
+        self._restored: dict[tuple[str, ...], None] = {}
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self._executor: InlineExecutor | WorkerExecutor = InlineExecutor()
@@ -69,20 +74,49 @@ class CompressionState:
         """Compress and average one DDP bucket; returns the future DDP waits on."""
         bucket = self._bucket(grad_bucket)
         step, last = self.step, grad_bucket.is_last()
+        units = self._units(bucket, step)
         self._bucket_in_step = 0 if last else self._bucket_in_step + 1
         if last:
             self.step += 1
+            self._layouts, self._step_layouts = self._step_layouts or self._layouts, []
 
         def job() -> torch.Tensor:
-            comm = Comm(self._comm_group, BucketRecord(index=bucket.index, numel=bucket.numel))
-            try:
-                return self.compressor.reduce(bucket, comm, step)
-            finally:
-                self.telemetry.add(step, comm.record)
-                if last:
-                    self.telemetry.end_step()
+            out = bucket.buffer
+            for unit in units:
+                comm = Comm(self._comm_group, BucketRecord(index=unit.index, numel=unit.numel))
+                try:
+                    out = self.compressor.reduce(unit, comm, step)
+                finally:
+                    self.telemetry.add(step, comm.record)
+                if unit is not bucket:
+                    for (_, dst), (_, src) in zip(bucket.select(unit.names), unit.views(out)):
+                        dst.copy_(src)
+                    out = bucket.buffer
+            if last:
+                self.telemetry.end_step()
+            return out
 
         return self._executor.submit(job)
+
+    def _units(self, bucket: Bucket, step: int) -> list[Bucket]:
+        """The pieces to compress: the bucket itself, or the layouts a resumed checkpoint recorded.
+
+        A fresh DDP starts with its initial buckets and rebuilds them after one
+        step. A run resumed mid-compression would therefore compress its first
+        step over different buckets than the run it continues; splitting along
+        the saved layouts keeps the resumed trajectory identical.
+        """
+        units = [bucket]
+        if self._restored and bucket.key not in self._restored:
+            names = set(bucket.names)
+            parts = [layout for layout in self._restored if names.issuperset(layout)]
+            if sum(len(p) for p in parts) == len(names):
+                units = [bucket.subset(layout, index=bucket.index) for layout in parts]
+            else:
+                logger.info("bucket layout differs from the checkpoint's; compressing it as it is")
+        if step >= self.compressor.config.start_step:
+            self._step_layouts.extend(u.key for u in units)
+        return units
 
     def _bucket(self, grad_bucket: dist.GradBucket) -> Bucket:
         buffer = grad_bucket.buffer()
@@ -118,6 +152,7 @@ class CompressionState:
             "world_size": self.world_size,
             "rank": self.rank,
             "step": self.step,
+            "layouts": [list(layout) for layout in self._layouts],
             "compressor": self.compressor.state_dict(),
         }
 
@@ -142,6 +177,8 @@ class CompressionState:
             )
         self.compressor.load_state_dict(state["compressor"])
         self.step = int(state["step"])
+        self._layouts = [tuple(layout) for layout in state.get("layouts", [])]
+        self._restored = dict.fromkeys(self._layouts)
 
     def close(self) -> None:
         """Stop the communication worker (pending buckets finish first)."""
