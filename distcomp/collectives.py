@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from distcomp.comm import Comm
 from distcomp.kernels import topk_pack, topk_scatter_add
+from distcomp.workspace import Workspace
 
 HEALTH_BYTES = 4
 
@@ -41,8 +41,8 @@ class ChunkCodec(Protocol):
     def encode(self, rows: torch.Tensor, out: torch.Tensor) -> None:
         """Write the encoding of fp32 ``rows [r, L]`` into uint8 ``out [r, payload_bytes(L)]``."""
 
-    def decode(self, payload: torch.Tensor, length: int) -> torch.Tensor:
-        """fp32 rows ``[r, length]`` from uint8 ``payload [r, payload_bytes(length)]``."""
+    def decode(self, payload: torch.Tensor, length: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 rows ``[r, length]`` from uint8 ``payload [r, payload_bytes(length)]`` (into ``out`` if given)."""
 
 
 @dataclass
@@ -63,9 +63,10 @@ def chunk_length(n: int, world_size: int, align: int) -> int:
     return -(-per // align) * align
 
 
-def _with_health(codec: ChunkCodec, rows: torch.Tensor, health: torch.Tensor) -> torch.Tensor:
+def _encode_with_health(codec: ChunkCodec, rows: torch.Tensor, health: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``[payload | health]`` byte rows, written into the flat uint8 ``out``."""
     nbytes = codec.payload_bytes(rows.shape[1])
-    payload = torch.empty(rows.shape[0], nbytes + HEALTH_BYTES, dtype=torch.uint8, device=rows.device)
+    payload = out.view(rows.shape[0], nbytes + HEALTH_BYTES)
     codec.encode(rows, payload[:, :nbytes])
     payload[:, nbytes:].view(torch.float32).copy_(health.expand(rows.shape[0], 1))
     return payload
@@ -76,46 +77,68 @@ def _split_health(payload: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def compressed_reduce_scatter(
-    comm: Comm, codec: ChunkCodec, x: torch.Tensor, health: torch.Tensor
+    comm: Comm, codec: ChunkCodec, x: torch.Tensor, health: torch.Tensor, ws: Workspace | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Phase 1: ``(mean of this rank's chunk [c], this rank's decoded input [n], health [1])``."""
-    n, w = x.numel(), comm.world_size
+    ws = ws if ws is not None else Workspace()
+    n, w, dev = x.numel(), comm.world_size, x.device
     c = chunk_length(n, w, codec.align)
-    rows = F.pad(x, (0, w * c - n)).view(w, c)
-    payload = _with_health(codec, rows, health)
-    local_decoded = codec.decode(payload[:, :-HEALTH_BYTES], c).view(-1)[:n]
-    received = comm.all_to_all(payload)
-    body, healths = _split_health(received)
-    chunk_mean = codec.decode(body, c).sum(dim=0).div_(w)
-    return chunk_mean, local_decoded, healths.sum().reshape(1)
+    if n == w * c:
+        rows = x.view(w, c)
+    else:
+        rows = ws.get("rows", w * c, torch.float32, dev)
+        rows[:n].copy_(x)
+        rows[n:].zero_()
+        rows = rows.view(w, c)
+    row_bytes = codec.payload_bytes(c) + HEALTH_BYTES
+    payload = _encode_with_health(codec, rows, health, ws.get("send", w * row_bytes, torch.uint8, dev))
+    local = codec.decode(payload[:, :-HEALTH_BYTES], c, out=ws.get("local", w * c, torch.float32, dev))
+    body, healths = _split_health(comm.all_to_all(payload))
+    decoded = codec.decode(body, c, out=ws.get("decoded", w * c, torch.float32, dev))
+    chunk = torch.sum(decoded.view(w, c), dim=0, out=ws.get("chunk", c, torch.float32, dev)).div_(w)
+    return chunk, local.view(-1)[:n], healths.sum().reshape(1)
 
 
 def two_phase_mean(
-    comm: Comm, codec: ChunkCodec, x: torch.Tensor, server_error: torch.Tensor | None, health: torch.Tensor
+    comm: Comm,
+    codec: ChunkCodec,
+    x: torch.Tensor,
+    server_error: torch.Tensor | None,
+    health: torch.Tensor,
+    ws: Workspace | None = None,
 ) -> TwoPhaseResult:
-    """Compressed all-reduce (mean) of flat fp32 ``x`` with server-side error feedback."""
-    n = x.numel()
-    chunk, local_decoded, chunk_health = compressed_reduce_scatter(comm, codec, x, health)
+    """Compressed all-reduce (mean) of flat fp32 ``x`` with server-side error feedback.
+
+    The returned tensors may live in ``ws`` and are valid until its next use.
+    """
+    ws = ws if ws is not None else Workspace()
+    n, w, dev = x.numel(), comm.world_size, x.device
+    chunk, local_decoded, chunk_health = compressed_reduce_scatter(comm, codec, x, health, ws)
+    c = chunk.numel()
     if server_error is not None:
         chunk.add_(server_error)
-    payload = _with_health(codec, chunk.view(1, -1), chunk_health)
-    own = codec.decode(payload[:, :-HEALTH_BYTES], chunk.numel()).view(-1)
-    gathered = comm.all_gather(payload.view(-1)).view(comm.world_size, -1)
-    body, healths = _split_health(gathered)
-    out = codec.decode(body, chunk.numel()).view(-1)[:n]
+    row_bytes = codec.payload_bytes(c) + HEALTH_BYTES
+    payload = _encode_with_health(codec, chunk.view(1, c), chunk_health, ws.get("send", row_bytes, torch.uint8, dev))
+    own = codec.decode(payload[:, :-HEALTH_BYTES], c, out=ws.get("own", c, torch.float32, dev)).view(-1)
+    body, healths = _split_health(comm.all_gather(payload.view(-1)).view(w, row_bytes))
+    out = codec.decode(body, c, out=ws.get("decoded", w * c, torch.float32, dev)).view(-1)[:n]
     return TwoPhaseResult(
         out=out,
         local_decoded=local_decoded,
-        server_error=chunk.sub_(own),
+        server_error=chunk.sub(own),
         nonfinite=not bool(torch.isfinite(healths.sum())),
     )
 
 
-def sparse_mean(comm: Comm, x: torch.Tensor, k: int, health: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def sparse_mean(
+    comm: Comm, x: torch.Tensor, k: int, health: torch.Tensor, ws: Workspace | None = None
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Top-``k`` of flat ``x`` on each rank, gathered and averaged: ``(mean, local_decoded, nonfinite)``."""
+    ws = ws if ws is not None else Workspace()
+    n = x.numel()
     payload = torch.cat([topk_pack(x, k), health.view(torch.int32)])
     gathered = comm.all_gather(payload)
     healths = gathered[:, -1:].contiguous().view(torch.float32)
-    out = topk_scatter_add(torch.zeros_like(x, dtype=torch.float32), gathered[:, :-1])
-    local = topk_scatter_add(torch.zeros_like(x, dtype=torch.float32), payload[:-1].view(1, -1))
+    out = topk_scatter_add(ws.zeros("mean", n, torch.float32, x.device), gathered[:, :-1])
+    local = topk_scatter_add(ws.zeros("local", n, torch.float32, x.device), payload[:-1].view(1, -1))
     return out.div_(comm.world_size), local, not bool(torch.isfinite(healths.sum()))

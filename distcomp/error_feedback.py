@@ -31,11 +31,23 @@ class ErrorFeedback:
         self._loose: dict[str, torch.Tensor] = {}
 
     def corrected(self, bucket: Bucket) -> torch.Tensor:
-        """A new fp32 flat tensor: the bucket's gradients plus the stored residual."""
-        out = bucket.buffer.to(torch.float32, copy=True)
+        """The bucket's gradients plus the stored residual, in fp32.
+
+        An fp32 buffer is updated in place and returned (no copy: the buffer is
+        the compressor's to overwrite); other dtypes get a new fp32 tensor.
+        """
+        buf = bucket.buffer
+        out = buf if buf.dtype == torch.float32 else buf.to(torch.float32)
         if self.enabled:
             out.add_(self._residual(bucket))
         return out
+
+    def residual(self, bucket: Bucket) -> torch.Tensor:
+        """The bucket's flat fp32 residual, for compressors that write it piece by piece.
+
+        Callers must write it only from a finite step (see :meth:`commit`).
+        """
+        return self._residual(bucket)
 
     def commit(self, bucket: Bucket, corrected: torch.Tensor, decoded: torch.Tensor) -> float:
         """Store ``corrected - decoded`` as the bucket's residual; return its L2 norm."""

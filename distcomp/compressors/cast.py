@@ -16,20 +16,26 @@ from distcomp.bucket import Bucket
 from distcomp.comm import Comm
 from distcomp.compressor import Compressor, CompressorConfig
 from distcomp.registry import register_compressor
+from distcomp.workspace import Workspace
 
 
 class _Cast(Compressor):
     wire_dtype: ClassVar[torch.dtype]
 
+    def __init__(self, config: CompressorConfig | None = None) -> None:
+        super().__init__(config)
+        self.ws = Workspace()
+
     def compress(self, bucket: Bucket, comm: Comm, step: int) -> torch.Tensor:
-        buf = bucket.buffer
-        if buf.dtype == self.wire_dtype:
-            wire = buf.div_(comm.world_size)
-        else:
-            wire = buf.div(comm.world_size).to(self.wire_dtype)
+        buf = bucket.buffer.div_(comm.world_size)
+        wire = buf
+        if buf.dtype != self.wire_dtype:
+            wire = self.ws.get("wire", buf.numel(), self.wire_dtype, buf.device).copy_(buf)
         comm.all_reduce(wire)
-        comm.record.nonfinite = not bool(torch.isfinite(wire.sum(dtype=torch.float32)))
-        return wire if wire is buf else buf.copy_(wire)
+        if wire is not buf:
+            buf.copy_(wire)
+        comm.record.nonfinite = not bool(torch.isfinite(buf.sum(dtype=torch.float32)))
+        return buf
 
 
 @register_compressor("fp16")

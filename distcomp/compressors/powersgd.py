@@ -24,11 +24,12 @@ import torch
 
 from distcomp.bucket import Bucket
 from distcomp.comm import Comm
-from distcomp.compressor import Compressor, CompressorConfig, local_health
+from distcomp.compressor import Compressor, CompressorConfig
 from distcomp.config import require
 from distcomp.error_feedback import ErrorFeedback
 from distcomp.errors import CheckpointError
 from distcomp.registry import register_compressor
+from distcomp.workspace import Workspace
 
 
 @register_compressor("powersgd")
@@ -55,8 +56,9 @@ class PowerSGD(Compressor):
         """Added to column norms in Gram-Schmidt orthogonalization, so zero columns stay finite."""
         min_compression_rate: float = 2.0
         """Compress a matrix only if m n / ((m + n) r) reaches this; others are sent exactly."""
-        batch_same_shape: bool = True
-        """Stack matrices of the same shape and multiply them in one batched matmul."""
+        batch_same_shape: bool | None = None
+        """Stack matrices of the same shape and multiply them in one batched matmul. ``None``: on CUDA,
+        where one launch beats many; on CPU each matrix is multiplied in place, which avoids copying it."""
         seed: int = 0
         """Seed of the generator that draws initial Q (identical on every rank)."""
 
@@ -73,6 +75,7 @@ class PowerSGD(Compressor):
         self.ef = ErrorFeedback(self.config.error_feedback)
         self.q: dict[str, torch.Tensor] = {}
         self.generator = torch.Generator().manual_seed(self.config.seed)
+        self.ws = Workspace()
 
     def _gains(self, shape: torch.Size) -> bool:
         if len(shape) < 2:
@@ -87,55 +90,66 @@ class PowerSGD(Compressor):
         return q
 
     def compress(self, bucket: Bucket, comm: Comm, step: int) -> torch.Tensor:
-        w = comm.world_size
+        w, r = comm.world_size, self.config.rank
         corrected = self.ef.corrected(bucket)
-        health = local_health(corrected)
+        device = corrected.device
         dense, groups = self._plan(bucket, corrected)
+        batched = self.config.batch_same_shape
+        batched = device.type == "cuda" if batched is None else batched
 
-        # Stage 1: P = M Q for every group, fused with the exact tensors into one all-reduce.
-        mats = [torch.stack([v for _, v in g]) for g in groups]
-        qs = [torch.stack([self._start_q(n, v.shape[1], v.device) for n, v in g]) for g in groups]
-        ps = [torch.bmm(m, q) for m, q in zip(mats, qs)]
-        stage1 = comm.all_reduce(torch.cat([*(v.reshape(-1) for _, v in dense), *(p.reshape(-1) for p in ps), health]))
-        nonfinite = not bool(torch.isfinite(stage1[-1]))
-
-        # Stage 2: orthogonalize the summed P, Q = M^T P, all-reduce Q.
-        offset = sum(v.numel() for _, v in dense)
-        for p in ps:
-            p.copy_(stage1[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
-            orthogonalize_(p, self.config.epsilon)
-        new_qs = [torch.bmm(m.transpose(1, 2), p) for m, p in zip(mats, ps)]
-        local = [torch.bmm(p, q.transpose(1, 2)) for p, q in zip(ps, new_qs)]
-        if new_qs:
-            stage2 = comm.all_reduce(torch.cat([q.reshape(-1) for q in new_qs])).div_(w)
-            mean_qs, pos = [], 0
-            for q in new_qs:
-                mean_qs.append(stage2[pos : pos + q.numel()].view_as(q))
-                pos += q.numel()
-        else:
-            mean_qs = []
-
-        # Decode into the bucket, and keep state only from a finite step.
-        out = bucket.buffer
-        if nonfinite:
+        # Stage 1: P = M Q for every matrix, written straight into the all-reduce
+        # buffer behind the tensors that are sent exactly.
+        n_dense = sum(v.numel() for _, v in dense)
+        stage1 = self.ws.get("p", n_dense + sum(len(g) * g[0][1].shape[0] * r for g in groups), torch.float32, device)
+        _pack(stage1[:n_dense], [v for _, v in dense])
+        ps, pos = [], n_dense
+        for g in groups:
+            b, (n, m) = len(g), g[0][1].shape
+            p = stage1[pos : pos + b * n * r].view(b, n, r)
+            pos += p.numel()
+            q = torch.stack([self._start_q(name, m, device) for name, _ in g])
+            _matmul([mat for _, mat in g], q, p, transpose=False, batched=batched)
+            ps.append(p)
+        comm.all_reduce(stage1)
+        # Any rank's inf or NaN reaches the summed P or the exact part: all ranks see it.
+        if not bool(torch.isfinite(stage1).all()):
             comm.record.nonfinite = True
-            return out.fill_(float("nan"))
-        out_views = dict(bucket.views(out))
-        pos = 0
-        for name, v in dense:
-            out_views[name].copy_(stage1[pos : pos + v.numel()].view_as(v).div(w).view_as(out_views[name]))
-            pos += v.numel()
-        decoded = corrected.clone()
-        dec_views = dict(bucket.views(decoded))
-        for g, p, q, q_mean, loc in zip(groups, ps, new_qs, mean_qs, local):
-            approx = torch.bmm(p, q_mean.transpose(1, 2))
-            for i, (name, _) in enumerate(g):
-                out_views[name].copy_(approx[i].view_as(out_views[name]))
-                dec_views[name].copy_(loc[i].view_as(dec_views[name]))
-                self.q[name] = q_mean[i].clone()
-        comm.record.residual_norm = self.ef.commit(bucket, corrected, decoded)
-        return out
+            return bucket.buffer.fill_(float("nan"))
+
+        # Stage 2: orthogonalize P, Q = M^T P, keep this rank's own error, all-reduce Q.
+        stage2 = self.ws.get("q", sum(len(g) * g[0][1].shape[1] * r for g in groups), torch.float32, device)
+        qs, pos = [], 0
+        for g, p in zip(groups, ps):
+            orthogonalize_(p, self.config.epsilon)
+            b, (n, m) = len(g), g[0][1].shape
+            q = stage2[pos : pos + b * m * r].view(b, m, r)
+            pos += q.numel()
+            _matmul([mat for _, mat in g], p, q, transpose=True, batched=batched)
+            qs.append(q)
+        if self.config.error_feedback:
+            self._store_residual(bucket, dense, groups, ps, qs)
+        comm.all_reduce(stage2).div_(w)
+
+        # Decode the means in place of the (no longer needed) corrected gradients.
+        _unpack(stage1[:n_dense].div_(w), [v for _, v in dense])
+        for g, p, q in zip(groups, ps, qs):
+            for i, (name, mat) in enumerate(g):
+                torch.mm(p[i], q[i].T, out=mat)
+                self.q[name] = q[i].clone()
+        if self.config.error_feedback:
+            comm.record.residual_norm = float(torch.linalg.vector_norm(self.ef.residual(bucket)))
+        if corrected is not bucket.buffer:
+            bucket.buffer.copy_(corrected)
+        return bucket.buffer
+
+    def _store_residual(self, bucket: Bucket, dense, groups, ps, qs) -> None:
+        """residual = M - P Q^T with this rank's own Q; the exactly-sent tensors leave none."""
+        views = dict(bucket.views(self.ef.residual(bucket)))
+        for name, _ in dense:
+            views[name].zero_()
+        for g, p, q in zip(groups, ps, qs):
+            for i, (name, mat) in enumerate(g):
+                torch.addmm(mat, p[i], q[i].T, alpha=-1, out=views[name].view(mat.shape))
 
     def _plan(
         self, bucket: Bucket, flat: torch.Tensor
@@ -146,8 +160,7 @@ class PowerSGD(Compressor):
         for name, view in bucket.views(flat):
             if self._gains(view.shape):
                 mat = view.reshape(view.shape[0], -1)
-                key = tuple(mat.shape) if self.config.batch_same_shape else (name,)
-                by_shape[key].append((name, mat))
+                by_shape[tuple(mat.shape)].append((name, mat))
             else:
                 dense.append((name, view))
         return dense, list(by_shape.values())
@@ -184,3 +197,27 @@ def orthogonalize_(p: torch.Tensor, epsilon: float) -> torch.Tensor:
             rest = p[:, :, i + 1 :]
             rest.sub_(col @ (col.transpose(1, 2) @ rest))
     return p
+
+
+def _matmul(mats: list[torch.Tensor], rhs: torch.Tensor, out: torch.Tensor, *, transpose: bool, batched: bool) -> None:
+    """``out[i] = mats[i] @ rhs[i]`` (or ``mats[i].T @ rhs[i]``), batched or one matrix at a time."""
+    if batched:
+        stacked = torch.stack(mats)
+        torch.bmm(stacked.transpose(1, 2) if transpose else stacked, rhs, out=out)
+        return
+    for i, mat in enumerate(mats):
+        torch.mm(mat.T if transpose else mat, rhs[i], out=out[i])
+
+
+def _pack(dst: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    pos = 0
+    for t in tensors:
+        dst[pos : pos + t.numel()].copy_(t.reshape(-1))
+        pos += t.numel()
+
+
+def _unpack(src: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    pos = 0
+    for t in tensors:
+        t.copy_(src[pos : pos + t.numel()].view_as(t))
+        pos += t.numel()

@@ -48,11 +48,11 @@ class IntCodec:
         out[:, :ncode].copy_(codes)
         out[:, ncode:].view(torch.float32).copy_(scales)
 
-    def decode(self, payload: torch.Tensor, length: int) -> torch.Tensor:
+    def decode(self, payload: torch.Tensor, length: int, out: torch.Tensor | None = None) -> torch.Tensor:
         ncode = self._code_bytes(length)
         codes = payload[:, :ncode]
         q = codes.contiguous().view(torch.int8) if self.bits == 8 else unpack_int4(codes)
-        return dequantize_blockwise(q, payload[:, ncode:].view(torch.float32), self.block)
+        return dequantize_blockwise(q, payload[:, ncode:].view(torch.float32), self.block, out=out)
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -38,10 +38,10 @@ class SignCodec:
         out[:, :nbits].copy_(bits)
         out[:, nbits:].view(torch.float32).copy_(scales)
 
-    def decode(self, payload: torch.Tensor, length: int) -> torch.Tensor:
+    def decode(self, payload: torch.Tensor, length: int, out: torch.Tensor | None = None) -> torch.Tensor:
         nbits = length // 8
         scales = payload[:, nbits:].view(torch.float32)
-        return sign_decode(payload[:, :nbits], scales, self.block)
+        return sign_decode(payload[:, :nbits], scales, self.block, out=out)
 
 
 @register_compressor("sign")

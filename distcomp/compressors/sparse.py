@@ -22,6 +22,7 @@ from distcomp.config import require
 from distcomp.error_feedback import ErrorFeedback
 from distcomp.errors import CheckpointError
 from distcomp.registry import register_compressor
+from distcomp.workspace import Workspace
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -54,6 +55,7 @@ class _Sparse(Compressor):
     def __init__(self, config: SparseConfig | None = None) -> None:
         super().__init__(config)
         self.ef = ErrorFeedback(self.config.error_feedback)
+        self.ws = Workspace()
 
     def _finish(self, bucket: Bucket, comm: Comm, corrected, mean, local, nonfinite: bool) -> torch.Tensor:
         if nonfinite:
@@ -85,7 +87,7 @@ class TopK(_Sparse):
     def compress(self, bucket: Bucket, comm: Comm, step: int) -> torch.Tensor:
         corrected = self.ef.corrected(bucket)
         k = self.config.k_for(corrected.numel())
-        mean, local, nonfinite = sparse_mean(comm, corrected, k, local_health(corrected))
+        mean, local, nonfinite = sparse_mean(comm, corrected, k, local_health(corrected), self.ws)
         return self._finish(bucket, comm, corrected, mean, local, nonfinite)
 
 
@@ -112,11 +114,14 @@ class RandomK(_Sparse):
     def compress(self, bucket: Bucket, comm: Comm, step: int) -> torch.Tensor:
         corrected = self.ef.corrected(bucket)
         n = corrected.numel()
-        idx = torch.randperm(n, generator=self.generator)[: self.config.k_for(n)].to(corrected.device)
+        # Drawn with replacement (O(k), where a permutation is O(n)); a repeated index
+        # just sends the same value twice, which the decoding below tolerates.
+        idx = torch.randint(n, (self.config.k_for(n),), generator=self.generator).to(corrected.device)
         values = corrected[idx]
         summed = comm.all_reduce(torch.cat([values, local_health(corrected)]))
-        local = torch.zeros_like(corrected).index_copy_(0, idx, values)
-        mean = torch.zeros_like(corrected).index_copy_(0, idx, summed[:-1].div_(comm.world_size))
+        local = self.ws.zeros("local", n, torch.float32, corrected.device).index_copy_(0, idx, values)
+        mean = self.ws.zeros("mean", n, torch.float32, corrected.device)
+        mean.index_copy_(0, idx, summed[:-1].div_(comm.world_size))
         nonfinite = not bool(torch.isfinite(summed[-1]))
         return self._finish(bucket, comm, corrected, mean, local, nonfinite)
 

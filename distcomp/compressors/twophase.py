@@ -17,6 +17,7 @@ from distcomp.comm import Comm
 from distcomp.compressor import Compressor, local_health
 from distcomp.error_feedback import ErrorFeedback
 from distcomp.errors import CheckpointError
+from distcomp.workspace import Workspace
 
 
 class TwoPhaseCompressor(Compressor):
@@ -32,6 +33,7 @@ class TwoPhaseCompressor(Compressor):
         self.ef = ErrorFeedback(self.config.error_feedback)
         self.server: dict[tuple[str, ...], torch.Tensor] = {}
         self.world_size: int | None = None
+        self.ws = Workspace()
 
     def codec(self, comm: Comm) -> ChunkCodec:
         """The codec for this step (``comm`` tells the rank, for per-rank random streams)."""
@@ -42,7 +44,7 @@ class TwoPhaseCompressor(Compressor):
         codec = self.codec(comm)
         corrected = self.ef.corrected(bucket)
         server_error = self._server_error(bucket, chunk_length(bucket.numel, comm.world_size, codec.align))
-        res = two_phase_mean(comm, codec, corrected, server_error, local_health(corrected))
+        res = two_phase_mean(comm, codec, corrected, server_error, local_health(corrected), self.ws)
         if res.nonfinite:
             comm.record.nonfinite = True
             return bucket.buffer.fill_(float("nan"))

@@ -1,0 +1,139 @@
+"""The ``distcomp`` command.
+
+    distcomp train configs/quickstart.yaml [--set KEY=VALUE ...] [--resume PATH] [--device cpu] [--quiet]
+    distcomp info
+
+Configuration errors stop the command before any rank starts, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import platform
+import sys
+from typing import Sequence
+
+from distcomp.errors import CheckpointError, ConfigError
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one sub-command per job (``launch`` joins later)."""
+    parser = argparse.ArgumentParser(prog="distcomp", description="Compressed data-parallel training for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train a byte-level GPT with compression and print what it bought",
+                           description="Train on local ranks (or join torchrun's job) and print a summary table.")
+    train.add_argument("config", help="a YAML train config, e.g. configs/quickstart.yaml")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field (repeatable): --set compression.rank=8 --set steps=200. "
+                            "Setting compression.compressor drops the file's options for the old compressor.")
+    train.add_argument("--resume", metavar="PATH",
+                       help="continue from a checkpoint directory (or the newest one in a checkpoints folder)")
+    train.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                       help="where ranks run (default: the config's dist.device, auto = CUDA when available)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar; log lines every log.every steps")
+    train.set_defaults(func=_train)
+
+    info = sub.add_parser("info", help="what this machine offers: torch, backends, GPUs, Triton, MPI, kernels")
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``distcomp`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from distcomp.train.config import load_train_config
+    from distcomp.train.launch import launch
+
+    _console_logging()
+    overrides = list(args.overrides)
+    if args.device:
+        overrides.append(f"dist.device={args.device}")
+    if args.quiet:
+        overrides.append("log.progress=false")
+    try:
+        cfg = load_train_config(args.config, overrides)
+        return launch(cfg, args.resume)
+    except (ConfigError, CheckpointError) as exc:
+        sys.stderr.write(f"distcomp train: error: {exc}\n")
+        return EXIT_USAGE
+
+
+def _console_logging() -> None:
+    root = logging.getLogger("distcomp")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[distcomp] %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+
+
+# -- info --------------------------------------------------------------------------------
+
+
+def machine_info() -> list[tuple[str, str]]:
+    """``(label, value)`` lines describing this machine as distcomp sees it."""
+    import torch
+    import torch.distributed as dist
+
+    import distcomp
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    avail = lambda ok: "yes" if ok else "no"  # noqa: E731
+    cuda = torch.cuda.is_available()
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else []
+    lines = [
+        ("distcomp", distcomp.__version__),
+        ("python", f"{platform.python_version()} ({platform.system()} {platform.machine()}, {cores} CPU cores)"),
+        ("torch", torch.__version__),
+        ("gloo", avail(dist.is_available() and dist.is_gloo_available())),
+        ("nccl", avail(dist.is_available() and dist.is_nccl_available())),
+        ("mpi backend", avail(dist.is_available() and dist.is_mpi_available())),
+        ("cuda", f"{len(gpus)} device(s): {', '.join(gpus)} (CUDA {torch.version.cuda})" if cuda else "not available"),
+        ("triton", _version("triton")),
+        ("mpi4py", _version("mpi4py")),
+        ("kernels", _kernels_line(cuda)),
+        ("compressors", ", ".join(distcomp.available_compressors())),
+        ("distcomp train", "NCCL, one GPU per rank" if cuda else "gloo on CPU"),
+    ]
+    return lines
+
+
+def _version(package: str) -> str:
+    if importlib.util.find_spec(package) is None:
+        return "not installed"
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "installed (version unknown)"
+
+
+def _kernels_line(cuda: bool) -> str:
+    import distcomp.kernels as kernels
+
+    ops = sorted(n for n in kernels.__all__ if not n.endswith("_ref"))
+    # Only reference kernels ship today; Triton kernels will take over on CUDA when they land.
+    why = "no Triton kernels in this release" if cuda else "CPU"
+    return f"reference (pure torch) for all {len(ops)} ops [{why}]: {', '.join(ops)}"
+
+
+def _info(args: argparse.Namespace) -> int:
+    lines = machine_info()
+    width = max(len(label) for label, _ in lines)
+    for label, value in lines:
+        print(f"{label.ljust(width)}  {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Checkpoints of the main job: one directory per step, one file per rank.
+
+Layout of ``<dir>/step_000050/``:
+
+* ``meta.json``: format, step, world size, compressor, the settings the
+  trajectory depends on, the data fingerprint (read before any rank starts, so a
+  mismatch is refused at once);
+* ``model.pt``: the model weights (identical on every rank, written by rank 0);
+* ``rank<r>.pt``: rank r's optimizer state, compression state (error residuals
+  differ per rank), RNG states and the step records so far.
+
+Files are written into ``step_000050.tmp`` and renamed when every rank is done,
+so a directory without the suffix is always complete. Loading uses
+``torch.load(weights_only=True)``: tensors and plain containers only, no code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from distcomp.config import config_to_dict
+from distcomp.errors import CheckpointError
+from distcomp.train.config import TrainConfig
+
+FORMAT = "distcomp.train/1"
+logger = logging.getLogger("distcomp.train")
+
+
+def trajectory_config(cfg: TrainConfig, compression: Any) -> dict[str, Any]:
+    """The settings a resumed run must share with its checkpoint (plain values).
+
+    Left out on purpose: ``steps`` and ``optimizer.decay_steps`` (a run may be
+    continued for longer), logging, evaluation, checkpointing, device and timeouts.
+    """
+    optimizer = dataclasses.asdict(cfg.optimizer)
+    optimizer.pop("decay_steps")
+    optimizer["betas"] = list(optimizer["betas"])
+    return {
+        "seed": cfg.seed,
+        "model": dataclasses.asdict(cfg.model),
+        "data": dataclasses.asdict(cfg.data),
+        "optimizer": optimizer,
+        "compression": config_to_dict(compression),
+    }
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:06d}"
+
+
+def save(root: Path, step: int, *, rank: int, meta: dict[str, Any], model: torch.nn.Module,
+         rank_state: dict[str, Any], keep: int) -> Path:
+    """Write this rank's part of the checkpoint after ``step`` steps; collective (every rank calls it)."""
+    final = step_dir(root, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    torch.save(rank_state, tmp / f"rank{rank}.pt")
+    if rank == 0:
+        torch.save(model.state_dict(), tmp / "model.pt")
+        (tmp / "meta.json").write_text(json.dumps({"format": FORMAT, "step": step, **meta}, indent=2) + "\n")
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        _prune(root, keep)
+        logger.info("checkpoint written: %s", final)
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory, or the newest complete one inside a folder of them."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return path
+    found = sorted(p for p in path.glob("step_*") if (p / "meta.json").is_file() and not p.name.endswith(".tmp"))
+    if not found:
+        raise CheckpointError(f"--resume {path}: no checkpoint there (expected a step_NNNNNN directory with meta.json)")
+    return found[-1]
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """The checkpoint's ``meta.json``; a clear error if it is not one of ours."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"--resume {path}: cannot read meta.json ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"--resume {path}: not a distcomp train checkpoint (format {meta.get('format')!r})")
+    return meta
+
+
+def check_compatible(meta: dict[str, Any], *, path: Path, world_size: int, compressor: str,
+                     trajectory: dict[str, Any], data_fingerprint: str) -> None:
+    """Refuse a checkpoint from another world size, compressor, config or corpus, naming what differs."""
+    if meta["world_size"] != world_size:
+        raise CheckpointError(
+            f"--resume {path}: the checkpoint was written by {meta['world_size']} ranks but this job has "
+            f"{world_size}; error-feedback residuals are per rank and cannot be redistributed. "
+            f"Resume with {meta['world_size']} ranks (--set dist.nproc={meta['world_size']})"
+        )
+    if meta["compressor"] != compressor:
+        raise CheckpointError(
+            f"--resume {path}: the checkpoint is of a {meta['compressor']!r} run, not {compressor!r}"
+        )
+    diffs = _diff(meta["config"], trajectory)
+    if diffs:
+        raise CheckpointError(
+            f"--resume {path}: the checkpoint was written with another config; "
+            + "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in diffs)
+        )
+    if meta["data"] != data_fingerprint:
+        raise CheckpointError(f"--resume {path}: the checkpoint was trained on other data (data.path or its content changed)")
+
+
+def _diff(saved: Any, now: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out = []
+        for key in sorted(saved.keys() | now.keys()):
+            out += _diff(saved.get(key), now.get(key), f"{prefix}.{key}" if prefix else key)
+        return out
+    return [] if saved == now else [(prefix, saved, now)]
+
+
+def load_rank(path: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(model state, rank state)`` of ``rank`` from checkpoint ``path``."""
+    files = (path / "model.pt", path / f"rank{rank}.pt")
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"--resume {path}: {f.name} is missing")
+    return tuple(torch.load(f, map_location="cpu", weights_only=True) for f in files)  # type: ignore[return-value]
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The RNG states a step may draw from (dropout)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -1,0 +1,398 @@
+"""The training config: nested frozen dataclasses, read from YAML and ``--set`` overrides.
+
+A complete config can be as short as::
+
+    version: 1
+    compression:
+      compressor: sign
+      block: 2048
+
+Every other section has defaults (a 3.3M-parameter byte-level GPT on the
+``pydoc_data`` corpus that ships with Python, AdamW, 2 local ranks). The
+``compression:`` section is a distcomp compression config (``compressor:`` plus
+that compressor's options), validated by :func:`distcomp.config.config_from_dict`.
+Unknown keys anywhere are rejected with a message naming the key, its section
+and the keys allowed there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from distcomp.config import CONFIG_VERSION, config_from_dict, config_to_dict, require
+from distcomp.errors import ConfigError
+from distcomp.models.gpt import GPTConfig
+from distcomp.registry import available_compressors, build_config, compressor_for_config, get_compressor
+
+
+@dataclass(kw_only=True, frozen=True)
+class DataConfig:
+    """Where the text comes from and how it is batched."""
+
+    path: str | None = None
+    """A UTF-8 text file, or a folder whose files (recursively, hidden ones skipped) are read in name order.
+    ``null``: the ``pydoc_data`` topics that ship with Python (about 460 KB of English; no download)."""
+    val_fraction: float = 0.1
+    """Share of the text, taken from its end, held out for validation."""
+    batch_size: int = 8
+    """Sequences of ``model.context`` bytes per rank per step."""
+
+    def __post_init__(self) -> None:
+        require(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class OptimizerConfig:
+    """Optimizer and learning-rate schedule."""
+
+    name: Literal["adamw", "sgd"] = "adamw"
+    """``adamw`` (torch.optim.AdamW) or ``sgd`` (SGD with momentum)."""
+    lr: float = 2e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW) or L2 penalty (SGD), applied to matrices only, not biases and norms."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW's moment decay rates."""
+    eps: float = 1e-8
+    """AdamW's denominator epsilon."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    nesterov: bool = False
+    """SGD with Nesterov momentum."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """After warm-up: cosine decay to ``min_lr_ratio * lr``, or constant."""
+    warmup_steps: int = 10
+    """Steps of linear warm-up from ``lr / warmup_steps`` to ``lr``."""
+    decay_steps: int | None = None
+    """Length of the cosine schedule; ``null``: the run's ``steps``. Set it to resume a run for longer
+    with the same schedule."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate of the cosine schedule, as a fraction of ``lr``."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 turns clipping off."""
+
+    def __post_init__(self) -> None:
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(all(0.0 <= b < 1.0 for b in self.betas), "betas", f"must be two values in [0, 1), got {self.betas}")
+        require(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+        require(0.0 <= self.momentum < 1.0, "momentum", f"must be in [0, 1), got {self.momentum}")
+        require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require(self.decay_steps is None or self.decay_steps >= 1, "decay_steps", "must be >= 1 or null")
+        require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        require(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class DistConfig:
+    """How ranks start and talk. Under ``torchrun`` (RANK/WORLD_SIZE set) the launcher decides the ranks."""
+
+    nproc: int = 2
+    """Local ranks to spawn when no launcher started this process."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto``: one GPU per rank when CUDA is available, else CPU."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """``auto``: NCCL on GPUs, gloo on CPU."""
+    timeout_s: float = 300.0
+    """Seconds any collective may block; a dead or failed peer becomes an error on the others after this."""
+    overlap: bool = True
+    """Run compression and communication on a worker thread, overlapping the backward pass."""
+    threads: int = 0
+    """torch threads per rank; 0: the machine's cores divided by the local ranks (so ranks do not oversubscribe)."""
+
+    def __post_init__(self) -> None:
+        require(self.nproc >= 1, "nproc", f"must be >= 1, got {self.nproc}")
+        require(self.timeout_s > 0, "timeout_s", f"must be > 0, got {self.timeout_s}")
+        require(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
+        require(not (self.device == "cpu" and self.backend == "nccl"), "backend", "nccl needs device cuda or auto")
+
+
+@dataclass(kw_only=True, frozen=True)
+class EvalConfig:
+    """Validation loss."""
+
+    every: int = 0
+    """Evaluate every this many steps; 0: only at the end of the run."""
+    batches: int = 8
+    """Validation batches per rank per evaluation (the same sequences every time)."""
+
+    def __post_init__(self) -> None:
+        require(self.every >= 0, "every", f"must be >= 0, got {self.every}")
+        require(self.batches >= 1, "batches", f"must be >= 1, got {self.batches}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class LogConfig:
+    """Progress bar, log lines and TensorBoard."""
+
+    dir: str = "runs"
+    """Runs go to ``<dir>/<name>/<compressor>/`` (TensorBoard events, checkpoints, summary.json)."""
+    every: int = 10
+    """A log line every this many steps when the progress bar is off."""
+    progress: bool = True
+    """A tqdm progress bar on rank 0 (``--quiet`` turns it off)."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars every step (``tensorboard --logdir runs``)."""
+
+    def __post_init__(self) -> None:
+        require(self.every >= 1, "every", f"must be >= 1, got {self.every}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class CheckpointConfig:
+    """Periodic checkpoints (``--resume PATH`` continues from one)."""
+
+    every: int = 0
+    """Write a checkpoint every this many steps (and at the end, and on Ctrl-C); 0: never."""
+    keep: int = 2
+    """Most recent checkpoints kept per run; 0 keeps all."""
+    dir: str | None = None
+    """``null``: ``<log.dir>/<name>/<compressor>/checkpoints``. Must be visible to every rank."""
+
+    def __post_init__(self) -> None:
+        require(self.every >= 0, "every", f"must be >= 0, got {self.every}")
+        require(self.keep >= 0, "keep", f"must be >= 0, got {self.keep}")
+
+
+def _default_model() -> GPTConfig:
+    return GPTConfig(d_model=256, n_layer=4, n_head=4, context=128)
+
+
+def _default_compression() -> Any:
+    return build_config("powersgd", {})
+
+
+@dataclass(kw_only=True, frozen=True)
+class TrainConfig:
+    """Everything ``distcomp train`` needs; see ``configs/quickstart.yaml``."""
+
+    name: str = "run"
+    """Name of the run directory (``--set name=...``); defaults to the config file's stem."""
+    seed: int = 0
+    """Seeds model initialisation, data order and compressors' shared generators."""
+    steps: int = 100
+    """Optimizer steps per run."""
+    compare: tuple[str, ...] = ()
+    """Compressors to train one after another and print side by side, e.g. ``[none, powersgd]``. A name equal
+    to ``compression.compressor`` gets that section's options; any other name gets its defaults.
+    Empty: one run with ``compression``."""
+    model: GPTConfig = field(default_factory=_default_model)
+    """Shape of the byte-level GPT (``vocab_size`` stays 256: tokens are bytes)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Corpus and batch size."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer and schedule."""
+    compression: Any = field(default_factory=_default_compression)
+    """A compressor ``Config`` (``compressor: <name>`` plus its options); default PowerSGD rank 4."""
+    dist: DistConfig = field(default_factory=DistConfig)
+    """Ranks, device, backend, timeouts."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Validation loss."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Progress, log lines, TensorBoard."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Periodic checkpoints."""
+
+    def __post_init__(self) -> None:
+        require(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",
+                f"must be a plain directory name, got {self.name!r}")
+        require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        require(self.model.vocab_size == 256, "model.vocab_size", "must be 256: the model reads bytes")
+        known = available_compressors()
+        for name in self.compare:
+            require(name in known, "compare", f"unknown compressor {name!r}; available: {', '.join(known)}")
+        require(len(set(self.compare)) == len(self.compare), "compare", f"lists a compressor twice: {list(self.compare)}")
+        compressor_for_config(self.compression)  # raises unless it is a registered compressor's Config
+
+    @property
+    def compressor(self) -> str:
+        """Name of the compressor of the ``compression`` section."""
+        return compressor_for_config(self.compression).name
+
+    def runs(self) -> list[tuple[str, Any]]:
+        """``(compressor name, its Config)`` for every run, in order."""
+        if not self.compare:
+            return [(self.compressor, self.compression)]
+        return [(n, self.compression if n == self.compressor else build_config(n, {})) for n in self.compare]
+
+
+# -- building from YAML -----------------------------------------------------------
+
+
+def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML train config, apply ``key=value`` overrides, validate everything."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with 'version: 1' at its top")
+    raw.setdefault("name", path.stem)
+    apply_overrides(raw, overrides)
+    return config_from_raw(raw, source=str(path))
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> None:
+    """Apply ``a.b=value`` strings to ``raw`` in place; values are parsed with ``yaml.safe_load``.
+
+    Setting ``compression.compressor`` starts that section afresh: options the file
+    gave the old compressor are dropped (other ``--set compression.*`` still apply).
+    """
+    parsed = [_parse_override(o) for o in overrides]
+    for keys, value in parsed:
+        if keys == ["compression", "compressor"] and isinstance(raw.get("compression"), dict):
+            if raw["compression"].get("compressor") != value:
+                raw["compression"] = {}
+    for keys, value in parsed:
+        node = raw
+        for i, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {'.'.join(keys)}: {'.'.join(keys[: i + 1])!r} is a value, not a section")
+            node = child
+        node[keys[-1]] = value
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    key, sep, value = text.partition("=")
+    keys = key.strip().split(".")
+    if not sep or not all(keys):
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE with a dotted KEY, e.g. --set compression.rank=8")
+    try:
+        return keys, yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML: {exc}") from None
+
+
+def config_from_raw(raw: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Build a :class:`TrainConfig` from plain values (a parsed YAML file)."""
+    values = dict(raw)
+    version = values.pop("version", None)
+    if version != CONFIG_VERSION:
+        raise ConfigError(f"{source}: 'version' must be {CONFIG_VERSION} (got {version!r}); add 'version: 1' at the top")
+    section = values.pop("compression", None)
+    compression = None
+    if section is not None:
+        if not isinstance(section, dict):
+            raise ConfigError(f"{source}: 'compression' must be a mapping with a 'compressor' key")
+        section = _check_compression_types(section, source)
+        compression = config_from_dict({"version": CONFIG_VERSION, **section}, source=f"{source}: compression")
+    try:
+        cfg = _build(TrainConfig, values, "", extra={"compression": compression} if compression is not None else {})
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return cfg
+
+
+def _check_compression_types(section: dict[str, Any], source: str) -> dict[str, Any]:
+    """Check the section's values against the compressor's field types (its own checks name unknown keys)."""
+    name = section.get("compressor")
+    if name not in available_compressors():
+        return section
+    cls = get_compressor(name).Config
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    try:
+        return {k: _coerce(v, hints[k], f"compression.{k}") if k in known else v for k, v in section.items()}
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def config_to_raw(cfg: TrainConfig) -> dict[str, Any]:
+    """Plain values (JSON/YAML-safe) that :func:`config_from_raw` turns back into ``cfg``."""
+    out = dataclasses.asdict(cfg)
+    out["compression"] = {k: v for k, v in config_to_dict(cfg.compression).items() if k != "version"}
+    return {"version": CONFIG_VERSION, **_plain(out)}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _build(cls: type, values: Any, section: str, extra: dict[str, Any] | None = None, base: Any = None) -> Any:
+    """``cls(**values)`` with unknown keys, types and Literal choices checked and named by their dotted key.
+
+    Keys a section leaves out keep the field's default: for a nested section that
+    is the default instance's value (the train default model is not ``GPTConfig()``).
+    """
+    where = f"section {section!r}" if section else "the top level"
+    if not isinstance(values, dict):
+        raise ConfigError(f"config key {section!r}: must be a mapping (a section), got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = dict(extra or {})
+    for key, value in values.items():
+        dotted = f"{section}.{key}" if section else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown key {dotted!r}{hint} in {where}; allowed keys: {', '.join(sorted(fields))}")
+        tp, f = hints[key], fields[key]
+        if dataclasses.is_dataclass(tp) and f.default_factory is not dataclasses.MISSING:
+            kwargs[key] = _build(tp, value, dotted, base=f.default_factory())
+        else:
+            kwargs[key] = _coerce(value, tp, dotted)
+    try:
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    except ConfigError as exc:
+        if section:
+            raise ConfigError(f"in section {section!r}: {exc}") from None
+        raise
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert lists to tuples and ints to floats."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key) if len(inner) == 1 else value
+    if origin is Literal:
+        require(value in args, key, f"must be one of {', '.join(map(repr, args))}; got {value!r}")
+        return value
+    if origin is tuple:
+        require(isinstance(value, (list, tuple)), key, f"must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        require(len(value) == len(args), key, f"must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    return _scalar(value, tp, key)
+
+
+def _scalar(value: Any, tp: Any, key: str) -> Any:
+    if tp is bool:
+        require(isinstance(value, bool), key, f"must be true or false, got {value!r}")
+    elif tp is int:
+        require(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer, got {value!r}")
+    elif tp is float:
+        # PyYAML reads 1e-3 (no dot) as a string; accept any number written like one.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        require(ok, key, f"must be a number, got {value!r}")
+        return float(value)
+    elif tp is str:
+        require(isinstance(value, str), key, f"must be a string, got {value!r}")
+    return value

@@ -1,0 +1,45 @@
+"""The job on one rank: every run the config asks for, then the summary on rank 0."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from distcomp.train.config import TrainConfig, config_to_raw
+from distcomp.train.data import load_corpus
+from distcomp.train.loop import RankContext, train_run
+from distcomp.train.telemetry import RunResult, format_table
+
+logger = logging.getLogger("distcomp.train")
+
+EXIT_INTERRUPTED = 130
+
+
+def rank_job(cfg: TrainConfig, ctx: RankContext, resume: Path | None) -> int:
+    """Run ``cfg.runs()`` one after another; 0 when done, 130 when stopped by Ctrl-C."""
+    corpus = load_corpus(cfg.data, cfg.model.context)
+    root = Path(cfg.log.dir) / cfg.name
+    if ctx.rank == 0:
+        logger.info("distcomp train %s: %d ranks (%s on %s), data: %s, runs: %s", cfg.name, ctx.world_size,
+                    ctx.backend, ctx.device.type, corpus.source, ", ".join(n for n, _ in cfg.runs()))
+    results: list[RunResult] = []
+    stopped = False
+    for name, compression in cfg.runs():
+        result, stopped = train_run(cfg, name, compression, ctx, corpus, run_dir=root / name, resume=resume,
+                                    show=ctx.rank == 0)
+        if result is not None:
+            results.append(result)
+        if stopped:
+            break
+    if ctx.rank == 0:
+        header = (f"distcomp train {cfg.name}: {ctx.world_size} ranks ({ctx.backend}, {ctx.device.type}), "
+                  f"GPT {results[0].params / 1e6:.1f}M parameters, batch {cfg.data.batch_size} x "
+                  f"{cfg.model.context} bytes per rank, {corpus.source}")
+        table = format_table(results, header)
+        print("\n" + table + "\n", flush=True)
+        root.mkdir(parents=True, exist_ok=True)
+        summary = {"runs": [r.as_dict() for r in results], "table": table, "config": config_to_raw(cfg)}
+        (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        logger.info("summary written to %s; TensorBoard: tensorboard --logdir %s", root / "summary.json", cfg.log.dir)
+    return EXIT_INTERRUPTED if stopped else 0

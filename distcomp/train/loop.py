@@ -1,0 +1,217 @@
+"""One training run on one rank: model, DDP with a distcomp hook, optimizer, steps, evaluation.
+
+Test hook: ``DISTCOMP_TEST_FAULT=RANK:STEP`` makes rank RANK raise at step STEP,
+so tests can check that a failure in one rank ends the whole job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+import distcomp
+from distcomp.errors import CheckpointError
+from distcomp.models.gpt import GPT
+from distcomp.train import checkpoint
+from distcomp.train.config import TrainConfig, config_to_raw
+from distcomp.train.data import Corpus, ShardedBatches, val_batches
+from distcomp.train.optim import build_optimizer, lr_at, set_lr
+from distcomp.train.telemetry import RunMonitor, RunResult, StepRecord, summarize
+
+logger = logging.getLogger("distcomp.train")
+FAULT_ENV = "DISTCOMP_TEST_FAULT"
+
+
+@dataclass(frozen=True)
+class RankContext:
+    """Who this process is in the job."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+    should_stop: Callable[[], bool]
+    """True once the user asked to stop (Ctrl-C); ranks agree on it at the next step."""
+
+
+@dataclass
+class Run:
+    """The live objects of one run."""
+
+    model: GPT
+    ddp: DistributedDataParallel
+    state: distcomp.CompressionState
+    optimizer: torch.optim.Optimizer
+    batches: ShardedBatches
+    val: list[torch.Tensor]
+    records: list[StepRecord] = dataclasses.field(default_factory=list)
+    val_losses: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+    start: int = 0
+
+
+def build_run(cfg: TrainConfig, compression: Any, ctx: RankContext, corpus: Corpus) -> Run:
+    """Model (same initial weights on every rank), DDP, the compression hook, optimizer, data."""
+    torch.manual_seed(cfg.seed)
+    model = GPT(cfg.model).to(ctx.device)
+    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    ddp = DistributedDataParallel(model, device_ids=ids)
+    state = distcomp.register(ddp, compression, overlap=cfg.dist.overlap)
+    optimizer = build_optimizer(model, cfg.optimizer)
+    context, batch = cfg.model.context, cfg.data.batch_size
+    batches = ShardedBatches(corpus.train, context, batch, ctx.rank, ctx.world_size, cfg.seed)
+    val = val_batches(corpus.val, context, batch, cfg.eval.batches, ctx.rank, ctx.world_size)
+    return Run(model, ddp, state, optimizer, batches, val)
+
+
+def train_run(cfg: TrainConfig, name: str, compression: Any, ctx: RankContext, corpus: Corpus, *,
+              run_dir: Path, resume: Path | None, show: bool) -> tuple[RunResult | None, bool]:
+    """Train one run to ``cfg.steps``: ``(result, stopped)``.
+
+    ``result`` is rank 0's :class:`RunResult` (``None`` on other ranks); ``stopped``
+    is True on every rank when the ranks agreed to stop early (Ctrl-C).
+    """
+    started = time.perf_counter()
+    run = build_run(cfg, compression, ctx, corpus)
+    if resume is not None:
+        _restore(run, resume, ctx)
+    monitor = RunMonitor(run_dir=run_dir, label=name, steps=cfg.steps, start=run.start, progress=show and cfg.log.progress,
+                         tensorboard=cfg.log.tensorboard, log_every=cfg.log.every, fresh=resume is None) if show else None
+    ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+    meta = {"world_size": ctx.world_size, "compressor": name, "config": checkpoint.trajectory_config(cfg, compression),
+            "data": corpus.fingerprint, "schedule_steps": cfg.optimizer.decay_steps or cfg.steps}
+    loop_s, stopped, step = 0.0, False, run.start
+    try:
+        for step in range(run.start, cfg.steps):
+            tick = time.perf_counter()
+            rec, stopped = _step(run, cfg, ctx, step)
+            run.records.append(rec)
+            if monitor:
+                monitor.step(rec)
+            loop_s += time.perf_counter() - tick
+            done = step + 1
+            if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.steps and not stopped:
+                _record_val(run, ctx, done, monitor)
+            every = cfg.checkpoint.every
+            if every and (done % every == 0 or done == cfg.steps or stopped):
+                checkpoint.save(ckpt_root, done, rank=ctx.rank, meta=meta, model=run.model,
+                                rank_state=_rank_state(run, ctx), keep=cfg.checkpoint.keep)
+            if stopped:
+                logger.warning("%s: stopped at step %d as asked", name, done)
+                break
+        if monitor:
+            monitor.end_progress()
+        final = run.records[-1].step + 1 if run.records else run.start
+        if not run.val_losses or run.val_losses[-1][0] != final:
+            _record_val(run, ctx, final, monitor)
+    finally:
+        run.state.close()
+        if monitor:
+            monitor.close()
+    if ctx.rank != 0:
+        return None, stopped
+    result = summarize(name, run.records, params=sum(p.numel() for p in run.model.parameters()),
+                       val_losses=run.val_losses, loop_s=loop_s, steps_run=len(run.records) - run.start,
+                       wall_s=time.perf_counter() - started, interrupted=stopped)
+    _write_json(run_dir / "summary.json", {"run": result.as_dict(), "config": config_to_raw(cfg)})
+    return result, stopped
+
+
+def _step(run: Run, cfg: TrainConfig, ctx: RankContext, step: int) -> tuple[StepRecord, bool]:
+    """One optimizer step; returns its record and whether the ranks agreed to stop after it."""
+    _maybe_fault(ctx.rank, step)
+    lr = lr_at(cfg.optimizer, step, cfg.steps)
+    set_lr(run.optimizer, lr)
+    x, y = run.batches.batch(step, ctx.device)
+    tick = time.perf_counter()
+    _, loss = run.ddp(x, y)
+    loss.backward()
+    if cfg.optimizer.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.optimizer.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)
+    step_s = time.perf_counter() - tick
+    # One small all-reduce a step carries the loss for the log and the stop request.
+    shared = torch.stack([loss.detach().float(), torch.tensor(float(ctx.should_stop()), device=ctx.device)])
+    dist.all_reduce(shared)
+    stats = run.state.stats()["step"] or {}
+    rec = StepRecord(
+        step=step, loss=shared[0].item() / ctx.world_size, lr=lr, step_s=step_s,
+        dense_bytes=stats.get("dense_bytes", 0.0), sent_bytes=stats.get("sent_bytes", 0.0),
+        codec_s=stats.get("codec_s", 0.0), comm_s=stats.get("comm_s", 0.0),
+        residual_norm=stats.get("residual_norm", 0.0), compressed=bool(stats.get("compressed", False)),
+    )
+    return rec, shared[1].item() > 0
+
+
+@torch.no_grad()
+def evaluate(run: Run, ctx: RankContext) -> float:
+    """Mean next-byte loss over the fixed validation windows of every rank."""
+    run.model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    for seqs in run.val:
+        seqs = seqs.to(device=ctx.device, dtype=torch.long)
+        _, loss = run.model(seqs[:, :-1], seqs[:, 1:])
+        n = seqs[:, 1:].numel()
+        total += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=ctx.device)
+    run.model.train()
+    dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+def _record_val(run: Run, ctx: RankContext, step: int, monitor: RunMonitor | None) -> None:
+    loss = evaluate(run, ctx)
+    run.val_losses.append((step, loss))
+    if monitor:
+        monitor.val_loss(step, loss)
+
+
+def _rank_state(run: Run, ctx: RankContext) -> dict[str, Any]:
+    return {
+        "rank": ctx.rank,
+        "world_size": ctx.world_size,
+        "optimizer": run.optimizer.state_dict(),
+        "compression": run.state.state_dict(),
+        "rng": checkpoint.rng_state(ctx.device),
+        "records": [dataclasses.asdict(r) for r in run.records],
+        "val_losses": [list(v) for v in run.val_losses],
+    }
+
+
+def _restore(run: Run, path: Path, ctx: RankContext) -> None:
+    meta = checkpoint.read_meta(path)
+    model_state, state = checkpoint.load_rank(path, ctx.rank)
+    if state.get("rank") != ctx.rank or state.get("world_size") != ctx.world_size:
+        raise CheckpointError(f"--resume {path}: rank{ctx.rank}.pt belongs to rank {state.get('rank')} "
+                              f"of {state.get('world_size')}, not rank {ctx.rank} of {ctx.world_size}")
+    run.model.load_state_dict(model_state)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.state.load_state_dict(state["compression"])
+    checkpoint.set_rng_state(state["rng"], ctx.device)
+    run.records = [StepRecord(**r) for r in state["records"]]
+    run.val_losses = [(int(s), float(v)) for s, v in state["val_losses"]]
+    run.start = int(meta["step"])
+    if ctx.rank == 0:
+        logger.info("resumed from %s at step %d", path, run.start)
+
+
+def _maybe_fault(rank: int, step: int) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if spec and spec == f"{rank}:{step}":
+        raise RuntimeError(f"injected fault ({FAULT_ENV}={spec}) on rank {rank} at step {step}")
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")

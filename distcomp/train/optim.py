@@ -1,0 +1,58 @@
+"""Optimizers the main job offers, and the learning-rate schedule as a pure function of the step."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from distcomp.train.config import OptimizerConfig
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    # Decay matrices only: decaying biases and norm gains hurts and buys nothing.
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def _adamw(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def _sgd(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    return torch.optim.SGD(
+        _param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov
+    )
+
+
+OPTIMIZERS: dict[str, Callable[[torch.nn.Module, OptimizerConfig], torch.optim.Optimizer]] = {
+    "adamw": _adamw,
+    "sgd": _sgd,
+}
+"""Builders by ``optimizer.name``; distcomp's 1-bit optimizers join here when they land."""
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """The optimizer ``cfg.name`` over ``model``'s parameters."""
+    return OPTIMIZERS[cfg.name](model, cfg)
+
+
+def lr_at(cfg: OptimizerConfig, step: int, steps: int) -> float:
+    """Learning rate of ``step`` (0-based): linear warm-up, then constant or cosine to ``min_lr_ratio * lr``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    total = cfg.decay_steps or steps
+    span = max(total - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / span, 1.0)
+    floor = cfg.min_lr_ratio * cfg.lr
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's learning rate."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
