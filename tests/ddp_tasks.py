@@ -183,3 +183,14 @@ def dead_peer(rank: int, world_size: int, overlap: bool) -> str:
     except Exception as exc:  # noqa: BLE001 - the point of the test
         return f"raised {type(exc).__name__}: {exc}"
     return "finished without error"
+
+
+def worker_group_timeout(rank: int, world_size: int) -> float:
+    """The communication worker's own process group inherits the job's collective timeout."""
+    from distcomp.hooks.ddp import group_timeout
+
+    torch.manual_seed(0)
+    _, _, state = build(Run(compressor="sign", overlap=True))
+    seconds = group_timeout(state._comm_group).total_seconds()
+    state.close()
+    return seconds

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from ddp_tasks import Run, dead_peer, dtype_run, mismatched_register, train_many
+from ddp_tasks import Run, dead_peer, dtype_run, mismatched_register, train_many, worker_group_timeout
 from distcomp.testing import run_ranks
 
 STEPS = 40
@@ -175,3 +175,7 @@ def test_dead_peer_gives_an_error_not_a_hang(overlap: bool) -> None:
     assert results[1] is None
     assert results[0].startswith("raised"), results[0]
     assert time.monotonic() - start < 90
+
+
+def test_worker_group_times_out_like_the_job() -> None:
+    assert run_ranks(worker_group_timeout, 2, collective_timeout=23, timeout=60) == [23.0, 23.0]

@@ -142,7 +142,14 @@ class PowerSGD(Compressor):
             bucket.buffer.copy_(corrected)
         return bucket.buffer
 
-    def _store_residual(self, bucket: Bucket, dense, groups, ps, qs) -> None:
+    def _store_residual(
+        self,
+        bucket: Bucket,
+        dense: list[tuple[str, torch.Tensor]],
+        groups: list[list[tuple[str, torch.Tensor]]],
+        ps: list[torch.Tensor],
+        qs: list[torch.Tensor],
+    ) -> None:
         """residual = M - P Q^T with this rank's own Q; the exactly-sent tensors leave none."""
         views = dict(bucket.views(self.ef.residual(bucket)))
         for name, _ in dense:

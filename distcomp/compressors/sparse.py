@@ -57,7 +57,9 @@ class _Sparse(Compressor):
         self.ef = ErrorFeedback(self.config.error_feedback)
         self.ws = Workspace()
 
-    def _finish(self, bucket: Bucket, comm: Comm, corrected, mean, local, nonfinite: bool) -> torch.Tensor:
+    def _finish(
+        self, bucket: Bucket, comm: Comm, corrected: torch.Tensor, mean: torch.Tensor, local: torch.Tensor, nonfinite: bool
+    ) -> torch.Tensor:
         if nonfinite:
             comm.record.nonfinite = True
             return bucket.buffer.fill_(float("nan"))
@@ -129,7 +131,7 @@ class RandomK(_Sparse):
         return {**super().state_dict(), "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
         if "generator" not in state:
             raise CheckpointError("randomk state has no 'generator': not a randomk checkpoint")
+        super().load_state_dict(state)
         self.generator.set_state(state["generator"])

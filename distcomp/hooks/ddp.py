@@ -10,6 +10,7 @@ all collectives from one place.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import logging
 from typing import Any, Callable
 
@@ -47,6 +48,7 @@ class CompressionState:
         param_names: dict[int, str] | None = None,
         overlap: bool = True,
         log_every: int = 0,
+        timeout: datetime.timedelta | None = None,
     ) -> None:
         self.compressor = compressor
         self.group = group
@@ -65,7 +67,8 @@ class CompressionState:
         self._comm_group = group
         if overlap:
             ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
-            self._comm_group = dist.new_group(ranks=ranks)
+            # The worker's own group must time out like the job's, not after torch's 30-minute default.
+            self._comm_group = dist.new_group(ranks=ranks, timeout=timeout or group_timeout(group))
             self._executor = WorkerExecutor()
 
     # -- the hook ---------------------------------------------------------------
@@ -191,6 +194,17 @@ class CompressionState:
         return state
 
 
+def group_timeout(group: dist.ProcessGroup | None) -> datetime.timedelta | None:
+    """The collective timeout ``group`` was created with, or None where torch does not expose it."""
+    pg = group if group is not None else dist.group.WORLD
+    for device in ("cuda", "cpu"):
+        try:
+            return pg._get_backend(torch.device(device)).options._timeout
+        except (RuntimeError, AttributeError):
+            continue
+    return None
+
+
 def compressed_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future:
     """The DDP comm hook function: ``model.register_comm_hook(state, compressed_hook)``."""
     return state.on_bucket(bucket)
@@ -219,6 +233,7 @@ def ddp_comm_hook(
     group: dist.ProcessGroup | None = None,
     overlap: bool = True,
     log_every: int = 0,
+    timeout: datetime.timedelta | None = None,
     **config: Any,
 ) -> tuple[Callable[[CompressionState, dist.GradBucket], torch.futures.Future], CompressionState]:
     """``(hook, state)`` for ``ddp_model.register_comm_hook(state, hook)``; call it on every rank.
@@ -227,7 +242,8 @@ def ddp_comm_hook(
     a compressor ``Config``. ``model`` (the DDP model or the module inside it)
     gives parameter names for checkpoints; without it parameters are named by
     order. ``overlap`` runs communication on a worker thread so it overlaps the
-    backward pass. Raises :class:`~distcomp.errors.RankMismatchError` on every rank
+    backward pass; that thread uses a process group of its own, with ``timeout``
+    (default: the timeout of ``group``). Raises :class:`~distcomp.errors.RankMismatchError` on every rank
     if the ranks were given different settings.
     """
     comp = _make_compressor(compressor, config)
@@ -237,7 +253,9 @@ def ddp_comm_hook(
     if model is not None:
         module = model.module if isinstance(model, DistributedDataParallel) else model
         names = {id(p): n for n, p in module.named_parameters()}
-    state = CompressionState(comp, group=group, param_names=names, overlap=overlap, log_every=log_every)
+    state = CompressionState(
+        comp, group=group, param_names=names, overlap=overlap, log_every=log_every, timeout=timeout
+    )
     return compressed_hook, state
 
 
@@ -248,6 +266,7 @@ def register(
     *,
     overlap: bool = True,
     log_every: int = 0,
+    timeout: datetime.timedelta | None = None,
     **config: Any,
 ) -> CompressionState:
     """Compress ``model``'s gradient all-reduce: ``state = distcomp.register(ddp, "powersgd", rank=4)``."""
@@ -257,7 +276,8 @@ def register(
             "wrap it first (DDP(model)), or use distcomp.fsdp.register for FSDP"
         )
     hook, state = ddp_comm_hook(
-        compressor, model=model, group=model.process_group, overlap=overlap, log_every=log_every, **config
+        compressor, model=model, group=model.process_group, overlap=overlap, log_every=log_every,
+        timeout=timeout, **config,
     )
     model.register_comm_hook(state, hook)
     return state

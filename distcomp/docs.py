@@ -1,0 +1,87 @@
+"""The configuration reference, generated from the ``Config`` dataclasses and their field docstrings.
+
+README.md embeds the output of ``python -m distcomp.docs`` between
+``<!-- config-reference:start -->`` and ``<!-- config-reference:end -->``; a test
+keeps the two identical.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+from typing import Any
+
+from distcomp.registry import available_compressors, get_compressor
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """``{field: docstring}`` from the string literals placed under each field, across base classes."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for stmt, nxt in zip(body, body[1:]):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
+                docs[stmt.target.id] = " ".join(inspect.cleandoc(nxt.value.value).split())
+    return docs
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return "(required)"
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def table(cls: type, prefix: str = "") -> str:
+    """A markdown table of ``cls``'s fields: key, default, meaning."""
+    docs = field_docs(cls)
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        rows.append(f"| `{prefix}{f.name}` | `{_fmt(_default(f))}` | {docs.get(f.name, '')} |")
+    return "\n".join(rows)
+
+
+def compression_reference() -> str:
+    """One section per registered compressor."""
+    parts = []
+    for name in available_compressors():
+        cls = get_compressor(name)
+        summary = inspect.getdoc(cls).splitlines()[0]
+        parts.append(f"#### `compressor: {name}`\n\n{summary}\n\n{table(cls.Config)}")
+    return "\n\n".join(parts)
+
+
+def reference() -> str:
+    """The whole configuration reference, as embedded in README.md."""
+    sections = [compression_reference()]
+    try:
+        from distcomp.train.config import reference_sections
+    except ImportError:
+        pass
+    else:
+        sections.insert(0, reference_sections())
+    return "\n\n".join(sections) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference(), end="")
