@@ -82,19 +82,25 @@ class _Quant(TwoPhaseCompressor):
     def __init__(self, config: QuantConfig | None = None) -> None:
         super().__init__(config)
         self.generator: torch.Generator | None = None
+        self._saved_generator: torch.Tensor | None = None
 
-    def codec(self, comm: Comm) -> IntCodec:
-        gen = None
-        if self.config.stochastic_rounding:
-            if self.generator is None:
-                self.generator = torch.Generator().manual_seed(self.config.seed * 100_003 + comm.rank)
-            gen = self.generator
-        return IntCodec(self.bits, self.config.block, gen)
+    def codec(self, comm: Comm, device: torch.device) -> IntCodec:
+        if not self.config.stochastic_rounding:
+            return IntCodec(self.bits, self.config.block, None)
+        if self.generator is None or self.generator.device != device:
+            # Created where the gradients live (a CPU generator cannot fill a CUDA tensor),
+            # seeded per rank so that ranks round independently.
+            self.generator = torch.Generator(device=device).manual_seed(self.config.seed * 100_003 + comm.rank)
+            if self._saved_generator is not None:
+                self.generator.set_state(self._saved_generator)
+                self._saved_generator = None
+        return IntCodec(self.bits, self.config.block, self.generator)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        if self.generator is not None:
-            state["generator"] = self.generator.get_state()
+        gen = self.generator.get_state() if self.generator is not None else self._saved_generator
+        if gen is not None:
+            state["generator"] = gen.clone()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -102,9 +108,8 @@ class _Quant(TwoPhaseCompressor):
         if gen is not None and not isinstance(gen, torch.Tensor):
             raise CheckpointError(f"{self.name} state has a malformed 'generator' entry")
         super().load_state_dict({k: v for k, v in state.items() if k != "generator"})
-        if gen is not None:
-            self.generator = torch.Generator()
-            self.generator.set_state(gen)
+        # Applied when the generator is created on the gradients' device.
+        self.generator, self._saved_generator = None, gen
 
 
 @register_compressor("int8")

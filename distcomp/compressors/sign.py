@@ -63,5 +63,5 @@ class SignCompression(TwoPhaseCompressor):
             super().__post_init__()
             require(self.block >= 32 and self.block % 32 == 0, "block", f"must be a positive multiple of 32, got {self.block}")
 
-    def codec(self, comm: Comm) -> SignCodec:
+    def codec(self, comm: Comm, device: torch.device) -> SignCodec:
         return SignCodec(self.config.block)

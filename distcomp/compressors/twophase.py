@@ -35,13 +35,13 @@ class TwoPhaseCompressor(Compressor):
         self.world_size: int | None = None
         self.ws = Workspace()
 
-    def codec(self, comm: Comm) -> ChunkCodec:
-        """The codec for this step (``comm`` tells the rank, for per-rank random streams)."""
+    def codec(self, comm: Comm, device: torch.device) -> ChunkCodec:
+        """The codec for this step (``comm`` tells the rank, for per-rank random streams; ``device``, the gradients')."""
         raise NotImplementedError
 
     def compress(self, bucket: Bucket, comm: Comm, step: int) -> torch.Tensor:
         self._check_world(comm.world_size)
-        codec = self.codec(comm)
+        codec = self.codec(comm, bucket.buffer.device)
         corrected = self.ef.corrected(bucket)
         server_error = self._server_error(bucket, chunk_length(bucket.numel, comm.world_size, codec.align))
         res = two_phase_mean(comm, codec, corrected, server_error, local_health(corrected), self.ws)
