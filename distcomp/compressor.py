@@ -80,7 +80,10 @@ class Compressor(abc.ABC):
 def exact_mean(buffer: torch.Tensor, comm: Comm) -> torch.Tensor:
     """DDP's own reduction: divide first (keeps fp16 from overflowing), then sum over ranks."""
     buffer.div_(comm.world_size)
-    return comm.all_reduce(buffer)
+    comm.all_reduce(buffer)
+    # inf + -inf is NaN, so one sum tells whether any element is non-finite.
+    comm.record.nonfinite = not bool(torch.isfinite(buffer.sum(dtype=torch.float32)))
+    return buffer
 
 
 def local_health(x: torch.Tensor) -> torch.Tensor:

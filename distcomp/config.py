@@ -25,14 +25,11 @@ import yaml
 
 from distcomp.errors import ConfigError
 from distcomp.registry import build_config, compressor_for_config
+from distcomp.validation import require
+
+__all__ = ["config_digest", "config_from_dict", "config_to_dict", "load_config", "require"]
 
 CONFIG_VERSION = 1
-
-
-def require(condition: bool, key: str, problem: str) -> None:
-    """Raise a :class:`ConfigError` naming ``key`` unless ``condition`` holds."""
-    if not condition:
-        raise ConfigError(f"config key {key!r}: {problem}")
 
 
 def load_config(path: str | Path) -> Any:

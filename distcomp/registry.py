@@ -13,6 +13,7 @@ import difflib
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from distcomp.errors import ConfigError
+from distcomp.validation import check_types
 
 if TYPE_CHECKING:
     from distcomp.compressor import Compressor
@@ -68,6 +69,7 @@ def build_config(name: str, values: dict[str, Any]) -> Any:
                 f"unknown key {key!r} for compressor {name!r}{_did_you_mean(key, allowed)}; "
                 f"allowed keys: {', '.join(sorted(allowed)) or '(none)'}"
             )
+    check_types(cls.Config, values, where=f"compressor {name!r}")
     return cls.Config(**values)
 
 

@@ -24,8 +24,9 @@ def quantize_blockwise_ref(
     xb = x.reshape(rows, length // block, block).to(torch.float32)
     # max(|x|) as max(max x, -min x): two reductions, no temporary |x|.
     scales = torch.maximum(xb.amax(dim=-1), xb.amin(dim=-1).neg_()).div_(qmax)
-    inv = torch.where(scales > 0, scales.reciprocal(), torch.zeros_like(scales))
-    v = torch.mul(xb, inv.unsqueeze(-1))
+    # Divide (not multiply by a reciprocal): 1/scale overflows for blocks of tiny values.
+    divisor = torch.where(scales > 0, scales, torch.ones_like(scales))
+    v = torch.div(xb, divisor.unsqueeze(-1))
     if generator is None:
         v.round_()
     else:
@@ -40,7 +41,8 @@ def _uniform_bytes(numel: int, generator: torch.Generator, device: torch.device)
     ``(byte + 0.5) / 256`` dithers with 256 levels; the rounding bias this leaves
     is at most 1/512 of a quantization step.
     """
-    words = torch.empty(-(-numel // 4), dtype=torch.int32, device=device).random_(generator=generator)
+    # The full int32 range: random_() without bounds leaves the sign bit, and so every 4th byte's top bit, at 0.
+    words = torch.empty(-(-numel // 4), dtype=torch.int32, device=device).random_(-(2**31), 2**31, generator=generator)
     return words.view(torch.uint8)[:numel]
 
 

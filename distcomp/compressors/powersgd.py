@@ -81,13 +81,19 @@ class PowerSGD(Compressor):
         if len(shape) < 2:
             return False
         n, m = shape[0], shape.numel() // shape[0]
-        return n * m >= self.config.min_compression_rate * (n + m) * self.config.rank
+        # A rank above the smaller side would orthogonalize rounding noise into extra columns.
+        return min(n, m) >= self.config.rank and n * m >= self.config.min_compression_rate * (n + m) * self.config.rank
 
     def _start_q(self, name: str, m: int, device: torch.device) -> torch.Tensor:
         q = self.q.get(name) if self.config.warm_start else None
-        if q is None or q.shape != (m, self.config.rank):
-            q = torch.randn(m, self.config.rank, generator=self.generator).to(device)
-        return q
+        if q is None:
+            return torch.randn(m, self.config.rank, generator=self.generator).to(device)
+        if q.shape != (m, self.config.rank):
+            raise CheckpointError(
+                f"powersgd Q for {name!r} has shape {tuple(q.shape)}, expected {(m, self.config.rank)}: "
+                "the checkpoint is from a different model"
+            )
+        return q.to(device)
 
     def compress(self, bucket: Bucket, comm: Comm, step: int) -> torch.Tensor:
         w, r = comm.world_size, self.config.rank

@@ -1,0 +1,43 @@
+"""Shared fixtures of the test suite.
+
+``pg1`` gives a test a real 1-rank gloo process group in this process, so that
+compressors and :class:`~distcomp.comm.Comm` run their actual collectives
+without spawning anything. Multi-rank tests use :func:`distcomp.testing.run_ranks`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+
+def _destroy_default_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def pg1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A 1-rank gloo default process group for the duration of one test, destroyed even if the test fails."""
+    # A group left behind by a test that crashed mid-setup would make init fail here.
+    _destroy_default_group()
+    if "GLOO_SOCKET_IFNAME" not in os.environ:
+        monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # no network lookup of the host name
+    store = dist.FileStore(str(tmp_path / "pg_store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=timedelta(seconds=30))
+    try:
+        yield
+    finally:
+        _destroy_default_group()
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A CPU generator with a fixed seed, so every test draws the same data on every run."""
+    return torch.Generator().manual_seed(1234)

@@ -1,0 +1,137 @@
+"""The chunk codecs of the two-phase schedule: ``SignCodec`` and ``IntCodec``.
+
+A codec turns fp32 rows into fixed-size byte rows; the collectives append a
+4-byte health word to each row and view it as fp32, so every payload size must
+be a multiple of 4, and encoding must work into a strided slice of a bigger buffer.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+
+from distcomp.compressors.quant import IntCodec
+from distcomp.compressors.sign import SignCodec
+
+QMAX = {8: 127, 4: 7}
+
+CODECS: dict[str, Callable[[], object]] = {
+    "sign-b32": lambda: SignCodec(32),
+    "sign-b2048": lambda: SignCodec(2048),
+    "int8-b32-nearest": lambda: IntCodec(8, 32, None),
+    "int8-b256-stochastic": lambda: IntCodec(8, 256, torch.Generator().manual_seed(3)),
+    "int4-b32-nearest": lambda: IntCodec(4, 32, None),
+    "int4-b64-stochastic": lambda: IntCodec(4, 64, torch.Generator().manual_seed(3)),
+}
+
+
+def _rows(kind: str, rows: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    """fp32 rows of a given character."""
+    if kind == "randn":
+        return torch.randn(rows, length, generator=gen)
+    if kind == "zeros":
+        return torch.zeros(rows, length)
+    if kind == "mixed":  # zero rows, zero blocks, a constant block and a lone spike
+        x = torch.randn(rows, length, generator=gen)
+        x[0] = 0.0
+        x[1, : length // 2] = 0.0
+        x[1, length // 2 :] = -0.25
+        x[-1, :] = 1e-6
+        x[-1, 3] = 1e3
+        return x
+    if kind == "scales":  # each row at another magnitude
+        return torch.randn(rows, length, generator=gen) * torch.logspace(-30, 30, rows).unsqueeze(1)
+    if kind == "fp16-origin":
+        return (torch.randn(rows, length, generator=gen) * 1e-3).half().float()
+    if kind == "bf16-origin":
+        return (torch.randn(rows, length, generator=gen) * 1e3).bfloat16().float()
+    raise ValueError(kind)
+
+
+KINDS = ["randn", "zeros", "mixed", "scales", "fp16-origin", "bf16-origin"]
+
+
+def _encode_strided(codec, x: torch.Tensor) -> torch.Tensor:
+    """Encode into ``[payload | 4 sentinel bytes]`` rows, as the collectives do; return the payload part."""
+    nbytes = codec.payload_bytes(x.shape[1])
+    buf = torch.full((x.shape[0], nbytes + 4), 0xAB, dtype=torch.uint8)
+    codec.encode(x, buf[:, :nbytes])
+    assert bool((buf[:, nbytes:] == 0xAB).all()), "encode wrote past its payload"
+    return buf[:, :nbytes]
+
+
+@pytest.mark.parametrize("name", list(CODECS))
+def test_payload_bytes_multiple_of_4(name: str) -> None:
+    codec = CODECS[name]()
+    for mult in (1, 2, 3, 5, 17):
+        length = codec.align * mult
+        nbytes = codec.payload_bytes(length)
+        assert nbytes % 4 == 0, f"payload_bytes({length}) = {nbytes}"
+        assert nbytes < 4 * length  # it compresses
+
+
+@pytest.mark.parametrize(
+    "name,length,want",
+    [("sign-b32", 64, 8 + 8), ("sign-b2048", 4096, 512 + 8), ("int8-b32-nearest", 64, 64 + 8),
+     ("int4-b32-nearest", 64, 32 + 8), ("int4-b64-stochastic", 192, 96 + 12)],
+    ids=["sign-b32", "sign-b2048", "int8", "int4-b32", "int4-b64"],
+)
+def test_payload_bytes_formula(name: str, length: int, want: int) -> None:
+    assert CODECS[name]().payload_bytes(length) == want
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("block", [32, 2048], ids=["b32", "b2048"])
+def test_sign_codec_round_trip(block: int, kind: str, gen: torch.Generator) -> None:
+    codec = SignCodec(block)
+    x = _rows(kind, 5, 2 * block, gen)
+    payload = _encode_strided(codec, x)
+    out = torch.empty(x.numel())
+    decoded = codec.decode(payload, x.shape[1], out=out)
+    assert decoded.shape == x.shape and decoded.data_ptr() == out.data_ptr()
+    blocks = x.view(5, 2, block)
+    scale = blocks.abs().mean(dim=-1, keepdim=True)
+    want = torch.where(blocks >= 0, 1.0, -1.0) * scale
+    torch.testing.assert_close(decoded.view(5, 2, block), want, rtol=1e-5, atol=0.0)  # summation order
+    # mean(|x|) is the scale that minimises the error: never worse than sending zeros.
+    err = (decoded - x).pow(2).sum(dim=1)
+    assert bool((err <= x.pow(2).sum(dim=1) * (1 + 1e-5)).all())
+    assert torch.equal(codec.decode(payload, x.shape[1]), decoded)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", [n for n in CODECS if n.startswith("int")])
+def test_int_codec_round_trip_error_bound(name: str, kind: str, gen: torch.Generator) -> None:
+    codec = CODECS[name]()
+    block = codec.block
+    x = _rows(kind, 5, 3 * block, gen)
+    payload = _encode_strided(codec, x)
+    decoded = codec.decode(payload, x.shape[1])
+    assert decoded.shape == x.shape and decoded.dtype == torch.float32
+    blocks = x.view(5, 3, block)
+    step = blocks.abs().amax(dim=-1, keepdim=True) / QMAX[codec.bits]
+    bound = step * (1.0 if codec.generator is not None else 0.5) * (1 + 1e-5)
+    err = (decoded.view(5, 3, block) - blocks).abs()
+    assert bool((err <= bound).all()), f"max error / step = {float((err / step.clamp_min(1e-38)).max()):.3f}"
+    # The largest value of each block is represented exactly (it defines the scale).
+    peak = blocks.abs().argmax(dim=-1, keepdim=True)
+    torch.testing.assert_close(decoded.view(5, 3, block).gather(-1, peak), blocks.gather(-1, peak), rtol=1e-6, atol=0.0)
+
+
+@pytest.mark.parametrize("name", [n for n in CODECS if n.startswith("int")])
+def test_int_codec_zero_rows_decode_to_zero(name: str) -> None:
+    codec = CODECS[name]()
+    x = torch.zeros(2, 2 * codec.block)
+    decoded = codec.decode(_encode_strided(codec, x), x.shape[1])
+    assert torch.equal(decoded, x)
+
+
+def test_int_codec_seeded_generator_is_reproducible(gen: torch.Generator) -> None:
+    x = torch.randn(4, 256, generator=gen)
+    a = _encode_strided(IntCodec(8, 64, torch.Generator().manual_seed(5)), x)
+    b = _encode_strided(IntCodec(8, 64, torch.Generator().manual_seed(5)), x)
+    c = _encode_strided(IntCodec(8, 64, torch.Generator().manual_seed(6)), x)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
