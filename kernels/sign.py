@@ -1,14 +1,30 @@
 """1-bit sign packing, and the block-scaled sign codec built on it.
 
-Bit ``i`` of byte ``j`` holds ``x[8 j + i] >= 0`` (zero packs as positive).
-The scale of a block is ``mean(|x|)``, which minimises ``||x - s * sign(x)||``.
+Bit ``i`` of byte ``j`` holds ``x[8 j + i] >= 0`` (zero packs as positive); read
+as little-endian int32 words, the same bytes hold 32 signs per word. The scale
+of a block is ``mean(|x|)``, which minimises ``||x - s * sign(x)||``.
+
+Each public op validates its input and runs the Triton launcher of
+:mod:`.sign_triton` on CUDA tensors (see :mod:`._backend`), the ``*_ref``
+function elsewhere. Non-contiguous inputs are copied; outputs written in place
+must be contiguous.
 """
 
 from __future__ import annotations
 
 import torch
 
-from distcomp.kernels._checks import check_block, check_dtype, check_float
+from distcomp.kernels._backend import use_triton
+from distcomp.kernels._checks import (
+    add_rows,
+    as_rows,
+    check_accumulate_out,
+    check_block,
+    check_contiguous,
+    check_dtype,
+    check_float,
+    check_same_device,
+)
 
 # Eight 0/1 bytes read as one little-endian int64, times this constant, carry
 # byte i's bit to bit 56 + i with no overlapping partial products.
@@ -48,6 +64,10 @@ def unpack_signs_ref(bits: torch.Tensor, numel: int, dtype: torch.dtype = torch.
 def pack_signs(x: torch.Tensor) -> torch.Tensor:
     """Public op of :func:`pack_signs_ref`."""
     check_float(x, "pack_signs")
+    if use_triton(x):
+        from distcomp.kernels.sign_triton import pack_signs_triton
+
+        return pack_signs_triton(x.contiguous())
     return pack_signs_ref(x)
 
 
@@ -56,6 +76,10 @@ def unpack_signs(bits: torch.Tensor, numel: int, dtype: torch.dtype = torch.floa
     check_dtype(bits, torch.uint8, "unpack_signs", "bits")
     if numel < 0 or numel > bits.numel() * 8:
         raise ValueError(f"unpack_signs: numel={numel} does not fit in {bits.numel()} bytes")
+    if use_triton(bits):
+        from distcomp.kernels.sign_triton import unpack_signs_triton
+
+        return unpack_signs_triton(bits.contiguous(), numel, dtype)
     return unpack_signs_ref(bits, numel, dtype)
 
 
@@ -87,6 +111,10 @@ def sign_encode(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor
         raise ValueError(f"sign_encode: expected 2-D rows, got shape {tuple(x.shape)}")
     check_block(x.shape[1], block, "sign_encode")
     check_block(x.shape[1], 8, "sign_encode")
+    if use_triton(x):
+        from distcomp.kernels.sign_triton import sign_encode_triton
+
+        return sign_encode_triton(x.contiguous(), block)
     return sign_encode_ref(x, block)
 
 
@@ -94,10 +122,102 @@ def sign_decode(
     bits: torch.Tensor, scales: torch.Tensor, block: int, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Public op of :func:`sign_decode_ref`; ``out``, if given, is a contiguous fp32 tensor of the result's size."""
-    check_dtype(bits, torch.uint8, "sign_decode", "bits")
-    check_dtype(scales, torch.float32, "sign_decode", "scales")
-    if bits.numel() * 8 != scales.numel() * block:
-        raise ValueError(f"sign_decode: {bits.numel()} bytes of bits do not match {scales.numel()} blocks of {block}")
+    _check_decode(bits, scales, block, "sign_decode")
     if out is not None and (out.dtype != torch.float32 or out.numel() != bits.numel() * 8 or not out.is_contiguous()):
         raise ValueError("sign_decode: out must be a contiguous float32 tensor with 8 values per byte of bits")
+    # The kernels give each byte one scale: blocks must not split bytes.
+    if block % 8 == 0 and use_triton(bits):
+        from distcomp.kernels.sign_triton import sign_decode_triton
+
+        return sign_decode_triton(as_rows(bits, scales.shape[0]), scales, block, out)
     return sign_decode_ref(bits, scales, block, out)
+
+
+def _check_decode(bits: torch.Tensor, scales: torch.Tensor, block: int, op: str) -> None:
+    """Dtypes, 2-D scales, sizes that match, one device."""
+    check_dtype(bits, torch.uint8, op, "bits")
+    check_dtype(scales, torch.float32, op, "scales")
+    if scales.dim() != 2:
+        raise ValueError(f"{op}: scales must be 2-D [rows, blocks], got shape {tuple(scales.shape)}")
+    if bits.numel() * 8 != scales.numel() * block:
+        raise ValueError(f"{op}: {bits.numel()} bytes of bits do not match {scales.numel()} blocks of {block}")
+    check_same_device(op, bits, scales)
+
+
+def sign_decode_add_ref(
+    bits: torch.Tensor, scales: torch.Tensor, block: int, out: torch.Tensor, alpha: float = 1.0
+) -> torch.Tensor:
+    """``out += alpha * sign_decode_ref(bits, scales)``; an ``out`` of one row's length gets the rows' sum."""
+    return add_rows(out, sign_decode_ref(bits, scales, block), alpha)
+
+
+def sign_decode_add(
+    bits: torch.Tensor, scales: torch.Tensor, block: int, out: torch.Tensor, alpha: float = 1.0
+) -> torch.Tensor:
+    """Decode and add, for the two-phase schedule: ``out += alpha * decode(bits, scales)``.
+
+    ``bits [r, L/8]`` and ``scales [r, L/block]`` are rows (views into payload
+    rows are fine); ``out`` is contiguous fp32 with ``r * L`` values (added row
+    by row) or ``L`` values (the sum of the decoded rows is added, e.g. with
+    ``alpha = 1 / world_size`` for a server's mean). Returns ``out``.
+    """
+    _check_decode(bits, scales, block, "sign_decode_add")
+    rows, length = scales.shape[0], scales.shape[1] * block
+    check_accumulate_out(out, rows, length, "sign_decode_add")
+    check_same_device("sign_decode_add", bits, out)
+    if block % 8 == 0 and use_triton(bits):
+        from distcomp.kernels.sign_triton import sign_decode_triton
+
+        sign_decode_triton(as_rows(bits, rows), scales, block, out, accumulate=True, alpha=alpha)
+        return out
+    return sign_decode_add_ref(bits, scales, block, out, alpha)
+
+
+def sign_encode_ef_ref(
+    grad: torch.Tensor, residual: torch.Tensor, block: int, residual_out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Error feedback and sign encoding: ``corrected = grad + residual``, encode it, keep what it drops.
+
+    Returns ``sign_encode_ref(corrected, block)`` and writes ``corrected - decode``
+    into ``residual_out`` (default: ``residual``, in place).
+    """
+    corrected = torch.add(residual, grad)
+    bits, scales = sign_encode_ref(corrected, block)
+    target = residual if residual_out is None else residual_out
+    decoded = sign_decode_ref(bits, scales, block, out=target.view(-1))
+    torch.sub(corrected, decoded, out=decoded)
+    return bits, scales
+
+
+def sign_encode_ef(
+    grad: torch.Tensor, residual: torch.Tensor, block: int, residual_out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused error feedback + :func:`sign_encode` in one pass over memory.
+
+    ``grad [r, L]`` (any float dtype) plus the fp32 ``residual`` of the same
+    shape is encoded; the new residual ``corrected - decode(bits, scales)`` goes
+    to ``residual_out`` (contiguous fp32, same shape), or over ``residual`` when
+    it is ``None``. A non-finite input shows as a non-finite scale of its block:
+    check ``torch.isfinite(scales).all()`` before keeping the new residual, and
+    pass a scratch ``residual_out`` so that a bad step does not poison the old one.
+    """
+    check_float(grad, "sign_encode_ef")
+    check_dtype(residual, torch.float32, "sign_encode_ef", "residual")
+    if grad.dim() != 2 or residual.shape != grad.shape:
+        raise ValueError(
+            f"sign_encode_ef: expected 2-D rows and a residual of the same shape, got {tuple(grad.shape)} and {tuple(residual.shape)}"
+        )
+    check_block(grad.shape[1], block, "sign_encode_ef")
+    check_block(grad.shape[1], 8, "sign_encode_ef")
+    check_contiguous(residual, "sign_encode_ef", "residual")
+    if residual_out is not None:
+        check_dtype(residual_out, torch.float32, "sign_encode_ef", "residual_out")
+        check_contiguous(residual_out, "sign_encode_ef", "residual_out")
+        if residual_out.numel() != residual.numel():
+            raise ValueError(f"sign_encode_ef: residual_out has {residual_out.numel()} values, expected {residual.numel()}")
+    check_same_device("sign_encode_ef", grad, residual, *([residual_out] if residual_out is not None else []))
+    if use_triton(grad):
+        from distcomp.kernels.sign_triton import sign_encode_ef_triton
+
+        return sign_encode_ef_triton(grad.contiguous(), residual, block, residual_out)
+    return sign_encode_ef_ref(grad, residual, block, residual_out)

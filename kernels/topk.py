@@ -2,13 +2,19 @@
 
 A payload is an int32 tensor ``[2k]``: ``k`` fp32 values bit-cast to int32, then
 their ``k`` indices. One buffer means one collective per bucket.
+
+Each public op validates its input and runs the Triton launcher of
+:mod:`.topk_triton` on CUDA tensors (see :mod:`._backend`), the ``*_ref``
+function elsewhere. Which of several equal magnitudes at the k-th place is
+kept, and the order of entries in a payload, are unspecified.
 """
 
 from __future__ import annotations
 
 import torch
 
-from distcomp.kernels._checks import check_dtype, check_float
+from distcomp.kernels._backend import use_triton
+from distcomp.kernels._checks import check_dtype, check_float, check_same_device
 
 
 def topk_pack_ref(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -55,6 +61,10 @@ def topk_pack(x: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"topk_pack: k={k} must be between 0 and numel={x.numel()}")
     if x.numel() >= 2**31:
         raise ValueError(f"topk_pack: {x.numel()} elements do not fit int32 indices; use smaller buckets")
+    if use_triton(x):
+        from distcomp.kernels.topk_triton import topk_pack_triton
+
+        return topk_pack_triton(x.contiguous(), k)
     return topk_pack_ref(x, k)
 
 
@@ -64,4 +74,9 @@ def topk_scatter_add(out: torch.Tensor, payloads: torch.Tensor) -> torch.Tensor:
     check_dtype(payloads, torch.int32, "topk_scatter_add", "payloads")
     if out.dim() != 1 or payloads.shape[-1] % 2:
         raise ValueError("topk_scatter_add: out must be 1-D and payload rows of even length [values | indices]")
+    check_same_device("topk_scatter_add", out, payloads)
+    if out.is_contiguous() and use_triton(out):
+        from distcomp.kernels.topk_triton import topk_scatter_add_triton
+
+        return topk_scatter_add_triton(out, payloads)
     return topk_scatter_add_ref(out, payloads)

@@ -2,21 +2,35 @@
 
 Packing is checked bit-exactly, against loop-level Python written here, with
 odd sizes and empty tensors; quantization against its error bounds and for
-unbiased stochastic rounding; the public ops for clear errors on bad input.
+unbiased stochastic rounding; the fused and accumulating ops against the
+plain ops they fuse; the public ops for clear errors on bad input; backend
+selection, and ``import distcomp`` without Triton. The Triton kernels are
+compared with these references in ``test_kernels_triton.py``.
 """
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from distcomp.kernels import (
+    backend,
+    backend_reason,
     dequantize_blockwise,
+    dequantize_codes,
+    dequantize_codes_add,
+    kernel_info,
     pack_int4,
     pack_signs,
     quantize_blockwise,
+    quantize_codes,
     sign_decode,
+    sign_decode_add,
     sign_encode,
+    sign_encode_ef,
     topk_pack,
     topk_scatter_add,
     unpack_int4,
@@ -337,5 +351,108 @@ def test_topk_scatter_add_sums_duplicates(gen: torch.Generator) -> None:
     ],
 )
 def test_public_ops_reject_bad_input(call, exc: type[Exception], match: str) -> None:
+    with pytest.raises(exc, match=match):
+        call()
+
+
+# -- fused and accumulating ops (reference path on CPU) -------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sign_encode_ef_is_encode_of_corrected_and_loses_nothing(dtype: torch.dtype, gen: torch.Generator) -> None:
+    grad = torch.randn(3, 256, generator=gen).to(dtype)
+    residual = torch.randn(3, 256, generator=gen)
+    corrected = grad.float() + residual
+    bits, scales = sign_encode_ef(grad, residual, 64)
+    want_bits, want_scales = sign_encode(corrected, 64)
+    assert torch.equal(bits, want_bits) and torch.equal(scales, want_scales)
+    torch.testing.assert_close(sign_decode(bits, scales, 64) + residual, corrected, rtol=0.0, atol=1e-6)
+
+
+def test_sign_encode_ef_into_scratch_keeps_the_old_residual(gen: torch.Generator) -> None:
+    grad, residual = torch.randn(1, 64, generator=gen), torch.randn(1, 64, generator=gen)
+    old, scratch = residual.clone(), torch.empty(64)
+    sign_encode_ef(grad, residual, 32, residual_out=scratch)
+    assert torch.equal(residual, old)
+    torch.testing.assert_close(scratch.view(1, 64) + sign_decode(*sign_encode(grad + old, 32), 32), grad + old)
+
+
+@pytest.mark.parametrize("summed", [False, True], ids=["row-by-row", "rows-summed"])
+def test_decode_add_ops_equal_decode_then_add(summed: bool, gen: torch.Generator) -> None:
+    rows, length, block = 3, 256, 64
+    x = torch.randn(rows, length, generator=gen)
+    start = torch.randn(length if summed else rows * length, generator=gen)
+
+    def want(decoded: torch.Tensor) -> torch.Tensor:
+        return start + 0.5 * (decoded.sum(dim=0) if summed else decoded.reshape(-1))
+
+    bits, scales = sign_encode(x, block)
+    out = sign_decode_add(bits, scales, block, start.clone(), alpha=0.5)
+    torch.testing.assert_close(out, want(sign_decode(bits, scales, block)), rtol=1e-6, atol=1e-6)
+    for nbits in (8, 4):
+        codes, qscales = quantize_codes(x, nbits, block)
+        q, _ = quantize_blockwise(x, nbits, block)
+        assert torch.equal(codes, q.view(torch.uint8) if nbits == 8 else pack_int4(q))
+        assert torch.equal(dequantize_codes(codes, qscales, nbits, block), dequantize_blockwise(q, qscales, block))
+        out = dequantize_codes_add(codes, qscales, nbits, block, start.clone(), alpha=0.5)
+        torch.testing.assert_close(out, want(dequantize_blockwise(q, qscales, block)), rtol=1e-6, atol=1e-6)
+
+
+# -- backend selection ---------------------------------------------------------------------
+
+
+def test_backend_is_reference_on_cpu_and_can_be_forced(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert backend("cpu") == "reference"
+    monkeypatch.setenv("DISTCOMP_KERNELS", "reference")
+    assert backend_reason("cuda") == ("reference", "DISTCOMP_KERNELS=reference")
+    monkeypatch.setenv("DISTCOMP_KERNELS", "fast")
+    with pytest.raises(ValueError, match="DISTCOMP_KERNELS='fast': expected one of auto, reference, triton"):
+        backend("cpu")
+    monkeypatch.delenv("DISTCOMP_KERNELS")
+    info = kernel_info()
+    assert info["cpu"].startswith("reference (") and "sign_encode_ef" in info["ops"] and "_ref" not in info["ops"]
+
+
+def test_import_distcomp_without_triton() -> None:
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # `import triton` now raises ImportError
+        "import torch, distcomp, distcomp.kernels as k\n"
+        "print(k.backend('cuda')); print(k.backend_reason('cuda')[1]); print(k.kernel_info()['triton'])\n"
+        "print(k.pack_signs(torch.tensor([1.0, -1.0, 0.0])).tolist())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "reference" and "triton is not installed" in lines[1]
+    assert lines[2].startswith("unavailable (triton is not installed") and lines[3] == "[5]"
+
+
+def test_import_distcomp_does_not_import_triton() -> None:
+    code = "import sys, torch, distcomp, distcomp.kernels as k; k.pack_signs(torch.ones(3)); print('triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    "call,exc,match",
+    [
+        (lambda: sign_encode_ef(torch.ones(1, 64), torch.ones(1, 64, dtype=torch.float16), 32), TypeError, "residual must be torch.float32"),
+        (lambda: sign_encode_ef(torch.ones(1, 64), torch.ones(1, 32), 32), ValueError, "residual of the same shape"),
+        (lambda: sign_encode_ef(torch.ones(2, 64), torch.ones(64, 2).t(), 32), ValueError, "residual must be contiguous"),
+        (lambda: sign_encode_ef(torch.ones(1, 64), torch.ones(1, 64), 32, residual_out=torch.empty(63)), ValueError, "residual_out has 63"),
+        (lambda: sign_decode_add(torch.zeros(2, 4, dtype=torch.uint8), torch.ones(2, 1), 32, torch.zeros(48)), ValueError,
+         r"out has 48 values, expected 64 \(row by row\) or 32 \(summed\)"),
+        (lambda: sign_decode_add(torch.zeros(1, 4, dtype=torch.uint8), torch.ones(1, 1), 32, torch.zeros(32, dtype=torch.float16)),
+         ValueError, "out must be a contiguous float32"),
+        (lambda: quantize_codes(torch.ones(1, 63), 8, 21), ValueError, r"last dimension \(21\).*block=2"),
+        (lambda: dequantize_codes(torch.zeros(1, 32, dtype=torch.uint8), torch.ones(1, 1), 4, 32), ValueError, "32 bytes of 4-bit codes"),
+        (lambda: dequantize_codes(torch.zeros(1, 16, dtype=torch.int8), torch.ones(1, 1), 4, 32), TypeError, "packed int4 codes must be torch.uint8"),
+        (lambda: dequantize_codes_add(torch.zeros(1, 32, dtype=torch.uint8), torch.ones(1, 1), 8, 32, torch.zeros(31)), ValueError, "out has 31"),
+    ],
+    ids=["ef-residual-dtype", "ef-shape", "ef-noncontiguous", "ef-out-size", "decode_add-out-size", "decode_add-out-dtype",
+         "codes-odd-block", "codes-size", "codes-int4-dtype", "codes_add-out-size"],
+)
+def test_fused_ops_reject_bad_input(call, exc: type[Exception], match: str) -> None:
     with pytest.raises(exc, match=match):
         call()
