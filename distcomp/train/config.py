@@ -156,7 +156,8 @@ class CheckpointConfig:
     keep: int = 2
     """Most recent checkpoints kept per run; 0 keeps all."""
     dir: str | None = None
-    """``null``: ``<log.dir>/<name>/<compressor>/checkpoints``. Must be visible to every rank."""
+    """Checkpoints go to ``<dir>/<compressor>/``; ``null``: ``<log.dir>/<name>/<compressor>/checkpoints``.
+    Every rank must see the same folder (a shared file system across hosts)."""
 
     def __post_init__(self) -> None:
         require(self.every >= 0, "every", f"must be >= 0, got {self.every}")

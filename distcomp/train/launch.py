@@ -90,6 +90,9 @@ def preflight(cfg: TrainConfig, resume: str | Path | None, world_size: int, loca
             f"add --set compare=[{meta['compressor']}] to resume the {meta['compressor']!r} run"
         )
     name, compression = runs[0]
+    if meta["step"] > cfg.steps:
+        raise ConfigError(f"--resume {path}: the checkpoint is at step {meta['step']}, beyond steps={cfg.steps}; "
+                          f"raise steps (--set steps=...)")
     checkpoint.check_compatible(meta, path=path, world_size=world_size, compressor=name,
                                 trajectory=checkpoint.trajectory_config(cfg, compression),
                                 data_fingerprint=corpus.fingerprint)
@@ -152,10 +155,19 @@ def _join(cfg: TrainConfig, resume: Path | None, place: Placement) -> int:
     signal.signal(signal.SIGINT, on_sigint)
     try:
         return run_rank(cfg, resume, place, "env://")
-    except BaseException:  # noqa: BLE001 - report, then leave without running C++ teardown that may hang
-        sys.stderr.write(f"[distcomp rank {place.rank}] failed:\n{traceback.format_exc()}")
+    except BaseException as exc:  # noqa: BLE001 - report, then leave without running C++ teardown that may hang
+        sys.stderr.write(f"{traceback.format_exc()}[distcomp rank {place.rank}] failed: {describe_failure(exc, cfg)}\n")
         _hard_exit(1)
     return 1
+
+
+def describe_failure(exc: BaseException, cfg: TrainConfig) -> str:
+    """One line for the user: the error, and what a collective timeout means."""
+    text = f"{type(exc).__name__}: {exc}"
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        text += (f" -- another rank did not answer within dist.timeout_s = {cfg.dist.timeout_s:g} s (it hung, died "
+                 "or is far slower); raise dist.timeout_s if steps are legitimately that slow")
+    return text
 
 
 def _hard_exit(code: int) -> None:
@@ -194,7 +206,7 @@ def _child(cfg: TrainConfig, resume: Path | None, place: Placement, init: str, r
     try:
         code = run_rank(cfg, resume, place, init)
     except BaseException as exc:  # noqa: BLE001 - the parent reports it and stops the other ranks
-        report.send((place.rank, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        report.send((place.rank, describe_failure(exc, cfg), traceback.format_exc()))
         _hard_exit(1)
     sys.stdout.flush()
     sys.exit(code)

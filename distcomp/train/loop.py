@@ -1,7 +1,8 @@
 """One training run on one rank: model, DDP with a distcomp hook, optimizer, steps, evaluation.
 
 Test hook: ``DISTCOMP_TEST_FAULT=RANK:STEP`` makes rank RANK raise at step STEP,
-so tests can check that a failure in one rank ends the whole job.
+and ``RANK:STEP:hang`` makes it stop answering, so tests can check that a failed
+or silent rank ends the whole job (the latter within ``dist.timeout_s``).
 """
 
 from __future__ import annotations
@@ -84,30 +85,11 @@ def train_run(cfg: TrainConfig, name: str, compression: Any, ctx: RankContext, c
     run = build_run(cfg, compression, ctx, corpus)
     if resume is not None:
         _restore(run, resume, ctx)
-    monitor = RunMonitor(run_dir=run_dir, label=name, steps=cfg.steps, start=run.start, progress=show and cfg.log.progress,
+    monitor = RunMonitor(run_dir=run_dir, label=name, steps=cfg.steps, start=run.start, progress=cfg.log.progress,
                          tensorboard=cfg.log.tensorboard, log_every=cfg.log.every, fresh=resume is None) if show else None
-    ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
-    meta = {"world_size": ctx.world_size, "compressor": name, "config": checkpoint.trajectory_config(cfg, compression),
-            "data": corpus.fingerprint, "schedule_steps": cfg.optimizer.decay_steps or cfg.steps}
-    loop_s, stopped, step = 0.0, False, run.start
+    saver = _Saver(cfg, name, compression, ctx, corpus, run_dir)
     try:
-        for step in range(run.start, cfg.steps):
-            tick = time.perf_counter()
-            rec, stopped = _step(run, cfg, ctx, step)
-            run.records.append(rec)
-            if monitor:
-                monitor.step(rec)
-            loop_s += time.perf_counter() - tick
-            done = step + 1
-            if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.steps and not stopped:
-                _record_val(run, ctx, done, monitor)
-            every = cfg.checkpoint.every
-            if every and (done % every == 0 or done == cfg.steps or stopped):
-                checkpoint.save(ckpt_root, done, rank=ctx.rank, meta=meta, model=run.model,
-                                rank_state=_rank_state(run, ctx), keep=cfg.checkpoint.keep)
-            if stopped:
-                logger.warning("%s: stopped at step %d as asked", name, done)
-                break
+        loop_s, stopped = _loop(run, cfg, ctx, monitor, saver)
         if monitor:
             monitor.end_progress()
         final = run.records[-1].step + 1 if run.records else run.start
@@ -124,6 +106,44 @@ def train_run(cfg: TrainConfig, name: str, compression: Any, ctx: RankContext, c
                        wall_s=time.perf_counter() - started, interrupted=stopped)
     _write_json(run_dir / "summary.json", {"run": result.as_dict(), "config": config_to_raw(cfg)})
     return result, stopped
+
+
+def _loop(run: Run, cfg: TrainConfig, ctx: RankContext, monitor: RunMonitor | None, saver: _Saver) -> tuple[float, bool]:
+    """Steps from ``run.start`` to ``cfg.steps`` with evaluations and checkpoints: ``(seconds in steps, stopped)``."""
+    loop_s, stopped = 0.0, False
+    for step in range(run.start, cfg.steps):
+        tick = time.perf_counter()
+        rec, stopped = _step(run, cfg, ctx, step)
+        run.records.append(rec)
+        if monitor:
+            monitor.step(rec)
+        loop_s += time.perf_counter() - tick
+        done = step + 1
+        if cfg.eval.every and done % cfg.eval.every == 0 and done < cfg.steps and not stopped:
+            _record_val(run, ctx, done, monitor)
+        every = cfg.checkpoint.every
+        if every and (done % every == 0 or done == cfg.steps or stopped):
+            saver.save(run, done)
+        if stopped:
+            logger.warning("stopped at step %d as asked", done)
+            break
+    return loop_s, stopped
+
+
+class _Saver:
+    """Writes this run's checkpoints (collective: every rank calls :meth:`save` at the same step)."""
+
+    def __init__(self, cfg: TrainConfig, name: str, compression: Any, ctx: RankContext, corpus: Corpus,
+                 run_dir: Path) -> None:
+        self.ctx, self.keep = ctx, cfg.checkpoint.keep
+        self.root = Path(cfg.checkpoint.dir) / name if cfg.checkpoint.dir else run_dir / "checkpoints"
+        self.meta = {"world_size": ctx.world_size, "compressor": name,
+                     "config": checkpoint.trajectory_config(cfg, compression), "data": corpus.fingerprint,
+                     "schedule_steps": cfg.optimizer.decay_steps or cfg.steps}
+
+    def save(self, run: Run, step: int) -> None:
+        checkpoint.save(self.root, step, rank=self.ctx.rank, meta=self.meta, model=run.model,
+                        rank_state=_rank_state(run, self.ctx, step), keep=self.keep)
 
 
 def _step(run: Run, cfg: TrainConfig, ctx: RankContext, step: int) -> tuple[StepRecord, bool]:
@@ -177,16 +197,24 @@ def _record_val(run: Run, ctx: RankContext, step: int, monitor: RunMonitor | Non
         monitor.val_loss(step, loss)
 
 
-def _rank_state(run: Run, ctx: RankContext) -> dict[str, Any]:
+def _rank_state(run: Run, ctx: RankContext, step: int) -> dict[str, Any]:
     return {
         "rank": ctx.rank,
         "world_size": ctx.world_size,
         "optimizer": run.optimizer.state_dict(),
         "compression": run.state.state_dict(),
         "rng": checkpoint.rng_state(ctx.device),
+        "data": _data_position(run, step),
         "records": [dataclasses.asdict(r) for r in run.records],
         "val_losses": [list(v) for v in run.val_losses],
     }
+
+
+def _data_position(run: Run, step: int) -> dict[str, int]:
+    """Where the batch of ``step`` comes from (a pure function of the step), stored to check it on resume."""
+    epoch, batch = run.batches.position(step)
+    return {"epoch": epoch, "batch": batch, "steps_per_epoch": run.batches.steps_per_epoch,
+            "windows": len(run.batches.windows)}
 
 
 def _restore(run: Run, path: Path, ctx: RankContext) -> None:
@@ -195,21 +223,28 @@ def _restore(run: Run, path: Path, ctx: RankContext) -> None:
     if state.get("rank") != ctx.rank or state.get("world_size") != ctx.world_size:
         raise CheckpointError(f"--resume {path}: rank{ctx.rank}.pt belongs to rank {state.get('rank')} "
                               f"of {state.get('world_size')}, not rank {ctx.rank} of {ctx.world_size}")
+    run.start = int(meta["step"])
+    if state["data"] != _data_position(run, run.start):
+        raise CheckpointError(f"--resume {path}: the data position {state['data']} does not match this job's "
+                              f"{_data_position(run, run.start)}: the data, batch size or world size changed")
     run.model.load_state_dict(model_state)
     run.optimizer.load_state_dict(state["optimizer"])
     run.state.load_state_dict(state["compression"])
     checkpoint.set_rng_state(state["rng"], ctx.device)
     run.records = [StepRecord(**r) for r in state["records"]]
     run.val_losses = [(int(s), float(v)) for s, v in state["val_losses"]]
-    run.start = int(meta["step"])
     if ctx.rank == 0:
         logger.info("resumed from %s at step %d", path, run.start)
 
 
 def _maybe_fault(rank: int, step: int) -> None:
-    spec = os.environ.get(FAULT_ENV)
-    if spec and spec == f"{rank}:{step}":
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec == f"{rank}:{step}":
         raise RuntimeError(f"injected fault ({FAULT_ENV}={spec}) on rank {rank} at step {step}")
+    if spec == f"{rank}:{step}:hang":
+        logger.warning("injected hang (%s=%s): rank %d stops answering", FAULT_ENV, spec, rank)
+        while True:
+            time.sleep(60)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
