@@ -119,12 +119,11 @@ def _version(package: str) -> str:
 
 
 def _kernels_line(cuda: bool) -> str:
-    import distcomp.kernels as kernels
+    from distcomp.kernels import kernel_info
 
-    ops = sorted(n for n in kernels.__all__ if not n.endswith("_ref"))
-    # Only reference kernels ship today; Triton kernels will take over on CUDA when they land.
-    why = "no Triton kernels in this release" if cuda else "CPU"
-    return f"reference (pure torch) for all {len(ops)} ops [{why}]: {', '.join(ops)}"
+    info = kernel_info()
+    paths = [f"cpu: {info['cpu']}"] + ([f"cuda: {info['cuda']}"] if "cuda" in info else [])
+    return f"{'; '.join(paths)}; ops: {info['ops']}"
 
 
 def _info(args: argparse.Namespace) -> int:

@@ -71,16 +71,26 @@ def compression_reference() -> str:
     return "\n\n".join(parts)
 
 
+def train_reference() -> str:
+    """The ``distcomp train`` config: top-level keys, then one table per section."""
+    from distcomp.train.config import TrainConfig
+
+    docs = field_docs(TrainConfig)
+    top, sections = [], []
+    for f in dataclasses.fields(TrainConfig):
+        default = _default(f)
+        if dataclasses.is_dataclass(default) and f.name != "compression":
+            sections.append(f"#### `{f.name}:`\n\n{docs.get(f.name, '')}\n\n{table(type(default), f.name + '.')}")
+        else:
+            shown = "powersgd" if f.name == "compression" else _fmt(default)
+            top.append(f"| `{f.name}` | `{shown}` | {docs.get(f.name, '')} |")
+    head = "#### `distcomp train` top level\n\n| key | default | meaning |\n|---|---|---|\n" + "\n".join(top)
+    return "\n\n".join([head, *sections])
+
+
 def reference() -> str:
     """The whole configuration reference, as embedded in README.md."""
-    sections = [compression_reference()]
-    try:
-        from distcomp.train.config import reference_sections
-    except ImportError:
-        pass
-    else:
-        sections.insert(0, reference_sections())
-    return "\n\n".join(sections) + "\n"
+    return "### Training config\n\n" + train_reference() + "\n\n### Compressors\n\n" + compression_reference() + "\n"
 
 
 if __name__ == "__main__":
