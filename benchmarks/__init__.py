@@ -1,0 +1,1 @@
+"""Benchmarks of distcomp; run each as a script, e.g. ``python benchmarks/hook_overhead.py``."""

@@ -1,0 +1,717 @@
+"""Step time and bytes per step of every distcomp DDP hook, against plain DDP and the no-communication bound.
+
+    python benchmarks/hook_overhead.py                      # 2 ranks on gloo over loopback
+    python benchmarks/hook_overhead.py --bandwidth 100mbit  # 2 network namespaces, 100 Mbit/s each way
+    python benchmarks/hook_overhead.py --steps 20 --json out.json
+
+Every method trains its own DDP copy of the byte-level GPT (10.9M parameters)
+from the same initial weights on the same batches: plain DDP (no hook), torch's
+``noop_hook`` (sends nothing: the no-communication bound), and each distcomp
+compressor with ``overlap=True`` (communication on a worker thread) and
+``overlap=False`` (synchronous in the hook). All methods live in the same two
+rank processes and their steps are interleaved round by round, so drift in the
+machine's speed hits every method alike and the ratios to the bound and to
+DDP, measured in the same run, are what to compare between runs.
+
+Correctness comes first: after the warm-up, and again after the timed steps,
+every method except the bound must hold identical parameters on both ranks
+and a finite loss, and ``none`` must match plain DDP bit for bit. A method that
+fails a check is reported as failed, without a speed.
+
+Three step times are reported, because a shared 2-core machine is noisy:
+``ms/step`` is plain wall time (median over steps of the slower rank);
+``adj`` takes out the time the training thread sat runnable in the run queue
+(Linux schedstat), which removes most of the noise from other processes but not
+delays of communication threads; with ``overlap=True`` it also takes out the
+time a rank's own communication worker held the core, so it flatters overlap on
+a machine with fewer cores than busy threads: choose between the modes on wall
+time. ``cpu x bound`` compares CPU
+time (all threads: compute, encode/decode, loopback copies), which ignores
+waiting for the link. Bytes, codec and communication times come from distcomp's
+telemetry (``state.stats()``); DDP's bytes are those of a ring all-reduce of
+the fp32 gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import distcomp
+from distcomp.models.gpt import GPT, GPTConfig
+from distcomp.testing import run_ranks
+
+try:
+    from benchmarks import netns
+except ImportError:  # run as a script: the script's own folder is on sys.path
+    import netns
+
+logger = logging.getLogger("distcomp.bench")
+
+WORLD_SIZE = 2
+DENSE_BYTES_PER_ELEMENT = 4
+OPTIONS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "fp16": {},
+    "bf16": {},
+    "powersgd": {"rank": 4},
+    "topk": {"ratio": 0.01},
+    "randomk": {"ratio": 0.01},
+    "sign": {},
+    "int8": {},
+    "int4": {},
+}
+"""The compressors measured by default, with their options."""
+TARGET_NONE_VS_DDP = 1.03
+TARGET_POWERSGD_RATIO = 40.0
+MASTER_PORT = 29517
+PROBE_BYTES = 4 * 2**20
+"""Size of the all-reduce that measures the link before the timed steps."""
+
+Hook = Literal["ddp", "noop", "distcomp"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    """One method measured in the run."""
+
+    hook: Hook
+    """``ddp``: DDP's own all-reduce; ``noop``: torch's ``noop_hook`` (sends nothing); ``distcomp``: a compressor."""
+    compressor: str | None = None
+    """The distcomp compressor (``hook="distcomp"`` only)."""
+    overlap: bool = True
+    """distcomp only: communicate on a worker thread (True) or synchronously in the hook (False)."""
+    options: tuple[tuple[str, Any], ...] = ()
+    """Compressor options as ``(key, value)`` pairs (a tuple keeps the config frozen and hashable)."""
+
+    @property
+    def name(self) -> str:
+        if self.hook == "ddp":
+            return "DDP (no hook)"
+        if self.hook == "noop":
+            return "noop_hook (bound)"
+        return " ".join([str(self.compressor), *(f"{k}={v}" for k, v in self.options)])
+
+    @property
+    def mode(self) -> str:
+        return ("overlap" if self.overlap else "sync") if self.hook == "distcomp" else "-"
+
+    @property
+    def key(self) -> str:
+        """Unique within a run."""
+        return f"{self.name} [{self.mode}]"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExperimentConfig:
+        return cls(**{**d, "options": tuple(tuple(kv) for kv in d["options"])})
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    """Settings that every method of one run shares."""
+
+    steps: int = 10
+    """Timed steps per method; the median is reported."""
+    warmup: int = 4
+    """Untimed steps first; compressors start at step 2, so at least 3 (their first compressed step allocates)."""
+    batch: int = 8
+    """Sequences per rank per step."""
+    bucket_cap_mb: float = 10.0
+    """DDP's bucket size; 10 MB gives the 43.6 MB of gradients several buckets."""
+    min_buckets: int = 4
+    """The run fails if DDP made fewer buckets than this."""
+    lr: float = 3e-4
+    """AdamW learning rate."""
+    seed: int = 0
+    """Seed of the initial weights (the same for every method)."""
+    bandwidth: str | None = None
+    """tc rate of a shaped link between two network namespaces (e.g. ``100mbit``); None: loopback."""
+
+    def __post_init__(self) -> None:
+        if self.warmup < 3:
+            raise ValueError(f"warmup must be >= 3 (compression starts at step 2), got {self.warmup}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.bandwidth is not None:
+            netns.rate_bits(self.bandwidth)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentResult:
+    """One method's figures; all None when a correctness check failed (no speed for a wrong result)."""
+
+    config: ExperimentConfig
+    failure: str = ""
+    """Why a correctness check failed; empty when all passed."""
+    step_ms: float | None = None
+    """Median over timed steps of the slower rank's wall-clock step time."""
+    x_bound: float | None = None
+    """``step_ms`` over the no-communication bound's, same run."""
+    x_ddp: float | None = None
+    """``step_ms`` over plain DDP's, same run."""
+    adj_ms: float | None = None
+    """Wall time less the time the training thread sat runnable in the run queue (Linux schedstat):
+    the step time with most of the slowdown from other work on the machine taken out (and, with overlap,
+    the time the rank's own communication worker held the core). Per step the smaller of the two ranks'
+    values (the other rank's extra time is waiting for this one), median over steps."""
+    adj_x_bound: float | None = None
+    """``adj_ms`` over the bound's, same run."""
+    adj_x_ddp: float | None = None
+    """``adj_ms`` over plain DDP's, same run."""
+    cpu_ms: float | None = None
+    """Median over timed steps of the larger rank's CPU time (all its threads, user + system): the compute,
+    encode/decode and loopback-copy cost, barely moved by other work; it leaves out waiting for the link."""
+    cpu_x_bound: float | None = None
+    """``cpu_ms`` over the bound's, same run."""
+    sent_mb: float | None = None
+    """MB this rank puts on the wire per step (bandwidth-optimal algorithm of each collective)."""
+    ratio: float | None = None
+    """Bytes of a dense fp32 all-reduce over bytes sent."""
+    codec_ms: float | None = None
+    """Encode/decode time per step (median over steps, mean over ranks); distcomp only."""
+    comm_ms: float | None = None
+    """Time waiting in collectives per step (median over steps, mean over ranks); distcomp only."""
+    buckets: int | None = None
+    """Buckets per step as distcomp's telemetry counts them."""
+    final_loss: float | None = None
+    """Mean over ranks of the last timed step's loss."""
+    steps_ms: tuple[float, ...] = ()
+    """Every timed step (slower rank), for spread."""
+
+
+def get_configs(compressors: Sequence[str], sync_for: Sequence[str]) -> list[ExperimentConfig]:
+    """Plain DDP, the bound, then each compressor with overlap, and also without where ``sync_for`` says."""
+    configs = [ExperimentConfig(hook="ddp"), ExperimentConfig(hook="noop")]
+    for name in compressors:
+        options = tuple(OPTIONS.get(name, {}).items())
+        configs.append(ExperimentConfig(hook="distcomp", compressor=name, overlap=True, options=options))
+        if name in sync_for:
+            configs.append(ExperimentConfig(hook="distcomp", compressor=name, overlap=False, options=options))
+    return configs
+
+
+# -- inside a rank -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _StepTime:
+    wall: float
+    """Seconds, wall clock."""
+    cpu: float
+    """CPU seconds of the whole process (every thread, user + system)."""
+    delay: float
+    """Seconds the calling thread (which runs forward, backward and the optimizer) was runnable but not running."""
+    loss: float
+
+
+def _run_delay() -> float:
+    """Seconds the calling thread has spent waiting in the run queue (0 where Linux schedstat is missing)."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+@dataclass
+class _Replica:
+    """One method's model, DDP wrapper, optimizer and hook state inside one rank."""
+
+    config: ExperimentConfig
+    model: GPT
+    ddp: DDP
+    opt: torch.optim.Optimizer
+    state: distcomp.CompressionState | None
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> _StepTime:
+        """One training step, timed."""
+        start, cpu, delay = time.perf_counter(), time.process_time(), _run_delay()
+        self.opt.zero_grad(set_to_none=True)
+        _, loss = self.ddp(x, y)
+        loss.backward()
+        self.opt.step()
+        return _StepTime(
+            wall=time.perf_counter() - start,
+            cpu=time.process_time() - cpu,
+            delay=_run_delay() - delay,
+            loss=loss.item(),
+        )
+
+    def digest(self) -> str:
+        flat = torch.cat([p.detach().reshape(-1) for p in self.model.parameters()])
+        return hashlib.sha256(flat.numpy().tobytes()).hexdigest()
+
+    def step_stats(self) -> dict[str, float]:
+        if self.state is None:
+            return {}
+        s = self.state.stats()["step"]
+        return {k: float(s[k]) for k in ("sent_bytes", "ratio", "codec_s", "comm_s", "buckets")}
+
+
+@dataclass
+class _Record:
+    """What one rank measured for one method (plain values: it travels as JSON)."""
+
+    key: str
+    seconds: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
+    delay_seconds: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    stats: list[dict[str, float]] = field(default_factory=list)
+    failure: str = ""
+    digest: str = ""
+
+
+def _build(config: ExperimentConfig, bench: BenchConfig) -> _Replica:
+    torch.manual_seed(bench.seed)
+    model = GPT(GPTConfig())
+    ddp = DDP(model, bucket_cap_mb=bench.bucket_cap_mb)
+    state = None
+    if config.hook == "noop":
+        ddp.register_comm_hook(None, noop_hook)
+    elif config.hook == "distcomp":
+        state = distcomp.register(ddp, config.compressor, overlap=config.overlap, **dict(config.options))
+    opt = torch.optim.AdamW(model.parameters(), lr=bench.lr)
+    return _Replica(config, model, ddp, opt, state)
+
+
+def _corpus() -> torch.Tensor:
+    """Bytes of the help text that ships with Python: real text, no download."""
+    from pydoc_data.topics import topics
+
+    text = "".join(topics.values()).encode("utf-8")
+    return torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
+
+
+def _batch(data: torch.Tensor, rank: int, step: int, size: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch that depends only on (rank, step): every method sees the same data."""
+    g = torch.Generator().manual_seed(1_000 * step + rank)
+    starts = torch.randint(0, data.numel() - context - 1, (size,), generator=g)
+    idx = torch.stack([data[s : s + context + 1] for s in starts.tolist()])
+    return idx[:, :-1], idx[:, 1:]
+
+
+def _probe_link(reps: int = 3) -> float:
+    """Median seconds of an all-reduce of :data:`PROBE_BYTES`: how fast the link really is."""
+    x = torch.ones(PROBE_BYTES // 4)
+    times = []
+    for _ in range(reps):
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(x)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _gather_health(replicas: list[_Replica], records: list[_Record]) -> list[dict[str, tuple[str, bool]]]:
+    """Every rank's ``{key: (parameter digest, loss finite)}``."""
+    mine = {
+        rep.config.key: (rep.digest(), all(map(math.isfinite, rec.losses)))
+        for rep, rec in zip(replicas, records, strict=True)
+    }
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def _verdicts(configs: Sequence[ExperimentConfig], health: list[dict[str, Any]]) -> dict[str, str]:
+    """``{key: why it is wrong}`` from every rank's ``{key: (digest, finite)}``; deterministic on every rank."""
+    ddp_key = next((c.key for c in configs if c.hook == "ddp"), None)
+    out: dict[str, str] = {}
+    for c in configs:
+        digests = {h[c.key][0] for h in health}
+        if not all(h[c.key][1] for h in health):
+            out[c.key] = "non-finite loss"
+        elif c.hook != "noop" and len(digests) > 1:
+            out[c.key] = "ranks hold different parameters"
+        elif c.compressor == "none" and ddp_key is not None and health[0][c.key][0] != health[0][ddp_key][0]:
+            out[c.key] = "parameters differ from plain DDP's (must be bit-exact)"
+    return out
+
+
+def _bucket_count(replicas: list[_Replica], minimum: int) -> int | None:
+    counts = {int(r.state.stats()["step"]["buckets"]) for r in replicas if r.state is not None}
+    if not counts:
+        return None
+    if min(counts) < minimum:
+        raise ValueError(f"DDP made {min(counts)} buckets, fewer than {minimum}: lower --bucket-cap-mb")
+    return max(counts)
+
+
+def run_rank(rank: int, world_size: int, bench: BenchConfig, configs: Sequence[ExperimentConfig]) -> dict[str, Any]:
+    """One rank's side of :func:`run_experiment` (module-level so that spawned processes can import it)."""
+    if rank == 0 and not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s [rank 0] %(message)s", datefmt="%H:%M:%S")
+    if rank != 0:
+        logger.setLevel(logging.WARNING)
+    torch.set_num_threads(1)
+    data, context = _corpus(), GPTConfig().context
+    replicas = [_build(c, bench) for c in configs]
+    records = [_Record(c.key) for c in configs]
+    for step in range(bench.warmup):
+        x, y = _batch(data, rank, step, bench.batch, context)
+        for rep, rec in zip(replicas, records, strict=True):
+            rec.losses.append(rep.step(x, y).loss)
+    buckets = _bucket_count(replicas, bench.min_buckets)
+    for key, why in _verdicts(configs, _gather_health(replicas, records)).items():
+        logger.warning("%s failed its check after warm-up (%s): not timed", key, why)
+        records[[c.key for c in configs].index(key)].failure = f"after warm-up: {why}"
+    probe_s = _probe_link()
+    logger.info("%d buckets; %.0f MB all-reduce in %.1f ms", buckets or -1, PROBE_BYTES / 2**20, probe_s * 1e3)
+    _timed_rounds(bench, data, rank, replicas, records)
+    for rep, rec in zip(replicas, records, strict=True):
+        rec.digest = rep.digest()
+        if rep.state is not None:
+            rep.state.close()
+    numel = sum(p.numel() for p in replicas[0].model.parameters())
+    return {"records": [asdict(r) for r in records], "numel": numel, "buckets": buckets, "probe_s": probe_s}
+
+
+def _timed_rounds(
+    bench: BenchConfig, data: torch.Tensor, rank: int, replicas: list[_Replica], records: list[_Record]
+) -> None:
+    """Round i times step ``warmup + i`` of every method, starting from a rotating method."""
+    n, context = len(replicas), GPTConfig().context
+    for i in range(bench.steps):
+        start = time.perf_counter()
+        x, y = _batch(data, rank, bench.warmup + i, bench.batch, context)
+        for j in range(n):
+            rep, rec = replicas[(i + j) % n], records[(i + j) % n]
+            if rec.failure:
+                continue
+            dist.barrier()  # every method starts its step with the ranks in step
+            t = rep.step(x, y)
+            rec.seconds.append(t.wall)
+            rec.cpu_seconds.append(t.cpu)
+            rec.delay_seconds.append(t.delay)
+            rec.losses.append(t.loss)
+            rec.stats.append(rep.step_stats())
+        logger.info("round %d/%d: %.1f s", i + 1, bench.steps, time.perf_counter() - start)
+
+
+# -- launching the ranks -------------------------------------------------------------
+
+
+def _launch_loopback(bench: BenchConfig, configs: Sequence[ExperimentConfig], timeout: float) -> list[dict[str, Any]]:
+    return run_ranks(run_rank, WORLD_SIZE, args=(bench, tuple(configs)), timeout=timeout, collective_timeout=600)
+
+
+def _launch_netns(bench: BenchConfig, configs: Sequence[ExperimentConfig], timeout: float) -> list[dict[str, Any]]:
+    """Each rank in its own namespace, joined by a veth pair shaped to ``bench.bandwidth``."""
+    with netns.shaped_link(bench.bandwidth) as link, tempfile.TemporaryDirectory() as tmp:
+        results = [str(Path(tmp) / f"rank{r}.json") for r in range(WORLD_SIZE)]
+        job = {
+            "bench": asdict(bench),
+            "configs": [asdict(c) for c in configs],
+            "init_method": f"tcp://{link.hosts[0].address}:{MASTER_PORT}",
+            "results": results,
+        }
+        job_path = Path(tmp) / "job.json"
+        job_path.write_text(json.dumps(job))
+        procs: list[subprocess.Popen] = []
+        try:
+            for rank, host in enumerate(link.hosts):
+                argv = [sys.executable, str(Path(__file__).resolve()), "--worker", str(job_path), "--rank", str(rank)]
+                env = {**os.environ, "GLOO_SOCKET_IFNAME": host.iface}
+                procs.append(subprocess.Popen(link.exec_argv(rank, argv), env=env))
+            _wait_all(procs, timeout)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+        return [json.loads(Path(r).read_text()) for r in results]
+
+
+def _wait_all(procs: Sequence[subprocess.Popen], timeout: float) -> None:
+    """Wait for every process; raise as soon as one fails or the time is up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
+        if failed:
+            raise RuntimeError(f"rank {failed[0][0]} exited with status {failed[0][1]}")
+        if all(code == 0 for code in codes):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the ranks did not finish within {timeout:.0f}s")
+        time.sleep(0.5)
+
+
+def _worker_main(job_path: str, rank: int) -> None:
+    """A rank started by :func:`_launch_netns` inside its namespace."""
+    job = json.loads(Path(job_path).read_text())
+    bench = BenchConfig(**job["bench"])
+    configs = [ExperimentConfig.from_dict(c) for c in job["configs"]]
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=job["init_method"], rank=rank, world_size=WORLD_SIZE,
+        timeout=datetime.timedelta(seconds=600),
+    )
+    try:
+        out = run_rank(rank, WORLD_SIZE, bench, configs)
+        # Barrier before teardown: exiting right after DDP can abort the process.
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    Path(job["results"][rank]).write_text(json.dumps(out))
+
+
+# -- the experiment ------------------------------------------------------------------
+
+
+def run_experiment(
+    bench: BenchConfig, configs: Sequence[ExperimentConfig], timeout: float = 1800.0
+) -> tuple[list[ExperimentResult], dict[str, Any]]:
+    """Run every method in one job; ``(results, facts about the run)``."""
+    launch = _launch_loopback if bench.bandwidth is None else _launch_netns
+    load_before, revision = os.getloadavg(), _git_revision()
+    outputs = launch(bench, configs, timeout)
+    results = _summarise(configs, outputs)
+    probe_s = max(o["probe_s"] for o in outputs)
+    wire_bytes = 2 * (WORLD_SIZE - 1) / WORLD_SIZE * PROBE_BYTES
+    facts = {
+        "git": revision,
+        # Other work on the machine shows up as noise: record how busy it was.
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "numel": outputs[0]["numel"],
+        "buckets": outputs[0]["buckets"],
+        "probe_ms": probe_s * 1e3,
+        "probe_gbit_s": wire_bytes * 8 / probe_s / 1e9,
+    }
+    return results, facts
+
+
+def _summarise(configs: Sequence[ExperimentConfig], outputs: list[dict[str, Any]]) -> list[ExperimentResult]:
+    """Combine the ranks' records: final checks first, then figures for the methods that passed."""
+    recs = {c.key: [o["records"][i] for o in outputs] for i, c in enumerate(configs)}
+    health = [
+        {key: (ranks[r]["digest"], all(map(math.isfinite, ranks[r]["losses"]))) for key, ranks in recs.items()}
+        for r in range(len(outputs))
+    ]
+    final = _verdicts(configs, health)
+    failures = {c.key: recs[c.key][0]["failure"] or (f"after timing: {final[c.key]}" if c.key in final else "")
+                for c in configs}
+    ok = [c.key for c in configs if not failures[c.key]]
+    wall = {key: _median_step(recs[key], _wall, max) for key in ok}
+    adj = {key: _median_step(recs[key], _adjusted, min) for key in ok}
+    cpu = {key: _median_step(recs[key], _cpu, max) for key in ok}
+    bound = next((c.key for c in configs if c.hook == "noop" and c.key in wall), None)
+    ddp = next((c.key for c in configs if c.hook == "ddp" and c.key in wall), None)
+    dense = 2 * (WORLD_SIZE - 1) / WORLD_SIZE * DENSE_BYTES_PER_ELEMENT * outputs[0]["numel"]
+    results = []
+    for c in configs:
+        if failures[c.key]:
+            results.append(ExperimentResult(config=c, failure=failures[c.key]))
+            continue
+        ranks = recs[c.key]
+        sent, ratio, codec, comm, buckets = _traffic(c, ranks, dense)
+        results.append(ExperimentResult(
+            config=c,
+            step_ms=wall[c.key] * 1e3,
+            x_bound=_over(wall, c.key, bound),
+            x_ddp=_over(wall, c.key, ddp),
+            adj_ms=adj[c.key] * 1e3,
+            adj_x_bound=_over(adj, c.key, bound),
+            adj_x_ddp=_over(adj, c.key, ddp),
+            cpu_ms=cpu[c.key] * 1e3,
+            cpu_x_bound=_over(cpu, c.key, bound),
+            sent_mb=sent / 1e6,
+            ratio=ratio,
+            codec_ms=codec,
+            comm_ms=comm,
+            buckets=buckets,
+            final_loss=statistics.fmean(r["losses"][-1] for r in ranks),
+            steps_ms=tuple(max(s) * 1e3 for s in zip(*(r["seconds"] for r in ranks), strict=True)),
+        ))
+    return results
+
+
+def _wall(rank: dict[str, Any]) -> list[float]:
+    return rank["seconds"]
+
+
+def _adjusted(rank: dict[str, Any]) -> list[float]:
+    return [w - d for w, d in zip(rank["seconds"], rank["delay_seconds"], strict=True)]
+
+
+def _cpu(rank: dict[str, Any]) -> list[float]:
+    return rank["cpu_seconds"]
+
+
+def _median_step(
+    ranks: list[dict[str, Any]], values: Callable[[dict[str, Any]], list[float]], combine: Callable[..., float]
+) -> float:
+    """Median over steps of ``combine`` (max or min) over ranks of each rank's ``values``."""
+    return statistics.median(combine(step) for step in zip(*(values(r) for r in ranks), strict=True))
+
+
+def _over(values: dict[str, float], key: str, base: str | None) -> float | None:
+    return values[key] / values[base] if base is not None else None
+
+
+def _traffic(
+    c: ExperimentConfig, ranks: list[dict[str, Any]], dense_bytes: float
+) -> tuple[float, float | None, float | None, float | None, int | None]:
+    """``(sent bytes, ratio, codec ms, comm ms, buckets)`` of one method per step."""
+    if c.hook == "ddp":
+        return dense_bytes, 1.0, None, None, None
+    if c.hook == "noop":
+        return 0.0, None, None, None, None
+    stats = ranks[0]["stats"]
+
+    def per_step_ms(key: str) -> float:
+        return statistics.median(statistics.fmean(r["stats"][i][key] for r in ranks) for i in range(len(stats))) * 1e3
+
+    sent = statistics.median(s["sent_bytes"] for s in stats)
+    return sent, dense_bytes / sent, per_step_ms("codec_s"), per_step_ms("comm_s"), int(stats[-1]["buckets"])
+
+
+# -- output ------------------------------------------------------------------------
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_table(results: Sequence[ExperimentResult]) -> str:
+    """A Markdown table, one row per method."""
+    head = ("| method | mode | ms/step | x bound | x DDP | adj ms | adj x bound | adj x DDP | cpu x bound "
+            "| MB sent/step | ratio | codec ms | comm ms |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        cells = [r.config.name, r.config.mode]
+        if r.failure:
+            cells += [f"FAILED: {r.failure}"] + [""] * 10
+        else:
+            cells += [
+                _fmt(r.step_ms, ".0f"), _fmt(r.x_bound, ".2f"), _fmt(r.x_ddp, ".2f"),
+                _fmt(r.adj_ms, ".0f"), _fmt(r.adj_x_bound, ".2f"), _fmt(r.adj_x_ddp, ".2f"),
+                _fmt(r.cpu_x_bound, ".2f"), _fmt(r.sent_mb, ".2f"),
+                _fmt(r.ratio, ".1f"), _fmt(r.codec_ms, ".1f"), _fmt(r.comm_ms, ".1f"),
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_targets(results: Sequence[ExperimentResult]) -> str:
+    """The issue's targets, met or not, from this run's figures."""
+    lines = []
+    for r in results:
+        c = r.config
+        if c.compressor == "none" and r.x_ddp is not None and r.adj_x_ddp is not None:
+            wall, adj = r.x_ddp, r.adj_x_ddp
+            lines.append(
+                f"- none [{c.mode}] within 3% of DDP: wall {wall:.3f}x -> {_verdict(wall <= TARGET_NONE_VS_DDP)}; "
+                f"adjusted {adj:.3f}x -> {_verdict(adj <= TARGET_NONE_VS_DDP)}"
+            )
+        if c.compressor == "powersgd" and r.ratio is not None:
+            verdict = _verdict(r.ratio >= TARGET_POWERSGD_RATIO)
+            lines.append(f"- powersgd [{c.mode}] ratio >= {TARGET_POWERSGD_RATIO:.0f}x: {r.ratio:.1f}x -> {verdict}")
+    return "\n".join(lines)
+
+
+def _verdict(met: bool) -> str:
+    return "met" if met else "NOT met"
+
+
+def _git_revision() -> str:
+    """The checkout's commit, with ``+dirty`` when files differ from it ("unknown" outside git)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _write_json(path: str, bench: BenchConfig, results: Sequence[ExperimentResult], facts: dict[str, Any]) -> None:
+    doc = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "bench": asdict(bench),
+        **facts,
+        "results": [asdict(r) for r in results],
+    }
+    Path(path).write_text(json.dumps(doc, indent=2))
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    d = BenchConfig()
+    p.add_argument("--steps", type=int, default=d.steps, help="timed steps per method (median reported)")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps first (>= 3)")
+    p.add_argument("--batch", type=int, default=d.batch, help="sequences per rank per step")
+    p.add_argument("--bucket-cap-mb", type=float, default=d.bucket_cap_mb, help="DDP bucket size")
+    p.add_argument("--methods", default=",".join(OPTIONS), help="compressors to measure, comma-separated")
+    p.add_argument("--sync-for", default=None,
+                   help="compressors also measured with overlap=False (default: all of --methods; '' for none)")
+    p.add_argument("--bandwidth", default=None, help="run the ranks in two network namespaces at this tc rate "
+                   "(e.g. 100mbit, 1gbit); default: loopback, unshaped")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run is abandoned")
+    p.add_argument("--worker", default=None, metavar="JOB", help=argparse.SUPPRESS)
+    p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _split(csv: str) -> list[str]:
+    return [s.strip() for s in csv.split(",") if s.strip()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.worker is not None:
+        _worker_main(args.worker, args.rank)
+        return 0
+    # SIGTERM unwinds like Ctrl-C, so namespaces and rank processes are cleaned up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        bench = BenchConfig(steps=args.steps, warmup=args.warmup, batch=args.batch,
+                            bucket_cap_mb=args.bucket_cap_mb, bandwidth=args.bandwidth)
+    except ValueError as exc:
+        raise SystemExit(f"hook_overhead.py: {exc}") from None
+    methods = _split(args.methods)
+    unknown = set(methods) - set(distcomp.available_compressors())
+    if unknown:
+        raise SystemExit(f"unknown compressors {sorted(unknown)}; available: {distcomp.available_compressors()}")
+    configs = get_configs(methods, methods if args.sync_for is None else _split(args.sync_for))
+    results, facts = run_experiment(bench, configs, timeout=args.timeout)
+    link = "loopback (unshaped)" if bench.bandwidth is None else f"2 network namespaces, tbf {bench.bandwidth}"
+    print(f"\n{facts['numel'] / 1e6:.1f}M parameters, {facts['buckets']} buckets, {WORLD_SIZE} ranks on gloo, "
+          f"{link}; link probe: {PROBE_BYTES / 2**20:.0f} MB all-reduce {facts['probe_ms']:.1f} ms "
+          f"(~{facts['probe_gbit_s']:.2f} Gbit/s on the wire); median of {bench.steps} steps after {bench.warmup}; "
+          f"load average before/after {facts['load_average_before'][0]:.1f}/{facts['load_average_after'][0]:.1f}\n")
+    print(format_table(results))
+    print("\n" + format_targets(results))
+    if args.json:
+        _write_json(args.json, bench, results, facts)
+    return 1 if any(r.failure for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

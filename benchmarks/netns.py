@@ -1,0 +1,145 @@
+"""Two "hosts" on one machine: network namespaces joined by a veth pair, bandwidth capped by ``tc tbf``.
+
+    with shaped_link("100mbit") as link:
+        subprocess.run(link.exec_argv(0, ["python", "worker.py"]))
+
+Each namespace holds one end of the pair (addresses ``<subnet>.1`` and
+``<subnet>.2``, /24) and its loopback; a token-bucket filter on both ends caps
+each direction at the given rate. This kernel has no ``netem``, so latency and
+loss cannot be emulated, only bandwidth. The namespaces are removed on every
+way out of the ``with`` block (errors and ``KeyboardInterrupt`` included);
+namespaces left by a run that was killed outright are removed by the next run
+(:func:`remove_stale`). Needs root and iproute2 (installed with apt-get if
+missing, by :func:`ensure_tools`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+logger = logging.getLogger("distcomp.bench.netns")
+
+PREFIX = "dcbench"
+"""Name prefix of every namespace this module creates: ``dcbench-<pid>-<i>``."""
+_UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
+
+
+@dataclass(frozen=True)
+class Host:
+    """One end of the link."""
+
+    namespace: str
+    iface: str
+    """The veth end inside the namespace (what ``GLOO_SOCKET_IFNAME`` should name)."""
+    address: str
+
+
+@dataclass(frozen=True)
+class Link:
+    """Two namespaces joined by a shaped veth pair."""
+
+    hosts: tuple[Host, Host]
+    rate: str
+    """tc rate of each direction, e.g. ``"100mbit"``."""
+
+    def exec_argv(self, index: int, argv: Sequence[str]) -> list[str]:
+        """``argv`` run inside host ``index``'s namespace."""
+        return ["ip", "netns", "exec", self.hosts[index].namespace, *argv]
+
+
+def rate_bits(rate: str) -> float:
+    """Bits per second of a tc rate such as ``"100mbit"`` or ``"1gbit"`` (decimal units, as tc reads them)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-z]+)\s*", rate.lower())
+    if match is None or match.group(2) not in _UNITS:
+        raise ValueError(f"bandwidth {rate!r} is not a tc rate like 100mbit or 1gbit (units: {', '.join(_UNITS)})")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def ensure_tools() -> None:
+    """Install iproute2 (``ip``, ``tc``) with apt-get when either is missing."""
+    if shutil.which("ip") and shutil.which("tc"):
+        return
+    logger.info("ip/tc not found: installing iproute2 with apt-get")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "iproute2"], check=True, env=env)
+
+
+def _sh(*argv: str) -> str:
+    """Run a command; its stdout, or a RuntimeError that quotes its stderr."""
+    proc = subprocess.run(argv, check=False, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"`{' '.join(argv)}` failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale() -> None:
+    """Delete namespaces of this module whose creating process is gone (a run killed with SIGKILL)."""
+    for line in _sh("ip", "netns", "list").splitlines():
+        match = re.match(rf"({PREFIX}-(\d+)-\d+)\b", line)
+        if match and not _alive(int(match.group(2))):
+            logger.info("removing stale namespace %s", match.group(1))
+            subprocess.run(["ip", "netns", "del", match.group(1)], check=False, capture_output=True)
+
+
+def _tbf_args(rate: str) -> list[str]:
+    """tbf settings: a bucket of 10 ms at the rate (at least 32 KiB), a queue of at most 50 ms."""
+    burst = max(int(rate_bits(rate) / 8 / 100), 32 * 1024)
+    return ["tbf", "rate", rate, "burst", str(burst), "latency", "50ms"]
+
+
+def _create(hosts: tuple[Host, Host], rate: str) -> None:
+    a, b = hosts
+    for host in hosts:
+        _sh("ip", "netns", "add", host.namespace)
+    _sh("ip", "link", "add", a.iface, "netns", a.namespace,
+        "type", "veth", "peer", "name", b.iface, "netns", b.namespace)
+    for host in hosts:
+        _sh("ip", "-n", host.namespace, "link", "set", "lo", "up")
+        _sh("ip", "-n", host.namespace, "addr", "add", f"{host.address}/24", "dev", host.iface)
+        _sh("ip", "-n", host.namespace, "link", "set", host.iface, "up")
+        _sh("tc", "-n", host.namespace, "qdisc", "add", "dev", host.iface, "root", *_tbf_args(rate))
+
+
+def _delete(hosts: tuple[Host, Host]) -> None:
+    # Deleting a namespace deletes the veth end inside it, and with it the pair.
+    for host in hosts:
+        proc = subprocess.run(["ip", "netns", "del", host.namespace], check=False, capture_output=True, text=True)
+        if proc.returncode != 0 and "No such file" not in proc.stderr:
+            logger.warning("could not delete namespace %s: %s", host.namespace, proc.stderr.strip())
+
+
+@contextmanager
+def shaped_link(rate: str, subnet: str = "10.77.0") -> Iterator[Link]:
+    """Two fresh namespaces joined by a veth pair capped at ``rate`` each way; removed on exit."""
+    rate_bits(rate)  # a bad rate fails here, before anything is created
+    ensure_tools()
+    remove_stale()
+    pid = os.getpid()
+    hosts = (
+        Host(f"{PREFIX}-{pid}-0", f"dcb{pid}a", f"{subnet}.1"),
+        Host(f"{PREFIX}-{pid}-1", f"dcb{pid}b", f"{subnet}.2"),
+    )
+    try:
+        _create(hosts, rate)
+        logger.info("link %s <-> %s at %s each way", hosts[0].address, hosts[1].address, rate)
+        yield Link(hosts, rate)
+    finally:
+        _delete(hosts)
