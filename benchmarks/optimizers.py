@@ -1,0 +1,384 @@
+"""distcomp's compressed optimizers against AdamW + DDP: step time, bytes per step, and convergence.
+
+    python benchmarks/optimizers.py speed                  # 10.8M-parameter GPT, 2 ranks on gloo (loopback)
+    python benchmarks/optimizers.py speed --steps 20 --json speed.json
+    python benchmarks/optimizers.py convergence --steps 300 # the language model of `distcomp train`
+
+``speed``: every method trains its own copy of the byte-level GPT from the same
+weights on the same batches, in the same two rank processes, interleaved round
+by round (drift in the machine's speed hits every method alike): AdamW + DDP,
+AdamW + torch's ``noop_hook`` (sends nothing: the no-communication bound), and
+each compressed optimizer in its compressed phase, with DDP and
+``distcomp.optim.register`` (1-bit Adam also without DDP). Reported: the whole
+step (forward, backward, optimizer) and the optimizer's ``step()`` alone,
+median over the timed steps of the slower rank, wall and CPU time, and the
+bytes each rank sends per step (the optimizers' own telemetry; DDP's fp32
+all-reduce for AdamW). Correctness first: replicas must hold identical
+parameters and finite losses (0/1 Adam: at its synchronisation steps), or the
+method is reported as failed, without a speed.
+
+``convergence``: the model, data, learning-rate schedule and gradient clipping
+of ``distcomp train``'s defaults, 2 ranks, AdamW + DDP against each compressed
+optimizer + DDP + register at the same step count; final held-out loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import distcomp.optim as optim
+from distcomp.models.gpt import GPT, GPTConfig
+from distcomp.testing import run_ranks
+
+logger = logging.getLogger("distcomp.bench")
+
+WORLD_SIZE = 2
+Method = Literal["adamw", "noop", "onebit_adam", "onebit_adam_alone", "zero_one_adam", "onebit_lamb"]
+LABELS = {
+    "adamw": "AdamW + DDP", "noop": "AdamW + noop_hook (bound)", "onebit_adam": "OneBitAdam + DDP",
+    "onebit_adam_alone": "OneBitAdam, no DDP", "zero_one_adam": "ZeroOneAdam + DDP", "onebit_lamb": "OneBitLamb + DDP",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    """One method: an optimizer and how gradients reach it."""
+
+    method: Method
+    """Which optimizer and wrapper (see ``LABELS``)."""
+    lr: float = 3e-4
+    """Learning rate (LAMB's is per unit of weight norm, so it needs a larger one)."""
+    options: tuple[tuple[str, Any], ...] = ()
+    """Options of a distcomp optimizer as ``(key, value)`` pairs."""
+
+    @property
+    def label(self) -> str:
+        return LABELS[self.method]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentResult:
+    """One method's figures; None when its correctness check failed."""
+
+    config: ExperimentConfig
+    failure: str = ""
+    step_ms: float | None = None
+    """Whole step, wall time (median over steps of the slower rank)."""
+    x_bound: float | None = None
+    """``step_ms`` over the no-communication bound's."""
+    x_adamw: float | None = None
+    """``step_ms`` over AdamW + DDP's."""
+    cpu_ms: float | None = None
+    """Whole step, CPU time of the busier rank (less sensitive to other work on the machine)."""
+    opt_ms: float | None = None
+    """``optimizer.step()`` alone, wall time."""
+    sent_mb: float | None = None
+    """MB each rank sends per step (mean over the timed steps)."""
+    ratio: float | None = None
+    """fp32 all-reduce bytes over bytes sent."""
+    final_loss: float | None = None
+    """Mean over ranks of the last timed step's loss (or the held-out loss in ``convergence``)."""
+
+
+def get_configs(kind: Literal["speed", "convergence"], warmup: int) -> list[ExperimentConfig]:
+    """The methods of a run; compressed optimizers enter their compressed phase after ``warmup`` steps."""
+    zo = (("var_freeze_step", warmup), ("var_update_scaler", 16), ("local_step_scaler", 1), ("local_step_clipper", 4))
+    if kind == "convergence":
+        zo = (("var_freeze_step", warmup), ("var_update_scaler", 8), ("local_step_scaler", 60),
+              ("local_step_clipper", 4))
+    out = [ExperimentConfig(method="adamw", lr=2e-3 if kind == "convergence" else 3e-4)]
+    if kind == "speed":
+        out.append(ExperimentConfig(method="noop"))
+    lr = 2e-3 if kind == "convergence" else 3e-4
+    out += [
+        ExperimentConfig(method="onebit_adam", lr=lr, options=(("freeze_step", warmup),)),
+        ExperimentConfig(method="zero_one_adam", lr=lr, options=zo),
+        ExperimentConfig(method="onebit_lamb", lr=2e-2 if kind == "convergence" else 3e-3,
+                         options=(("freeze_step", warmup), ("coeff_beta", 0.9))),
+    ]
+    if kind == "speed":
+        out.insert(3, ExperimentConfig(method="onebit_adam_alone", options=(("freeze_step", warmup),)))
+    return out
+
+
+def _optimizer(config: ExperimentConfig, groups: Any, betas: tuple[float, float]) -> torch.optim.Optimizer:
+    options = {"betas": betas, **dict(config.options)}
+    if config.method in ("adamw", "noop"):
+        return torch.optim.AdamW(groups, lr=config.lr, betas=betas, weight_decay=0.0)
+    cls = {"onebit_adam": optim.OneBitAdam, "onebit_adam_alone": optim.OneBitAdam,
+           "zero_one_adam": optim.ZeroOneAdam, "onebit_lamb": optim.OneBitLamb}[config.method]
+    return cls(groups, lr=config.lr, **options)
+
+
+@dataclass
+class _Replica:
+    config: ExperimentConfig
+    model: GPT
+    wrapped: torch.nn.Module
+    opt: torch.optim.Optimizer
+
+    @classmethod
+    def build(cls, config: ExperimentConfig, gpt: GPTConfig, seed: int, betas: tuple[float, float]) -> _Replica:
+        torch.manual_seed(seed)
+        model = GPT(gpt)
+        wrapped: torch.nn.Module = model if config.method == "onebit_adam_alone" else DDP(model)
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        rest = [p for p in model.parameters() if p.dim() < 2]
+        opt = _optimizer(config, [{"params": decay}, {"params": rest}], betas)
+        if config.method == "noop":
+            wrapped.register_comm_hook(None, noop_hook)
+        elif isinstance(opt, optim.CompressedOptimizer) and isinstance(wrapped, DDP):
+            optim.register(wrapped, opt)
+        return cls(config, model, wrapped, opt)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float | None = None, clip: float = 0.0
+             ) -> tuple[float, float, float, float]:
+        """``(wall s, CPU s, optimizer.step() wall s, loss)`` of one training step."""
+        if lr is not None:
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+        start, cpu = time.perf_counter(), time.process_time()
+        _, loss = self.wrapped(x, y)
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        tick = time.perf_counter()
+        self.opt.step()
+        opt_s = time.perf_counter() - tick
+        self.opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - start, time.process_time() - cpu, opt_s, loss.item()
+
+    def sent_bytes(self) -> float:
+        if isinstance(self.opt, optim.CompressedOptimizer):
+            return float((self.opt.stats()["step"] or {}).get("sent_bytes", 0.0))
+        if self.config.method == "noop":
+            return 0.0
+        return 2 * (WORLD_SIZE - 1) / WORLD_SIZE * 4 * sum(p.numel() for p in self.model.parameters())
+
+    def synced(self) -> bool:
+        """Whether the replicas must agree now (0/1 Adam's agree only after a synchronisation step)."""
+        return not isinstance(self.opt, optim.ZeroOneAdam) or self.opt.phase(self.opt.steps - 1) != "local"
+
+    def digest(self) -> str:
+        flat = torch.cat([p.detach().reshape(-1) for p in self.model.parameters()])
+        return hashlib.sha256(flat.numpy().tobytes()).hexdigest()
+
+
+# -- speed ---------------------------------------------------------------------------
+
+
+def _rank_logging(rank: int) -> None:
+    """One thread per rank (2 ranks share the cores); progress lines from rank 0 only."""
+    torch.set_num_threads(1)
+    if rank == 0 and not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s [rank 0] %(message)s", datefmt="%H:%M:%S")
+
+
+def _batch(data: torch.Tensor, rank: int, step: int, size: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1_000 * step + rank)
+    starts = torch.randint(0, data.numel() - context - 1, (size,), generator=g)
+    idx = torch.stack([data[s : s + context + 1] for s in starts.tolist()])
+    return idx[:, :-1], idx[:, 1:]
+
+
+def _corpus() -> torch.Tensor:
+    from pydoc_data.topics import topics
+
+    return torch.frombuffer(bytearray("".join(topics.values()).encode()), dtype=torch.uint8).long()
+
+
+def speed_rank(rank: int, world_size: int, configs: Sequence[ExperimentConfig], warmup: int, steps: int
+               ) -> dict[str, Any]:
+    """One rank of the speed run (module-level so that spawned processes can import it)."""
+    _rank_logging(rank)
+    gpt, data = GPTConfig(), _corpus()
+    reps = [_Replica.build(c, gpt, 0, (0.9, 0.999)) for c in configs]
+    rec: dict[str, dict[str, list]] = {c.label: {"wall": [], "cpu": [], "opt": [], "loss": [], "sent": [], "ok": []}
+                                       for c in configs}
+    for step in range(warmup + steps):
+        x, y = _batch(data, rank, step, 8, gpt.context)
+        for j in range(len(reps)):
+            rep = reps[(step + j) % len(reps)]
+            dist.barrier()  # every method starts its step with the ranks in step
+            wall, cpu, opt_s, loss = rep.step(x, y)
+            r = rec[rep.config.label]
+            if step >= warmup:
+                for key, value in (("wall", wall), ("cpu", cpu), ("opt", opt_s), ("sent", rep.sent_bytes())):
+                    r[key].append(value)
+            r["loss"].append(loss)
+            if rep.synced():
+                r["ok"].append(rep.digest())
+        if rank == 0:
+            logger.info("round %d/%d done", step + 1, warmup + steps)
+    return {"records": rec, "numel": sum(p.numel() for p in reps[0].model.parameters())}
+
+
+def run_experiment(configs: Sequence[ExperimentConfig], warmup: int, steps: int, timeout: float = 3600
+                   ) -> tuple[list[ExperimentResult], dict[str, Any]]:
+    """The speed run: every method in one 2-rank job; ``(results, facts)``."""
+    outs = run_ranks(speed_rank, WORLD_SIZE, args=(tuple(configs), warmup, steps), timeout=timeout,
+                     collective_timeout=600)
+    recs = {c.label: [o["records"][c.label] for o in outs] for c in configs}
+    failures = {}
+    for c in configs:
+        ranks = recs[c.label]
+        if not all(math.isfinite(v) for r in ranks for v in r["loss"]):
+            failures[c.label] = "non-finite loss"
+        elif c.method != "noop" and ranks[0]["ok"] != ranks[1]["ok"]:
+            failures[c.label] = "ranks hold different parameters"
+
+    def med(label: str, key: str) -> float:
+        return statistics.median(max(v) for v in zip(*(r[key] for r in recs[label])))
+    wall = {c.label: med(c.label, "wall") for c in configs if c.label not in failures}
+    dense = 2 * (WORLD_SIZE - 1) / WORLD_SIZE * 4 * outs[0]["numel"]
+    results = []
+    for c in configs:
+        if c.label in failures:
+            results.append(ExperimentResult(config=c, failure=failures[c.label]))
+            continue
+        sent = statistics.fmean(recs[c.label][0]["sent"])
+        results.append(ExperimentResult(
+            config=c, step_ms=wall[c.label] * 1e3, x_bound=_over(wall, c.label, LABELS["noop"]),
+            x_adamw=_over(wall, c.label, LABELS["adamw"]), cpu_ms=med(c.label, "cpu") * 1e3,
+            opt_ms=med(c.label, "opt") * 1e3, sent_mb=sent / 1e6, ratio=dense / sent if sent else None,
+            final_loss=statistics.fmean(r["loss"][-1] for r in recs[c.label])))
+    return results, {"numel": outs[0]["numel"], "warmup": warmup, "steps": steps}
+
+
+def _over(values: dict[str, float], key: str, base: str) -> float | None:
+    return values[key] / values[base] if base in values else None
+
+
+# -- convergence ------------------------------------------------------------------------
+
+
+def convergence_rank(rank: int, world_size: int, configs: Sequence[ExperimentConfig], steps: int) -> dict[str, Any]:
+    """Train each method with `distcomp train`'s default model, data, schedule and clipping."""
+    from distcomp.train.config import TrainConfig
+    from distcomp.train.data import ShardedBatches, load_corpus, val_batches
+    from distcomp.train.optim import lr_at
+
+    _rank_logging(rank)
+    cfg = TrainConfig(steps=steps)
+    corpus = load_corpus(cfg.data, cfg.model.context)
+    out = {}
+    for c in configs:
+        rep = _Replica.build(c, cfg.model, cfg.seed, cfg.optimizer.betas)
+        batches = ShardedBatches(corpus.train, cfg.model.context, cfg.data.batch_size, rank, world_size, cfg.seed)
+        losses, start = [], time.perf_counter()
+        for step in range(steps):
+            x, y = batches.batch(step, torch.device("cpu"))
+            lr = lr_at(cfg.optimizer, step, steps) * c.lr / cfg.optimizer.lr
+            losses.append(rep.step(x, y, lr=lr, clip=cfg.optimizer.grad_clip)[3])
+            if rank == 0 and (step + 1) % 50 == 0:
+                logger.info("%s: step %d, loss %.4f", c.label, step + 1, losses[-1])
+        val = _val_loss(rep.model, val_batches(corpus.val, cfg.model.context, cfg.data.batch_size,
+                                                cfg.eval.batches, rank, world_size))
+        stats = rep.opt.stats()["total"] if isinstance(rep.opt, optim.CompressedOptimizer) else {}
+        out[c.label] = {"losses": losses, "val": val, "seconds": time.perf_counter() - start,
+                        "sent_bytes": stats.get("sent_bytes"), "dense_bytes": stats.get("dense_bytes")}
+        if rank == 0:
+            logger.info("%s: val loss %.4f after %d steps", c.label, val, steps)
+    return out
+
+
+@torch.no_grad()
+def _val_loss(model: GPT, batches: list[torch.Tensor]) -> float:
+    total = torch.zeros(2, dtype=torch.float64)
+    for seqs in batches:
+        seqs = seqs.long()
+        _, loss = model(seqs[:, :-1], seqs[:, 1:])
+        total += torch.tensor([loss.item() * seqs[:, 1:].numel(), seqs[:, 1:].numel()], dtype=torch.float64)
+    dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+# -- output ------------------------------------------------------------------------------
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_speed(results: Sequence[ExperimentResult]) -> str:
+    head = "| method | ms/step | x bound | x AdamW+DDP | cpu ms/step | optimizer.step() ms | MB sent/step | ratio |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        cells = [r.config.label]
+        if r.failure:
+            cells += [f"FAILED: {r.failure}"] + [""] * 6
+        else:
+            cells += [_fmt(r.step_ms, ".0f"), _fmt(r.x_bound, ".2f"), _fmt(r.x_adamw, ".2f"), _fmt(r.cpu_ms, ".0f"),
+                      _fmt(r.opt_ms, ".0f"), _fmt(r.sent_mb, ".2f"), _fmt(r.ratio, ".1f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_convergence(configs: Sequence[ExperimentConfig], outs: list[dict[str, Any]], steps: int) -> str:
+    base = outs[0][LABELS["adamw"]]["val"]
+    target = {"onebit_adam": 0.02, "zero_one_adam": 0.03, "onebit_lamb": 0.03}
+    head = "| method | lr | options | steps | train loss (last 10) | held-out loss | vs AdamW | target | ratio |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for c in configs:
+        r = outs[0][c.label]
+        tail = statistics.fmean(statistics.fmean(o[c.label]["losses"][-10:]) for o in outs)
+        rel = r["val"] / base - 1
+        verdict = "-" if c.method not in target else f"<= {target[c.method]:.0%}: " + (
+            "met" if rel <= target[c.method] else "NOT met")
+        ratio = r["dense_bytes"] / r["sent_bytes"] if r["sent_bytes"] else None
+        opts = ", ".join(f"{k}={v}" for k, v in c.options) or "-"
+        lines.append(f"| {c.label} | {c.lr:g} | {opts} | {steps} | {tail:.4f} | {r['val']:.4f} | {rel:+.2%} | "
+                     f"{verdict} | {_fmt(ratio, '.1f')} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("mode", choices=["speed", "convergence"])
+    p.add_argument("--steps", type=int, default=None, help="timed steps (speed, default 10) or training steps "
+                   "(convergence, default 300)")
+    p.add_argument("--warmup", type=int, default=None, help="exact steps before compression (speed: untimed; "
+                   "default 5 for speed, 20%% of --steps for convergence)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.mode == "speed":
+        steps, warmup = args.steps or 10, args.warmup or 5
+        configs = get_configs("speed", max(warmup - 2, 1))  # the first two compressed steps allocate: untimed
+        results, facts = run_experiment(configs, warmup, steps)
+        print(f"\n{facts['numel'] / 1e6:.1f}M-parameter GPT, {WORLD_SIZE} ranks on gloo (loopback), median of "
+              f"{steps} steps after {warmup}; compressed optimizers in their compressed phase\n")
+        print(format_speed(results))
+        doc: Any = {"facts": facts, "results": [asdict(r) for r in results]}
+    else:
+        steps = args.steps or 300
+        configs = get_configs("convergence", args.warmup or steps // 5)
+        outs = run_ranks(convergence_rank, WORLD_SIZE, args=(tuple(configs), steps), timeout=4 * 3600,
+                         collective_timeout=600)
+        print(f"\n`distcomp train` defaults (3.3M-parameter GPT, batch 8 x 128 per rank, cosine schedule, clip 1.0), "
+              f"{WORLD_SIZE} ranks, {steps} steps\n")
+        print(format_convergence(configs, outs, steps))
+        doc = {"steps": steps, "configs": [asdict(c) for c in configs], "ranks": outs}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""1-bit Adam (Tang et al., 2021, arXiv:2102.02888): Adam whose momentum travels as signs.
+
+Phases, from the step counter ``t`` (0-based):
+
+* ``t < freeze_step`` (warm-up): exact Adam on the exactly averaged gradient.
+  The variance converges here and is then frozen.
+* ``t >= freeze_step`` (compression): each rank updates the momentum with its
+  own gradient, ``m_i = beta1 m + (1 - beta1) g_i``; the ranks average the
+  ``m_i`` with the 1-bit two-phase all-reduce, with error feedback on the worker
+  and the server side, and every rank applies ``x -= lr m / (sqrt(v) + eps)``
+  with the frozen ``v``. About 31x fewer bytes than an fp32 all-reduce.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from distcomp.config import require
+from distcomp.optim.base import CompressedOptimizer, GradientMode
+from distcomp.optim.config import OptimizerConfig, build
+from distcomp.optim.functional import adam_apply_, adam_moments_, bias_correction, decay_
+from distcomp.optim.layout import FlatLayout
+
+Phase = Literal["warmup", "compressed"]
+
+
+class AdamSteps(CompressedOptimizer):
+    """The Adam update shared by 1-bit Adam and 0/1 Adam."""
+
+    def _l2(self, layout: FlatLayout, g: torch.Tensor) -> None:
+        """Classic L2 regularisation (``adam_w_mode=False``): ``g += weight_decay * x`` before the moments."""
+        wd = self.param_groups[layout.group]["weight_decay"]
+        if wd and not self.config.adam_w_mode:
+            torch._foreach_add_(layout.views(g), list(layout.params), alpha=wd)
+
+    def _adam_update(self, layout: FlatLayout, s: int, v_updates: int, frozen: bool = False) -> None:
+        """``x = x (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps)`` for the bucket's parameters (AdamW's operations)."""
+        group = self.param_groups[layout.group]
+        lr = group["lr"]
+        denom = self._denominator(layout, v_updates, frozen)
+        if self.config.adam_w_mode:
+            decay_(layout.params, lr, group["weight_decay"])
+        bc1 = bias_correction(group["betas"][0], s, group["bias_correction"])
+        adam_apply_(layout.params, layout.views(self._flat(layout, "exp_avg")), layout.views(denom), lr / bc1)
+
+
+class OneBitAdam(AdamSteps):
+    """1-bit Adam as a standard torch optimizer, on any backend; see the module docstring.
+
+    ``OneBitAdam(model.parameters(), lr=1e-3, freeze_step=400)``. Without DDP the
+    optimizer averages the gradients itself during warm-up; with DDP, call
+    ``distcomp.optim.register(ddp_model, opt)`` once so that DDP stops its own
+    all-reduce when compression starts. Checkpoints (``state_dict``) are per rank.
+    """
+
+    algorithm = "OneBitAdam"
+
+    @dataclass(kw_only=True, frozen=True)
+    class Config(OptimizerConfig):
+        """Options of :class:`OneBitAdam` (DeepSpeed's key names)."""
+
+        freeze_step: int = 100000
+        """Warm-up steps of exact Adam before the variance freezes and the momentum is compressed
+        (DeepSpeed's default; 15-25% of the run is typical)."""
+        adam_w_mode: bool = True
+        """Decoupled weight decay (AdamW); false: L2 added to the gradient (Adam)."""
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            require(self.freeze_step >= 1, "freeze_step", f"must be >= 1 (the variance needs a warm-up), "
+                    f"got {self.freeze_step}")
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        *,
+        process_group: dist.ProcessGroup | None = None,
+        log_every: int = 0,
+        **options: Any,
+    ) -> None:
+        super().__init__(params, build(self.Config, {"lr": lr, **options}, "OneBitAdam"),
+                         process_group=process_group, log_every=log_every)
+
+    def phase(self, t: int | None = None) -> Phase:
+        """Phase of step ``t`` (default: the next step)."""
+        return "warmup" if (self._step if t is None else t) < self.config.freeze_step else "compressed"
+
+    def _milestones(self) -> dict[int, str]:
+        return {self.config.freeze_step: "warm-up done; variance frozen, momentum compressed to 1 bit from now on"}
+
+    def gradient_mode(self, t: int | None = None) -> GradientMode:
+        return "mean" if self.phase(t) == "warmup" else "local"
+
+    def _run(self, t: int, grads: list[torch.Tensor], health: torch.Tensor) -> bool:
+        layouts = self._ensure_layouts()
+        if self.phase(t) == "warmup":
+            if not self._exact_mean(grads, health):
+                return False
+            for layout, g in zip(layouts, grads):
+                self._l2(layout, g)
+                b1, b2 = self.param_groups[layout.group]["betas"]
+                adam_moments_(self._flat(layout, "exp_avg"), self._flat(layout, "exp_avg_sq"), g, b1, b2)
+                self._adam_update(layout, t + 1, t + 1)
+            return True
+        for layout, g in zip(layouts, grads):
+            self._l2(layout, g)
+            m = self._flat(layout, "exp_avg")
+            local = torch.lerp(m, g, 1 - self.param_groups[layout.group]["betas"][0], out=g)
+            mean = self._compressed(layout, local, health)
+            if mean is None:
+                return False
+            m.copy_(mean)
+            self._adam_update(layout, t + 1, self.config.freeze_step, frozen=True)
+        return True

@@ -1,0 +1,79 @@
+"""Options every compressed optimizer shares, under DeepSpeed's key names."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from distcomp.config import require
+from distcomp.errors import ConfigError
+
+
+@dataclass(kw_only=True, frozen=True)
+class OptimizerConfig:
+    """Adam's hyperparameters plus how momentum is compressed and bucketed."""
+
+    GROUP_KEYS: ClassVar[tuple[str, ...]] = ("lr", "betas", "eps", "weight_decay", "bias_correction")
+    """Fields that are per parameter group (``param_groups`` entries may override them)."""
+
+    lr: float = 1e-3
+    """Learning rate."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Decay rates of the momentum and of the variance."""
+    eps: float = 1e-8
+    """Added to the denominator for numerical stability."""
+    weight_decay: float = 0.0
+    """Weight decay; decoupled (AdamW style) unless ``adam_w_mode`` is false where the optimizer has it."""
+    bias_correction: bool = True
+    """Divide the moments by ``1 - beta ** updates`` (DeepSpeed accepted this key but ignored it)."""
+    eps_inside_sqrt: bool = False
+    """Use ``sqrt(v + eps)`` instead of ``sqrt(v) + eps`` as the denominator."""
+    amsgrad: bool = False
+    """Accepted for DeepSpeed compatibility; only false is supported (as in DeepSpeed)."""
+    block: int = 2048
+    """Values sharing one fp32 scale in the 1-bit code; a multiple of 32. Smaller blocks are more accurate
+    and send more scales (2048: about 31x fewer bytes than an fp32 all-reduce)."""
+    bucket_cap_mb: float = 64.0
+    """Largest fused bucket of momentum, in MB of fp32; each bucket is one compressed all-reduce per step."""
+
+    def __post_init__(self) -> None:
+        check_group(self, "")
+        require(self.block >= 32 and self.block % 32 == 0, "block",
+                f"must be a positive multiple of 32, got {self.block}")
+        require(self.bucket_cap_mb > 0, "bucket_cap_mb", f"must be > 0, got {self.bucket_cap_mb}")
+        require(not self.amsgrad, "amsgrad", "the AMSGrad variant is not supported by the compressed optimizers "
+                "(DeepSpeed's did not support it either)")
+
+    @property
+    def bucket_cap_numel(self) -> int:
+        return max(1, int(self.bucket_cap_mb * 2**20) // 4)
+
+    def trajectory(self) -> dict[str, Any]:
+        """The fields a resumed run must share with its checkpoint (per-group ones travel in ``param_groups``)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.GROUP_KEYS}
+
+
+def check_group(values: Any, where: str) -> None:
+    """Validate the per-group hyperparameters of a config or of a ``param_groups`` entry (a dict)."""
+    get = values.get if isinstance(values, dict) else lambda k: getattr(values, k)
+    lr, betas, eps, wd = get("lr"), get("betas"), get("eps"), get("weight_decay")
+    require(lr >= 0, where + "lr", f"must be >= 0, got {lr}")
+    require(len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), where + "betas",
+            f"must be two values in [0, 1), got {betas}")
+    require(eps > 0, where + "eps", f"must be > 0, got {eps}")
+    require(wd >= 0, where + "weight_decay", f"must be >= 0, got {wd}")
+
+
+def build(cls: type, values: dict[str, Any], what: str) -> Any:
+    """``cls(**values)`` with unknown keys named, with the allowed ones, before construction."""
+    allowed = {f.name for f in dataclasses.fields(cls) if f.init}
+    for key in values:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown option {key!r} for {what}{hint}; allowed: {', '.join(sorted(allowed))}")
+    if "betas" in values:
+        values = {**values, "betas": tuple(values["betas"])}
+    return cls(**values)

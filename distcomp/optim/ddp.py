@@ -1,0 +1,141 @@
+"""DDP with a compressed optimizer: one line, and nothing is communicated twice.
+
+    ddp = DistributedDataParallel(model)
+    opt = distcomp.optim.OneBitAdam(ddp.parameters(), lr=1e-3, freeze_step=400)
+    distcomp.optim.register(ddp, opt)
+
+The hook asks the optimizer, at every backward pass, what its coming step needs:
+
+* ``"mean"`` (warm-up, 0/1 Adam's variance steps): DDP's own all-reduce
+  (divide first, then sum; asynchronous, so it overlaps the backward pass);
+* ``"local"`` (the optimizer communicates compressed momentum itself, or takes
+  a local step): the gradients stay local. Only a 4-byte health word is
+  all-reduced on the last bucket and, if any rank's gradient was non-finite,
+  that bucket is filled with NaN on every rank, so that every rank's
+  GradScaler skips the step and backs off alike.
+
+Bytes go into the optimizer's telemetry (``opt.stats()``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from distcomp.comm import BucketRecord, Comm
+from distcomp.compressor import local_health
+from distcomp.optim.base import CompressedOptimizer
+
+
+class OptimizerHookState:
+    """State of the hook: the optimizer it serves and the last step it delivered gradients for.
+
+    Not checkpointed: everything it decides follows from the optimizer's step counter.
+    """
+
+    def __init__(self, optimizer: CompressedOptimizer, group: dist.ProcessGroup | None) -> None:
+        self.optimizer = optimizer
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.served_step: int | None = None
+        self._health: torch.Tensor | None = None
+
+    def on_bucket(self, bucket: dist.GradBucket) -> torch.futures.Future:
+        step = self.optimizer.steps
+        buffer = bucket.buffer()
+        if self.optimizer.gradient_mode(step) == "mean":
+            fut = self._mean(buffer, bucket.index())
+        else:
+            fut = self._local(buffer, bucket.index(), bucket.is_last())
+        if bucket.is_last():
+            self.served_step = step
+        return fut
+
+    def check_served(self, step: int) -> None:
+        """Raise unless the last backward pass went through this hook for optimizer step ``step``."""
+        if self.served_step != step:
+            raise RuntimeError(
+                f"{self.optimizer.algorithm}: step {step} was called but DDP's backward pass did not go through "
+                "distcomp's hook for it (last served: "
+                f"{self.served_step}); run backward on the DDP model (the last micro-batch outside no_sync()) "
+                "before every optimizer step"
+            )
+
+    def _mean(self, buffer: torch.Tensor, index: int) -> torch.futures.Future:
+        rec = BucketRecord(index=index, numel=buffer.numel())
+        Comm(self.group, rec)  # fills in the dense bytes
+        nbytes = buffer.numel() * buffer.element_size()
+        rec.payload_bytes, rec.collectives = nbytes, 1
+        rec.sent_bytes = 2 * (self.world_size - 1) / self.world_size * nbytes  # ring all-reduce
+        start = time.perf_counter()
+        buffer.div_(self.world_size)  # divide first, like DDP (keeps fp16 from overflowing)
+        fut = dist.all_reduce(buffer, group=self.group, async_op=True).get_future()
+
+        def done(f: torch.futures.Future) -> torch.Tensor:
+            rec.comm_s = rec.total_s = time.perf_counter() - start
+            self.optimizer._record(rec)
+            return f.value()[0]
+
+        return fut.then(done)
+
+    def _local(self, buffer: torch.Tensor, index: int, last: bool) -> torch.futures.Future:
+        health = local_health(buffer)
+        self._health = health if self._health is None else self._health + health
+        rec = BucketRecord(index=index, numel=0, compressed=True)
+        if last:
+            word, self._health = self._health, None
+            comm = Comm(self.group, rec)
+            comm.all_reduce(word)
+            if not bool(torch.isfinite(word).all()):
+                buffer.fill_(float("nan"))
+        self.optimizer._record(rec)
+        fut: torch.futures.Future = torch.futures.Future()
+        fut.set_result(buffer)
+        return fut
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("group", "optimizer", "_health")}
+
+
+def optimizer_hook(state: OptimizerHookState, bucket: dist.GradBucket) -> torch.futures.Future:
+    """The DDP comm hook: exact all-reduce or local gradients, as the optimizer's next step needs."""
+    return state.on_bucket(bucket)
+
+
+# DDP validates the hook's annotations as objects; postponed (string) annotations fail that check.
+optimizer_hook.__annotations__ = {
+    "state": OptimizerHookState,
+    "bucket": dist.GradBucket,
+    "return": torch.futures.Future[torch.Tensor],
+}
+
+
+def register(model: DistributedDataParallel, optimizer: CompressedOptimizer) -> OptimizerHookState:
+    """Let ``optimizer`` decide DDP's gradient communication: ``distcomp.optim.register(ddp, opt)``.
+
+    Call it on every rank, after building both and before the first step. DDP
+    then all-reduces only for the steps that need the exact mean and leaves the
+    gradients local when the optimizer compresses (nothing is sent twice).
+    """
+    if not isinstance(model, DistributedDataParallel):
+        raise TypeError(f"distcomp.optim.register expects a DistributedDataParallel model, got {type(model).__name__}")
+    if not isinstance(optimizer, CompressedOptimizer):
+        raise TypeError(f"distcomp.optim.register expects a distcomp.optim optimizer, got {type(optimizer).__name__}")
+    if optimizer.steps or optimizer._world is not None:
+        raise RuntimeError("distcomp.optim.register must be called before the optimizer's first step")
+    module_params = {id(p) for p in model.module.parameters()}
+    if any(id(p) not in module_params for g in optimizer.param_groups for p in g["params"]):
+        raise ValueError("the optimizer holds parameters that are not in the DDP model; register it with the model "
+                         "whose gradients it consumes")
+    group = model.process_group
+    mine, theirs = optimizer.world_size, dist.get_world_size(group)
+    if mine != theirs:
+        raise ValueError(f"the optimizer's process group has {mine} ranks but the DDP model's has {theirs}")
+    state = OptimizerHookState(optimizer, group)
+    model.register_comm_hook(state, optimizer_hook)
+    optimizer._ddp = state
+    return state

@@ -1,0 +1,219 @@
+"""1-bit LAMB (Li et al., 2021, arXiv:2104.06069): LAMB with compressed momentum and frozen trust ratios.
+
+Phases, from the step counter ``t`` (0-based):
+
+* ``t < freeze_step`` (warm-up): LAMB on the exactly averaged gradient. Each
+  tensor's update ``u = m_hat / (sqrt(v_hat) + eps) + wd x`` is scaled by its
+  trust ratio ``||x|| / ||u||`` clipped to ``[min_coeff, max_coeff]``, and an
+  exponential average of that ratio (``coeff_beta``) is kept: it is the frozen
+  coefficient of the next phase. The last warm-up step copies ``v`` into a
+  fresh variance that keeps being updated.
+* ``t >= freeze_step`` (compression): momenta are scaled per tensor to a common
+  magnitude (scales fixed at the first compressed step), averaged with the 1-bit
+  all-reduce with error feedback, and scaled back. The gradient is
+  reconstructed from the change of the averaged momentum and updates the fresh
+  variance; the frozen coefficient is multiplied by a factor that tracks
+  ``max(frozen denominator / fresh denominator)``, clipped to
+  ``[factor_min, factor_max]`` and to a change of ``factor_threshold`` per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.distributed as dist
+
+from distcomp.config import require
+from distcomp.optim.base import CompressedOptimizer, GradientMode
+from distcomp.optim.config import OptimizerConfig, build
+from distcomp.optim.functional import (
+    adam_denominator,
+    adam_moments_,
+    bias_correction,
+    ema,
+    lamb_frozen_factor,
+    lamb_trust_ratio,
+    momentum_scaling,
+    rms,
+)
+from distcomp.optim.layout import FlatLayout
+
+Phase = Literal["warmup", "compressed"]
+
+
+class OneBitLamb(CompressedOptimizer):
+    """1-bit LAMB as a standard torch optimizer; see the module docstring.
+
+    ``OneBitLamb(model.parameters(), lr=1e-3, freeze_step=400)``; with DDP add
+    ``distcomp.optim.register(ddp_model, opt)``. Per-parameter scalars
+    ``lamb_coeff_freeze``, ``last_factor`` and ``scaling_coeff`` are part of ``state``.
+    """
+
+    algorithm = "OneBitLamb"
+    element_keys = ("exp_avg", "exp_avg_sq", "worker_error", "exp_avg_sq_fresh")
+    scalar_keys = ("lamb_coeff_freeze", "last_factor", "scaling_coeff")
+
+    @dataclass(kw_only=True, frozen=True)
+    class Config(OptimizerConfig):
+        """Options of :class:`OneBitLamb` (DeepSpeed's key names and defaults)."""
+
+        GROUP_KEYS: ClassVar[tuple[str, ...]] = OptimizerConfig.GROUP_KEYS + ("max_coeff", "min_coeff")
+
+        freeze_step: int = 100000
+        """Warm-up steps of exact LAMB before compression starts; ``1 / (1 - coeff_beta)`` should not exceed it."""
+        max_coeff: float = 10.0
+        """Largest trust ratio in the warm-up."""
+        min_coeff: float = 0.01
+        """Smallest trust ratio in the warm-up."""
+        coeff_beta: float = 0.9
+        """Decay rate of the running average of the trust ratio that is frozen after the warm-up."""
+        factor_max: float = 4.0
+        """Largest factor applied to the frozen trust ratio."""
+        factor_min: float = 0.5
+        """Smallest factor applied to the frozen trust ratio."""
+        factor_threshold: float = 0.1
+        """Largest relative change of the factor from one step to the next."""
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            require(self.freeze_step >= 1, "freeze_step", f"must be >= 1, got {self.freeze_step}")
+            require(0 < self.min_coeff <= self.max_coeff, "min_coeff", "must be > 0 and <= max_coeff, "
+                    f"got {self.min_coeff} and {self.max_coeff}")
+            require(0.0 <= self.coeff_beta < 1.0, "coeff_beta", f"must be in [0, 1), got {self.coeff_beta}")
+            require(0 < self.factor_min <= 1.0 <= self.factor_max, "factor_min",
+                    f"need 0 < factor_min <= 1 <= factor_max, got {self.factor_min} and {self.factor_max}")
+            require(self.factor_threshold >= 0, "factor_threshold", f"must be >= 0, got {self.factor_threshold}")
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        *,
+        process_group: dist.ProcessGroup | None = None,
+        log_every: int = 0,
+        **options: Any,
+    ) -> None:
+        super().__init__(params, build(self.Config, {"lr": lr, **options}, "OneBitLamb"),
+                         process_group=process_group, log_every=log_every)
+        self.lamb_coeffs: list[float] = []
+        """The trust ratio applied to each tensor in the last step."""
+
+    def phase(self, t: int | None = None) -> Phase:
+        """Phase of step ``t`` (default: the next step)."""
+        return "warmup" if (self._step if t is None else t) < self.config.freeze_step else "compressed"
+
+    def _milestones(self) -> dict[int, str]:
+        return {self.config.freeze_step: "warm-up done; trust ratios and variance frozen, momentum compressed to 1 bit"}
+
+    def gradient_mode(self, t: int | None = None) -> GradientMode:
+        return "mean" if self.phase(t) == "warmup" else "local"
+
+    def get_lamb_coeffs(self) -> list[float]:
+        """DeepSpeed's accessor: the trust ratios of the last step."""
+        return list(self.lamb_coeffs)
+
+    def _run(self, t: int, grads: list[torch.Tensor], health: torch.Tensor) -> bool:
+        layouts = self._ensure_layouts()
+        coeffs: list[float] = []
+        if self.phase(t) == "warmup":
+            if not self._exact_mean(grads, health):
+                return False
+            for layout, g in zip(layouts, grads):
+                coeffs += self._warmup_step(layout, t, g)
+        else:
+            if t == self.config.freeze_step:
+                self._set_scaling()
+            for layout, g in zip(layouts, grads):
+                step = self._compressed_step(layout, t, g, health)
+                if step is None:
+                    return False
+                coeffs += step
+        self.lamb_coeffs = coeffs
+        return True
+
+    def _warmup_step(self, layout: FlatLayout, t: int, g: torch.Tensor) -> list[float]:
+        group, c = self.param_groups[layout.group], self.config
+        b1, b2 = group["betas"]
+        m, v = self._flat(layout, "exp_avg"), self._flat(layout, "exp_avg_sq")
+        adam_moments_(m, v, g, b1, b2)
+        update, _ = self._update(layout, g, t + 1, t + 1)
+        coeffs = []
+        for p, wn, un in zip(layout.params, _norms(layout.params), _norms(layout.views(update))):
+            st = self.state[p]
+            st.setdefault("last_factor", 1.0)
+            ratio = lamb_trust_ratio(wn, un, group["min_coeff"], group["max_coeff"])
+            if ratio is not None:
+                st["lamb_coeff_freeze"] = ema(st.get("lamb_coeff_freeze", 0.0), ratio, c.coeff_beta)
+            st.setdefault("lamb_coeff_freeze", 0.0)
+            coeffs.append(1.0 if ratio is None else ratio)
+        if t == c.freeze_step - 1:
+            self._flat(layout, "exp_avg_sq_fresh").copy_(v)
+        self._apply(layout, update, coeffs)
+        return coeffs
+
+    def _set_scaling(self) -> None:
+        """Per-tensor momentum scales, fixed at the first compressed step from every bucket's momentum."""
+        params = [p for layout in self._ensure_layouts() for p in layout.params]
+        norms = [n for layout in self._ensure_layouts() for n in _norms(layout.views(self._flat(layout, "exp_avg")))]
+        for p, scale in zip(params, momentum_scaling([rms(n, p.numel()) for p, n in zip(params, norms)])):
+            self.state[p]["scaling_coeff"] = scale
+
+    def _compressed_step(self, layout: FlatLayout, t: int, g: torch.Tensor, health: torch.Tensor) -> list[float] | None:
+        group, c = self.param_groups[layout.group], self.config
+        b1, b2 = group["betas"]
+        scales = [self.state[p]["scaling_coeff"] for p in layout.params]
+        m = self._flat(layout, "exp_avg")
+        local = torch.lerp(m, g, 1 - b1, out=g)
+        torch._foreach_mul_(layout.views(local), scales)
+        mean = self._compressed(layout, local, health)
+        if mean is None:
+            return None
+        torch._foreach_div_(layout.views(mean), scales)
+        fresh = self._flat(layout, "exp_avg_sq_fresh")
+        rebuilt = torch.mul(m, b1, out=self._scratch("rebuilt", layout))
+        torch.sub(mean, rebuilt, out=rebuilt).div_(1 - b1)  # the averaged gradient this momentum step implies
+        fresh.mul_(b2).addcmul_(rebuilt, rebuilt, value=1 - b2)
+        m.copy_(mean)
+        denom = self._denominator(layout, c.freeze_step, frozen=True)
+        ratio = adam_denominator(fresh, bias_correction(b2, t + 1, group["bias_correction"]), group["eps"],
+                                 c.eps_inside_sqrt, out=rebuilt)
+        ratio = torch.div(denom, ratio, out=rebuilt)
+        ratio_max = torch.stack(torch._foreach_max(layout.views(ratio))).tolist()
+        update, prelim = self._update(layout, g, t + 1, c.freeze_step, denom)
+        coeffs = []
+        for p, rmax, pn, un in zip(layout.params, ratio_max, prelim, _norms(layout.views(update))):
+            st = self.state[p]
+            st["last_factor"] = lamb_frozen_factor(rmax, pn, un, group["weight_decay"], st["last_factor"],
+                                                   c.factor_min, c.factor_max, c.factor_threshold)
+            coeffs.append(st["lamb_coeff_freeze"] * st["last_factor"])
+        self._apply(layout, update, coeffs)
+        return coeffs
+
+    def _update(self, layout: FlatLayout, out: torch.Tensor, s: int, v_updates: int,
+                denom: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
+        """``(m_hat / (sqrt(v_hat) + eps) + wd x`` written into ``out``, the per-tensor norms before the decay term)."""
+        group = self.param_groups[layout.group]
+        denom = self._denominator(layout, v_updates) if denom is None else denom
+        update = torch.div(self._flat(layout, "exp_avg"), denom, out=out)
+        bc1 = bias_correction(group["betas"][0], s, group["bias_correction"])
+        if bc1 != 1.0:
+            update.div_(bc1)
+        wd = group["weight_decay"]
+        prelim = _norms(layout.views(update)) if wd else [0.0] * len(layout.params)
+        if wd:
+            torch._foreach_add_(layout.views(update), list(layout.params), alpha=wd)
+        return update, prelim
+
+    def _apply(self, layout: FlatLayout, update: torch.Tensor, coeffs: Sequence[float]) -> None:
+        """``x -= lr * coeff * update`` per tensor."""
+        views = layout.views(update)
+        torch._foreach_mul_(views, list(coeffs))
+        torch._foreach_add_(list(layout.params), views, alpha=-self.param_groups[layout.group]["lr"])
+
+
+def _norms(tensors: Sequence[torch.Tensor]) -> list[float]:
+    """L2 norms, accumulated in fp32 whatever the dtype."""
+    return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float32)).tolist()
