@@ -184,8 +184,11 @@ class CompressionState:
         self._restored = dict.fromkeys(self._layouts)
 
     def close(self) -> None:
-        """Stop the communication worker (pending buckets finish first)."""
+        """Stop the communication worker (pending buckets finish first) and release its process group."""
         self._executor.shutdown()
+        if self._comm_group is not self.group and self._comm_group is not None:
+            dist.destroy_process_group(self._comm_group)
+            self._comm_group = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
