@@ -13,16 +13,14 @@ Phases, from the step counter ``t`` (0-based):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
-import torch.distributed as dist
 
 from distcomp.config import require
 from distcomp.optim.base import CompressedOptimizer, GradientMode
-from distcomp.optim.config import OptimizerConfig, build
+from distcomp.optim.config import OptimizerConfig
 from distcomp.optim.functional import adam_apply_, adam_moments_, bias_correction, decay_
 from distcomp.optim.layout import FlatLayout
 
@@ -74,18 +72,6 @@ class OneBitAdam(AdamSteps):
             super().__post_init__()
             require(self.freeze_step >= 1, "freeze_step", f"must be >= 1 (the variance needs a warm-up), "
                     f"got {self.freeze_step}")
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        *,
-        process_group: dist.ProcessGroup | None = None,
-        log_every: int = 0,
-        **options: Any,
-    ) -> None:
-        super().__init__(params, build(self.Config, {"lr": lr, **options}, "OneBitAdam"),
-                         process_group=process_group, log_every=log_every)
 
     def phase(self, t: int | None = None) -> Phase:
         """Phase of step ``t`` (default: the next step)."""

@@ -23,7 +23,7 @@ from distcomp.compressor import local_health
 from distcomp.compressors.sign import SignCodec
 from distcomp.errors import CheckpointError
 from distcomp.hooks.agreement import check_agreement
-from distcomp.optim.config import OptimizerConfig, check_group
+from distcomp.optim.config import OptimizerConfig, build, check_group
 from distcomp.optim.functional import adam_denominator, bias_correction
 from distcomp.optim.layout import FlatLayout, build_layouts
 from distcomp.optim.state import StateMixin, world_of
@@ -51,12 +51,14 @@ class CompressedOptimizer(StateMixin, torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[Any],
-        config: OptimizerConfig,
+        lr: float = 1e-3,
         *,
         process_group: dist.ProcessGroup | None = None,
         log_every: int = 0,
+        **options: Any,
     ) -> None:
-        self.config = config
+        """``options`` are the fields of the class's ``Config`` (DeepSpeed's key names); unknown ones fail."""
+        self.config = config = build(self.Config, {"lr": lr, **options}, self.algorithm)
         self._layouts: list[FlatLayout] | None = None
         super().__init__(params, {k: getattr(config, k) for k in config.GROUP_KEYS})
         self.process_group = process_group

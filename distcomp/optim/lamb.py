@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.distributed as dist
 
 from distcomp.config import require
 from distcomp.optim.base import CompressedOptimizer, GradientMode
-from distcomp.optim.config import OptimizerConfig, build
+from distcomp.optim.config import OptimizerConfig
 from distcomp.optim.functional import (
     adam_denominator,
     adam_moments_,
@@ -87,17 +86,8 @@ class OneBitLamb(CompressedOptimizer):
                     f"need 0 < factor_min <= 1 <= factor_max, got {self.factor_min} and {self.factor_max}")
             require(self.factor_threshold >= 0, "factor_threshold", f"must be >= 0, got {self.factor_threshold}")
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        *,
-        process_group: dist.ProcessGroup | None = None,
-        log_every: int = 0,
-        **options: Any,
-    ) -> None:
-        super().__init__(params, build(self.Config, {"lr": lr, **options}, "OneBitLamb"),
-                         process_group=process_group, log_every=log_every)
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, **kwargs: Any) -> None:
+        super().__init__(params, lr, **kwargs)
         self.lamb_coeffs: list[float] = []
         """The trust ratio applied to each tensor in the last step."""
 

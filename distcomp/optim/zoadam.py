@@ -20,18 +20,16 @@ Phases, from the step counter ``t`` (0-based; ``s = t + 1``):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
-import torch.distributed as dist
 
 from distcomp.config import require
 from distcomp.errors import CheckpointError
 from distcomp.optim.adam import AdamSteps
 from distcomp.optim.base import GradientMode
-from distcomp.optim.config import OptimizerConfig, build
+from distcomp.optim.config import OptimizerConfig
 from distcomp.optim.functional import (
     adam_apply_,
     adam_moments_,
@@ -78,18 +76,6 @@ class ZeroOneAdam(AdamSteps):
             super().__post_init__()
             for key in ("var_freeze_step", "var_update_scaler", "local_step_scaler", "local_step_clipper"):
                 require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-3,
-        *,
-        process_group: dist.ProcessGroup | None = None,
-        log_every: int = 0,
-        **options: Any,
-    ) -> None:
-        super().__init__(params, build(self.Config, {"lr": lr, **options}, "ZeroOneAdam"),
-                         process_group=process_group, log_every=log_every)
 
     def phase(self, t: int | None = None) -> Phase:
         """Phase of step ``t`` (default: the next step)."""
