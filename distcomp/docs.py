@@ -71,6 +71,20 @@ def compression_reference() -> str:
     return "\n\n".join(parts)
 
 
+def optimizer_reference() -> str:
+    """One section per compressed optimizer (its keyword arguments, DeepSpeed's names)."""
+    from distcomp.train.config import COMPRESSED_OPTIMIZERS
+
+    parts = ["Keyword arguments of the optimizers, which are also the keys of their sections in a training "
+             "config (`optimizer.onebit_adam:` ...). There, `lr`, `betas`, `eps` and `weight_decay` default to "
+             "the `optimizer:` section's values."]
+    for name, cls in COMPRESSED_OPTIMIZERS.items():
+        summary = inspect.getdoc(cls).splitlines()[0]
+        parts.append(f"#### `distcomp.optim.{cls.__name__}` (`optimizer.name: {name}`)\n\n{summary}\n\n"
+                     f"{table(cls.Config)}")
+    return "\n\n".join(parts)
+
+
 def train_reference() -> str:
     """The ``distcomp train`` config: top-level keys, then one table per section."""
     from distcomp.train.config import TrainConfig
@@ -90,7 +104,8 @@ def train_reference() -> str:
 
 def reference() -> str:
     """The whole configuration reference, as embedded in README.md."""
-    return "### Training config\n\n" + train_reference() + "\n\n### Compressors\n\n" + compression_reference() + "\n"
+    return ("### Training config\n\n" + train_reference() + "\n\n### Compressors\n\n" + compression_reference()
+            + "\n\n### Compressed optimizers\n\n" + optimizer_reference() + "\n")
 
 
 if __name__ == "__main__":

@@ -25,3 +25,14 @@ def test_every_compressor_field_has_a_docstring() -> None:
         docs = field_docs(cls)
         missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
         assert not missing, f"{name}: fields without a docstring: {missing}"
+
+
+def test_every_compressed_optimizer_field_has_a_docstring() -> None:
+    import dataclasses
+
+    from distcomp.train.config import COMPRESSED_OPTIMIZERS
+
+    for name, cls in COMPRESSED_OPTIMIZERS.items():
+        docs = field_docs(cls.Config)
+        missing = [f.name for f in dataclasses.fields(cls.Config) if not docs.get(f.name)]
+        assert not missing, f"{name}: fields without a docstring: {missing}"

@@ -17,6 +17,7 @@ from distcomp.docs import field_docs
 from distcomp.errors import ConfigError
 from distcomp.train import config as train_config
 from distcomp.train.config import (
+    RunSpec,
     TrainConfig,
     apply_overrides,
     config_from_raw,
@@ -43,7 +44,7 @@ def test_compression_only_file_is_a_complete_config(tmp_path: Path) -> None:
     cfg = load_train_config(write(tmp_path, "version: 1\ncompression:\n  compressor: sign\n  block: 2048\n", "sign.yaml"))
     assert cfg.compressor == "sign" and cfg.compression.block == 2048
     assert cfg.name == "sign"  # the file's stem
-    assert cfg.runs() == [("sign", cfg.compression)]
+    assert cfg.runs() == [RunSpec(name="sign", compression=cfg.compression, optimizer="adamw")]
     assert cfg.model.d_model == 256 and cfg.data.path is None and cfg.dist.nproc == 2
 
 
@@ -109,8 +110,8 @@ def test_overrides_reach_nested_fields_and_parse_yaml_values() -> None:
     assert cfg.compression.rank == 8 and cfg.steps == 200 and cfg.optimizer.lr == 1e-3
     assert cfg.compare == ("none", "sign") and cfg.data.path == "/x" and cfg.name == "abc"
     # sign is compared but the section configures powersgd: sign runs with its defaults.
-    assert [n for n, _ in cfg.runs()] == ["none", "sign"]
-    assert cfg.runs()[1][1] == distcomp.build_config("sign", {})
+    assert [r.name for r in cfg.runs()] == ["none", "sign"]
+    assert cfg.runs()[1].compression == distcomp.build_config("sign", {})
 
 
 def test_setting_the_compressor_starts_its_section_afresh() -> None:
@@ -135,14 +136,17 @@ def test_config_round_trips_through_plain_values() -> None:
 def test_every_config_file_loads_and_validates(path: Path) -> None:
     cfg = load_train_config(path)
     assert cfg.name == path.stem or path.name == "quickstart.yaml"
-    for name, compression in cfg.runs():
-        assert distcomp.get_compressor(name).Config is type(compression)
+    for spec in cfg.runs():
+        if spec.compression is None:
+            assert spec.optimizer == spec.name and cfg.optimizer.compressed_config(spec.name) is not None
+        else:
+            assert distcomp.get_compressor(spec.name).Config is type(spec.compression)
     assert config_from_raw(config_to_raw(cfg)) == cfg
 
 
 def test_quickstart_compares_powersgd_rank_4_with_none_on_2_ranks() -> None:
     cfg = load_train_config(ROOT / "configs" / "quickstart.yaml")
-    assert [n for n, _ in cfg.runs()] == ["none", "powersgd"]
+    assert [r.name for r in cfg.runs()] == ["none", "powersgd"]
     assert cfg.compression.rank == 4 and cfg.dist.nproc == 2
     params = sum(p.numel() for p in distcomp.models.gpt.GPT(cfg.model).parameters())
     assert params > 3_000_000
@@ -159,7 +163,10 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor() -> None:
     assert lr_at(const, 77, 100) == const.lr
 
 
-@pytest.mark.parametrize("name, cls", [("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD)])
+@pytest.mark.parametrize("name, cls", [("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD),
+                                       ("onebit_adam", distcomp.optim.OneBitAdam),
+                                       ("zero_one_adam", distcomp.optim.ZeroOneAdam),
+                                       ("onebit_lamb", distcomp.optim.OneBitLamb)])
 def test_optimizers_decay_matrices_only(name: str, cls: type) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     cfg = config_from_raw({"version": 1, "optimizer": {"name": name, "weight_decay": 0.1}}).optimizer
@@ -224,3 +231,70 @@ def test_every_train_config_field_has_a_docstring() -> None:
     for cls in sections:
         missing = {f.name for f in dataclasses.fields(cls)} - set(field_docs(cls))
         assert not missing, (cls.__name__, missing)
+
+
+# -- compressed optimizers ---------------------------------------------------------------
+
+
+def test_a_compressed_optimizer_is_one_run_without_a_hook() -> None:
+    cfg = config_from_raw({"version": 1, "optimizer": {"name": "onebit_adam", "lr": 1e-3, "betas": [0.9, 0.99],
+                                                       "onebit_adam": {"freeze_step": 7, "block": 64}}})
+    assert cfg.compressor == "none"  # the default PowerSGD hook would contradict the optimizer
+    assert cfg.runs() == [RunSpec(name="onebit_adam", compression=None, optimizer="onebit_adam")]
+    opt_cfg = cfg.optimizer.compressed_config("onebit_adam")
+    assert (opt_cfg.freeze_step, opt_cfg.block, opt_cfg.lr, opt_cfg.betas) == (7, 64, 1e-3, (0.9, 0.99))
+    opt = build_optimizer(torch.nn.Linear(3, 3), cfg.optimizer)
+    assert isinstance(opt, distcomp.optim.OneBitAdam) and opt.config == opt_cfg
+
+
+def test_a_compressed_optimizer_may_set_its_own_peak_lr() -> None:
+    cfg = config_from_raw({"version": 1, "optimizer": {"lr": 2e-3, "warmup_steps": 2, "onebit_lamb": {"lr": 2e-2}}})
+    assert cfg.optimizer.peak_lr("onebit_lamb") == 2e-2 and cfg.optimizer.peak_lr("onebit_adam") == 2e-3
+    assert cfg.optimizer.peak_lr("adamw") == 2e-3
+    opt = build_optimizer(torch.nn.Linear(2, 2), cfg.optimizer, "onebit_lamb")
+    assert all(g["lr"] == 2e-2 for g in opt.param_groups)
+    assert lr_at(cfg.optimizer, 0, 10, peak=2e-2) == 1e-2 and lr_at(cfg.optimizer, 0, 10) == 1e-3
+
+
+def test_compare_mixes_compressors_and_compressed_optimizers() -> None:
+    cfg = config_from_raw({"version": 1, "compare": ["none", "powersgd", "zero_one_adam"],
+                           "optimizer": {"name": "zero_one_adam"}})
+    runs = cfg.runs()
+    assert [(r.name, r.optimizer) for r in runs] == [("none", "adamw"), ("powersgd", "adamw"),
+                                                      ("zero_one_adam", "zero_one_adam")]
+    assert runs[1].compression == distcomp.build_config("powersgd", {}) and runs[2].compression is None
+    sgd = config_from_raw({"version": 1, "compare": ["none", "onebit_lamb"], "optimizer": {"name": "sgd"}})
+    assert [r.optimizer for r in sgd.runs()] == ["sgd", "onebit_lamb"]
+
+
+def test_options_of_a_compressed_optimizer_are_set_from_the_command_line() -> None:
+    cfg = load_train_config(ROOT / "configs" / "onebit_adam.yaml",
+                            ["optimizer.onebit_adam.freeze_step=3", "optimizer.zero_one_adam.var_update_scaler=8"])
+    assert cfg.optimizer.compressed_config("onebit_adam").freeze_step == 3
+    assert cfg.optimizer.compressed_config("zero_one_adam").var_update_scaler == 8
+
+
+@pytest.mark.parametrize(
+    "optimizer, words",
+    [
+        ({"name": "onebit_adam", "onebit_adam": {"freez_step": 5}},
+         ["section 'optimizer'", "'onebit_adam'", "'freez_step'", "did you mean 'freeze_step'"]),
+        ({"onebit_adam": {"lr": -0.1}}, ["'onebit_adam'", "'lr'", ">= 0"]),
+        ({"zero_one_adam": {"var_freeze_step": "soon"}}, ["'zero_one_adam'", "'var_freeze_step'", "int", "'soon'"]),
+        ({"onebit_lamb": {"min_coeff": 0}}, ["'onebit_lamb'", "'min_coeff'", "> 0"]),
+        ({"onebit_lamb": 3}, ["'optimizer.onebit_lamb'", "mapping"]),
+        ({"name": "onebit_adam", "onebit_adam": {"amsgrad": True}}, ["'amsgrad'", "not supported"]),
+    ],
+)
+def test_bad_compressed_optimizer_options_name_the_key(optimizer: dict, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as err:
+        config_from_raw({"version": 1, "optimizer": optimizer})
+    for word in words:
+        assert word in str(err.value), str(err.value)
+
+
+def test_a_compressed_optimizer_refuses_a_compression_hook() -> None:
+    with pytest.raises(ConfigError) as err:
+        config_from_raw({"version": 1, "optimizer": {"name": "onebit_lamb"}, "compression": {"compressor": "sign"}})
+    assert "'onebit_lamb' communicates compressed momentum itself" in str(err.value)
+    assert "compression.compressor: none" in str(err.value)

@@ -208,17 +208,25 @@ def group_timeout(group: dist.ProcessGroup | None) -> datetime.timedelta | None:
     return None
 
 
+def annotate_hook(hook: Callable[..., Any], state_type: type) -> None:
+    """Give a comm hook the annotations DDP checks, as objects.
+
+    DDP validates the hook's annotations as objects; postponed (string)
+    annotations, which ``from __future__ import annotations`` makes, fail that check.
+    """
+    hook.__annotations__ = {
+        "state": state_type,
+        "bucket": dist.GradBucket,
+        "return": torch.futures.Future[torch.Tensor],
+    }
+
+
 def compressed_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.futures.Future:
     """The DDP comm hook function: ``model.register_comm_hook(state, compressed_hook)``."""
     return state.on_bucket(bucket)
 
 
-# DDP validates the hook's annotations as objects; postponed (string) annotations fail that check.
-compressed_hook.__annotations__ = {
-    "state": CompressionState,
-    "bucket": dist.GradBucket,
-    "return": torch.futures.Future[torch.Tensor],
-}
+annotate_hook(compressed_hook, CompressionState)
 
 
 def _make_compressor(compressor: str | Any, config: dict[str, Any]) -> Compressor:

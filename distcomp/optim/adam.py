@@ -48,7 +48,7 @@ class AdamSteps(CompressedOptimizer):
 
 
 class OneBitAdam(AdamSteps):
-    """1-bit Adam as a standard torch optimizer, on any backend; see the module docstring.
+    """1-bit Adam: exact Adam for ``freeze_step`` steps, then frozen variance and momentum exchanged as signs.
 
     ``OneBitAdam(model.parameters(), lr=1e-3, freeze_step=400)``. Without DDP the
     optimizer averages the gradients itself during warm-up; with DDP, call

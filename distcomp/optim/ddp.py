@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distcomp.comm import BucketRecord, Comm
 from distcomp.compressor import local_health
+from distcomp.hooks.ddp import annotate_hook
 from distcomp.optim.base import CompressedOptimizer
 
 
@@ -106,12 +107,7 @@ def optimizer_hook(state: OptimizerHookState, bucket: dist.GradBucket) -> torch.
     return state.on_bucket(bucket)
 
 
-# DDP validates the hook's annotations as objects; postponed (string) annotations fail that check.
-optimizer_hook.__annotations__ = {
-    "state": OptimizerHookState,
-    "bucket": dist.GradBucket,
-    "return": torch.futures.Future[torch.Tensor],
-}
+annotate_hook(optimizer_hook, OptimizerHookState)
 
 
 def register(model: DistributedDataParallel, optimizer: CompressedOptimizer) -> OptimizerHookState:

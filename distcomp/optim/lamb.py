@@ -44,7 +44,7 @@ Phase = Literal["warmup", "compressed"]
 
 
 class OneBitLamb(CompressedOptimizer):
-    """1-bit LAMB as a standard torch optimizer; see the module docstring.
+    """1-bit LAMB: exact LAMB for ``freeze_step`` steps, then frozen trust ratios and momentum exchanged as signs.
 
     ``OneBitLamb(model.parameters(), lr=1e-3, freeze_step=400)``; with DDP add
     ``distcomp.optim.register(ddp_model, opt)``. Per-parameter scalars

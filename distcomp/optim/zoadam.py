@@ -45,7 +45,7 @@ Phase = Literal["variance", "compressed-gradient", "local", "sync"]
 
 
 class ZeroOneAdam(AdamSteps):
-    """0/1 Adam as a standard torch optimizer; see the module docstring.
+    """0/1 Adam: variance updated at doubling intervals, 1-bit exchanges, local steps between synchronisations.
 
     ``ZeroOneAdam(model.parameters(), lr=1e-3, var_freeze_step=400, local_step_scaler=100)``;
     with DDP add ``distcomp.optim.register(ddp_model, opt)``. Extra state: the

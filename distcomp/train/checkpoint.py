@@ -28,13 +28,13 @@ import torch.distributed as dist
 
 from distcomp.config import config_to_dict
 from distcomp.errors import CheckpointError
-from distcomp.train.config import TrainConfig
+from distcomp.train.config import COMPRESSED_OPTIMIZERS, RunSpec, TrainConfig
 
 FORMAT = "distcomp.train/1"
 logger = logging.getLogger("distcomp.train")
 
 
-def trajectory_config(cfg: TrainConfig, compression: Any) -> dict[str, Any]:
+def trajectory_config(cfg: TrainConfig, spec: RunSpec) -> dict[str, Any]:
     """The settings a resumed run must share with its checkpoint (plain values).
 
     Left out on purpose: ``steps`` and ``optimizer.decay_steps`` (a run may be
@@ -43,12 +43,17 @@ def trajectory_config(cfg: TrainConfig, compression: Any) -> dict[str, Any]:
     optimizer = dataclasses.asdict(cfg.optimizer)
     optimizer.pop("decay_steps")
     optimizer["betas"] = list(optimizer["betas"])
+    optimizer["name"] = spec.optimizer
+    for name in COMPRESSED_OPTIMIZERS:  # only the options of the optimizer this run uses
+        options = optimizer.pop(name)
+        if name == spec.optimizer:
+            optimizer["options"] = options
     return {
         "seed": cfg.seed,
         "model": dataclasses.asdict(cfg.model),
         "data": dataclasses.asdict(cfg.data),
-        "optimizer": optimizer,
-        "compression": config_to_dict(compression),
+        "optimizer": json.loads(json.dumps(optimizer)),  # plain values, as they come back from meta.json
+        "compression": config_to_dict(spec.compression) if spec.compression is not None else None,
     }
 
 

@@ -29,7 +29,11 @@ import yaml
 
 from distcomp.config import CONFIG_VERSION, config_from_dict, config_to_dict, require
 from distcomp.errors import ConfigError
+from distcomp.validation import check_types
 from distcomp.models.gpt import GPTConfig
+from distcomp.optim import CompressedOptimizer, OneBitAdam, OneBitLamb, ZeroOneAdam
+from distcomp.optim.config import OptimizerConfig as OptimizerSettings
+from distcomp.optim.config import build
 from distcomp.registry import available_compressors, build_config, compressor_for_config, get_compressor
 
 
@@ -50,12 +54,25 @@ class DataConfig:
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
 
 
+COMPRESSED_OPTIMIZERS: dict[str, type[CompressedOptimizer]] = {
+    "onebit_adam": OneBitAdam,
+    "zero_one_adam": ZeroOneAdam,
+    "onebit_lamb": OneBitLamb,
+}
+"""distcomp's optimizers that compress their own momentum exchange, by ``optimizer.name``."""
+
+SHARED_OPTIMIZER_KEYS = ("lr", "betas", "eps", "weight_decay")
+"""Keys of the optimizer section that the compressed optimizers take too, unless their own section sets them."""
+
+
 @dataclass(kw_only=True, frozen=True)
 class OptimizerConfig:
     """Optimizer and learning-rate schedule."""
 
-    name: Literal["adamw", "sgd"] = "adamw"
-    """``adamw`` (torch.optim.AdamW) or ``sgd`` (SGD with momentum)."""
+    name: Literal["adamw", "sgd", "onebit_adam", "zero_one_adam", "onebit_lamb"] = "adamw"
+    """``adamw`` (torch.optim.AdamW), ``sgd`` (SGD with momentum), or one of distcomp's compressed optimizers:
+    ``onebit_adam``, ``zero_one_adam``, ``onebit_lamb`` (they communicate compressed momentum themselves, so the
+    run has no ``compression`` hook; their options go in the section of the same name)."""
     lr: float = 2e-3
     """Peak learning rate."""
     weight_decay: float = 0.0
@@ -79,6 +96,16 @@ class OptimizerConfig:
     """Final learning rate of the cosine schedule, as a fraction of ``lr``."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 turns clipping off."""
+    onebit_adam: dict[str, Any] = field(default_factory=dict)
+    """Options of ``onebit_adam`` (:class:`distcomp.optim.OneBitAdam`, DeepSpeed's key names), e.g.
+    ``{freeze_step: 40}``. ``lr``, ``betas``, ``eps`` and ``weight_decay`` default to this section's; ``lr`` set
+    here is the peak of the same schedule."""
+    zero_one_adam: dict[str, Any] = field(default_factory=dict)
+    """Options of ``zero_one_adam`` (:class:`distcomp.optim.ZeroOneAdam`), e.g. ``{var_freeze_step: 40,
+    var_update_scaler: 32, local_step_scaler: 1000, local_step_clipper: 4}``."""
+    onebit_lamb: dict[str, Any] = field(default_factory=dict)
+    """Options of ``onebit_lamb`` (:class:`distcomp.optim.OneBitLamb`), e.g. ``{freeze_step: 40, lr: 2.0e-2}``
+    (LAMB scales each step by the weights' norm and usually wants a larger ``lr`` than Adam)."""
 
     def __post_init__(self) -> None:
         require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
@@ -90,6 +117,33 @@ class OptimizerConfig:
         require(self.decay_steps is None or self.decay_steps >= 1, "decay_steps", "must be >= 1 or null")
         require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         require(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
+        for name in COMPRESSED_OPTIMIZERS:
+            self.compressed_config(name)  # validates the options before any rank starts
+
+    @property
+    def compressed(self) -> bool:
+        """Whether ``name`` is one of distcomp's compressed optimizers."""
+        return self.name in COMPRESSED_OPTIMIZERS
+
+    def compressed_options(self, name: str) -> dict[str, Any]:
+        """Keyword arguments of the compressed optimizer ``name``: its own options over this section's shared keys."""
+        own = getattr(self, name)
+        require(isinstance(own, dict), name, f"must be a mapping of {name}'s options, got {own!r}")
+        return {**{k: getattr(self, k) for k in SHARED_OPTIMIZER_KEYS}, **own}
+
+    def peak_lr(self, name: str) -> float:
+        """The peak learning rate of optimizer ``name`` (its own section's ``lr`` where set)."""
+        return float(self.compressed_options(name)["lr"]) if name in COMPRESSED_OPTIMIZERS else self.lr
+
+    def compressed_config(self, name: str) -> OptimizerSettings:
+        """The validated ``Config`` of the compressed optimizer ``name``; errors name the key as ``optimizer.<name>.<key>``."""
+        cls = COMPRESSED_OPTIMIZERS[name]
+        options = self.compressed_options(name)
+        try:
+            check_types(cls.Config, options)
+            return build(cls.Config, options, name)
+        except ConfigError as exc:
+            raise ConfigError(f"in section {name!r}: {exc}") from None
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -183,9 +237,11 @@ class TrainConfig:
     steps: int = 100
     """Optimizer steps per run."""
     compare: tuple[str, ...] = ()
-    """Compressors to train one after another and print side by side, e.g. ``[none, powersgd]``. A name equal
-    to ``compression.compressor`` gets that section's options; any other name gets its defaults.
-    Empty: one run with ``compression``."""
+    """Runs to train one after another and print side by side, e.g. ``[none, powersgd]``. A compressor name
+    equal to ``compression.compressor`` gets that section's options; any other compressor gets its defaults.
+    Entries may also name a compressed optimizer (``[none, onebit_adam]``): it trains with the optimizer
+    section's settings, and the compressor runs then use ``adamw`` with the same ``lr``, ``betas``, ``eps``
+    and ``weight_decay``. Empty: one run with ``compression`` and ``optimizer.name``."""
     model: GPTConfig = field(default_factory=_default_model)
     """Shape of the byte-level GPT (``vocab_size`` stays 256: tokens are bytes)."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -208,22 +264,46 @@ class TrainConfig:
                 f"must be a plain directory name, got {self.name!r}")
         require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         require(self.model.vocab_size == 256, "model.vocab_size", "must be 256: the model reads bytes")
-        known = available_compressors()
+        known = [*available_compressors(), *COMPRESSED_OPTIMIZERS]
         for name in self.compare:
-            require(name in known, "compare", f"unknown compressor {name!r}; available: {', '.join(known)}")
-        require(len(set(self.compare)) == len(self.compare), "compare", f"lists a compressor twice: {list(self.compare)}")
+            require(name in known, "compare", f"unknown compressor or compressed optimizer {name!r}; "
+                    f"available: {', '.join(known)}")
+        require(len(set(self.compare)) == len(self.compare), "compare", f"lists a run twice: {list(self.compare)}")
         compressor_for_config(self.compression)  # raises unless it is a registered compressor's Config
+        require(not (self.optimizer.compressed and not self.compare and self.compressor != "none"), "compression",
+                f"optimizer {self.optimizer.name!r} communicates compressed momentum itself, so the gradients "
+                f"cannot also go through the {self.compressor!r} hook; remove the compression section or "
+                "set compression.compressor: none")
 
     @property
     def compressor(self) -> str:
         """Name of the compressor of the ``compression`` section."""
         return compressor_for_config(self.compression).name
 
-    def runs(self) -> list[tuple[str, Any]]:
-        """``(compressor name, its Config)`` for every run, in order."""
+    def runs(self) -> list[RunSpec]:
+        """Every run, in order."""
         if not self.compare:
-            return [(self.compressor, self.compression)]
-        return [(n, self.compression if n == self.compressor else build_config(n, {})) for n in self.compare]
+            return [self._run(self.optimizer.name if self.optimizer.compressed else self.compressor)]
+        return [self._run(name) for name in self.compare]
+
+    def _run(self, name: str) -> RunSpec:
+        if name in COMPRESSED_OPTIMIZERS:
+            return RunSpec(name=name, compression=None, optimizer=name)
+        compression = self.compression if name == self.compressor else build_config(name, {})
+        optimizer = "adamw" if self.optimizer.compressed else self.optimizer.name
+        return RunSpec(name=name, compression=compression, optimizer=optimizer)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a job: what it is called, how DDP's gradients are compressed, which optimizer steps."""
+
+    name: str
+    """Label in the summary table and directory under ``<log.dir>/<config name>/``."""
+    compression: Any
+    """The compressor ``Config`` of the DDP hook; None for a compressed optimizer, which registers its own hook."""
+    optimizer: str
+    """An ``optimizer.name`` value."""
 
 
 # -- building from YAML -----------------------------------------------------------
@@ -290,11 +370,18 @@ def config_from_raw(raw: dict[str, Any], source: str = "config") -> TrainConfig:
             raise ConfigError(f"{source}: 'compression' must be a mapping with a 'compressor' key")
         section = _check_compression_types(section, source)
         compression = config_from_dict({"version": CONFIG_VERSION, **section}, source=f"{source}: compression")
+    if compression is None and _names_compressed_optimizer(values):
+        compression = build_config("none", {})  # the default PowerSGD hook would contradict the optimizer
     try:
         cfg = _build(TrainConfig, values, "", extra={"compression": compression} if compression is not None else {})
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return cfg
+
+
+def _names_compressed_optimizer(values: dict[str, Any]) -> bool:
+    section = values.get("optimizer")
+    return isinstance(section, dict) and section.get("name") in COMPRESSED_OPTIMIZERS
 
 
 def _check_compression_types(section: dict[str, Any], source: str) -> dict[str, Any]:
@@ -370,6 +457,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         require(value in args, key, f"must be one of {', '.join(map(repr, args))}; got {value!r}")
         return value
+    if origin is dict:
+        require(isinstance(value, dict), key, f"must be a mapping, got {value!r}")
+        return dict(value)
     if origin is tuple:
         require(isinstance(value, (list, tuple)), key, f"must be a list, got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:

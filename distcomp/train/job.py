@@ -22,11 +22,11 @@ def rank_job(cfg: TrainConfig, ctx: RankContext, resume: Path | None) -> int:
     root = Path(cfg.log.dir) / cfg.name
     if ctx.rank == 0:
         logger.info("distcomp train %s: %d ranks (%s on %s), data: %s, runs: %s", cfg.name, ctx.world_size,
-                    ctx.backend, ctx.device.type, corpus.source, ", ".join(n for n, _ in cfg.runs()))
+                    ctx.backend, ctx.device.type, corpus.source, ", ".join(r.name for r in cfg.runs()))
     results: list[RunResult] = []
     stopped = False
-    for name, compression in cfg.runs():
-        result, stopped = train_run(cfg, name, compression, ctx, corpus, run_dir=root / name, resume=resume,
+    for spec in cfg.runs():
+        result, stopped = train_run(cfg, spec, ctx, corpus, run_dir=root / spec.name, resume=resume,
                                     show=ctx.rank == 0)
         if result is not None:
             results.append(result)

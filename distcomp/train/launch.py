@@ -39,6 +39,7 @@ from distcomp.train.config import DistConfig, TrainConfig
 from distcomp.train.data import load_corpus
 from distcomp.train.job import EXIT_INTERRUPTED, rank_job
 from distcomp.train.loop import RankContext
+from distcomp.train.optim import first_compressed_step
 from distcomp.train.telemetry import TqdmHandler
 
 logger = logging.getLogger("distcomp.train")
@@ -79,22 +80,27 @@ def preflight(cfg: TrainConfig, resume: str | Path | None, world_size: int, loca
         raise ConfigError(f"dist.nproc: {local_world_size} ranks on this machine but only "
                           f"{torch.cuda.device_count()} CUDA devices (one GPU per rank); or use --device cpu")
     corpus = load_corpus(cfg.data, cfg.model.context)
+    runs = cfg.runs()
+    for spec in runs:
+        first = first_compressed_step(cfg.optimizer, spec.optimizer)
+        if first >= cfg.steps:
+            logger.warning("%s compresses from step %d (optimizer.%s.freeze_step) but the run has %d steps: "
+                           "it will only run its exact warm-up", spec.optimizer, first, spec.optimizer, cfg.steps)
     if resume is None:
         return None
-    runs = cfg.runs()
     path = checkpoint.resolve(resume)
     meta = checkpoint.read_meta(path)
     if len(runs) != 1:
         raise ConfigError(
-            f"--resume continues one run, but compare lists {[n for n, _ in runs]}; "
+            f"--resume continues one run, but compare lists {[r.name for r in runs]}; "
             f"add --set compare=[{meta['compressor']}] to resume the {meta['compressor']!r} run"
         )
-    name, compression = runs[0]
+    spec = runs[0]
     if meta["step"] > cfg.steps:
         raise ConfigError(f"--resume {path}: the checkpoint is at step {meta['step']}, beyond steps={cfg.steps}; "
                           f"raise steps (--set steps=...)")
-    checkpoint.check_compatible(meta, path=path, world_size=world_size, compressor=name,
-                                trajectory=checkpoint.trajectory_config(cfg, compression),
+    checkpoint.check_compatible(meta, path=path, world_size=world_size, compressor=spec.name,
+                                trajectory=checkpoint.trajectory_config(cfg, spec),
                                 data_fingerprint=corpus.fingerprint)
     if meta.get("schedule_steps") != (cfg.optimizer.decay_steps or cfg.steps):
         logger.warning("the learning-rate schedule was %s steps long and is now %s: the curve will not match an "

@@ -1,4 +1,4 @@
-"""One training run on one rank: model, DDP with a distcomp hook, optimizer, steps, evaluation.
+"""One training run on one rank: model, DDP with a distcomp hook (or a compressed optimizer), steps, evaluation.
 
 Test hook: ``DISTCOMP_TEST_FAULT=RANK:STEP`` makes rank RANK raise at step STEP,
 and ``RANK:STEP:hang`` makes it stop answering, so tests can check that a failed
@@ -21,10 +21,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import distcomp
+import distcomp.optim
 from distcomp.errors import CheckpointError
 from distcomp.models.gpt import GPT
 from distcomp.train import checkpoint
-from distcomp.train.config import TrainConfig, config_to_raw
+from distcomp.train.config import RunSpec, TrainConfig, config_to_raw
 from distcomp.train.data import Corpus, ShardedBatches, val_batches
 from distcomp.train.optim import build_optimizer, lr_at, set_lr
 from distcomp.train.telemetry import RunMonitor, RunResult, StepRecord, summarize
@@ -51,30 +52,46 @@ class Run:
 
     model: GPT
     ddp: DistributedDataParallel
-    state: distcomp.CompressionState
+    state: distcomp.CompressionState | None
+    """The compression hook's state; None when a compressed optimizer communicates (its stats are its own)."""
     optimizer: torch.optim.Optimizer
     batches: ShardedBatches
     val: list[torch.Tensor]
     records: list[StepRecord] = dataclasses.field(default_factory=list)
     val_losses: list[tuple[int, float]] = dataclasses.field(default_factory=list)
     start: int = 0
+    peak_lr: float | None = None
+    """Peak of the learning-rate schedule; None: ``optimizer.lr``."""
+
+    def stats(self) -> dict[str, Any]:
+        """Bytes and times of the last step, from the hook or from the compressed optimizer."""
+        source = self.state if self.state is not None else self.optimizer
+        return source.stats()["step"] or {}  # type: ignore[union-attr]
+
+    def close(self) -> None:
+        if self.state is not None:
+            self.state.close()
 
 
-def build_run(cfg: TrainConfig, compression: Any, ctx: RankContext, corpus: Corpus) -> Run:
-    """Model (same initial weights on every rank), DDP, the compression hook, optimizer, data."""
+def build_run(cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: Corpus) -> Run:
+    """Model (same initial weights on every rank), DDP, the compression hook or compressed optimizer, data."""
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model).to(ctx.device)
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     ddp = DistributedDataParallel(model, device_ids=ids)
-    state = distcomp.register(ddp, compression, overlap=cfg.dist.overlap)
-    optimizer = build_optimizer(model, cfg.optimizer)
+    optimizer = build_optimizer(model, cfg.optimizer, spec.optimizer)
+    if isinstance(optimizer, distcomp.optim.CompressedOptimizer):
+        state = None
+        distcomp.optim.register(ddp, optimizer)
+    else:
+        state = distcomp.register(ddp, spec.compression, overlap=cfg.dist.overlap)
     context, batch = cfg.model.context, cfg.data.batch_size
     batches = ShardedBatches(corpus.train, context, batch, ctx.rank, ctx.world_size, cfg.seed)
     val = val_batches(corpus.val, context, batch, cfg.eval.batches, ctx.rank, ctx.world_size)
-    return Run(model, ddp, state, optimizer, batches, val)
+    return Run(model, ddp, state, optimizer, batches, val, peak_lr=cfg.optimizer.peak_lr(spec.optimizer))
 
 
-def train_run(cfg: TrainConfig, name: str, compression: Any, ctx: RankContext, corpus: Corpus, *,
+def train_run(cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: Corpus, *,
               run_dir: Path, resume: Path | None, show: bool) -> tuple[RunResult | None, bool]:
     """Train one run to ``cfg.steps``: ``(result, stopped)``.
 
@@ -82,12 +99,12 @@ def train_run(cfg: TrainConfig, name: str, compression: Any, ctx: RankContext, c
     is True on every rank when the ranks agreed to stop early (Ctrl-C).
     """
     started = time.perf_counter()
-    run = build_run(cfg, compression, ctx, corpus)
+    run = build_run(cfg, spec, ctx, corpus)
     if resume is not None:
         _restore(run, resume, ctx)
-    monitor = RunMonitor(run_dir=run_dir, label=name, steps=cfg.steps, start=run.start, progress=cfg.log.progress,
+    monitor = RunMonitor(run_dir=run_dir, label=spec.name, steps=cfg.steps, start=run.start, progress=cfg.log.progress,
                          tensorboard=cfg.log.tensorboard, log_every=cfg.log.every, fresh=resume is None) if show else None
-    saver = _Saver(cfg, name, compression, ctx, corpus, run_dir)
+    saver = _Saver(cfg, spec, ctx, corpus, run_dir)
     try:
         loop_s, stopped = _loop(run, cfg, ctx, monitor, saver)
         if monitor:
@@ -96,12 +113,12 @@ def train_run(cfg: TrainConfig, name: str, compression: Any, ctx: RankContext, c
         if not run.val_losses or run.val_losses[-1][0] != final:
             _record_val(run, ctx, final, monitor)
     finally:
-        run.state.close()
+        run.close()
         if monitor:
             monitor.close()
     if ctx.rank != 0:
         return None, stopped
-    result = summarize(name, run.records, params=sum(p.numel() for p in run.model.parameters()),
+    result = summarize(spec.name, run.records, params=sum(p.numel() for p in run.model.parameters()),
                        val_losses=run.val_losses, loop_s=loop_s, steps_run=len(run.records) - run.start,
                        wall_s=time.perf_counter() - started, interrupted=stopped)
     _write_json(run_dir / "summary.json", {"run": result.as_dict(), "config": config_to_raw(cfg)})
@@ -133,12 +150,11 @@ def _loop(run: Run, cfg: TrainConfig, ctx: RankContext, monitor: RunMonitor | No
 class _Saver:
     """Writes this run's checkpoints (collective: every rank calls :meth:`save` at the same step)."""
 
-    def __init__(self, cfg: TrainConfig, name: str, compression: Any, ctx: RankContext, corpus: Corpus,
-                 run_dir: Path) -> None:
+    def __init__(self, cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: Corpus, run_dir: Path) -> None:
         self.ctx, self.keep = ctx, cfg.checkpoint.keep
-        self.root = Path(cfg.checkpoint.dir) / name if cfg.checkpoint.dir else run_dir / "checkpoints"
-        self.meta = {"world_size": ctx.world_size, "compressor": name,
-                     "config": checkpoint.trajectory_config(cfg, compression), "data": corpus.fingerprint,
+        self.root = Path(cfg.checkpoint.dir) / spec.name if cfg.checkpoint.dir else run_dir / "checkpoints"
+        self.meta = {"world_size": ctx.world_size, "compressor": spec.name,
+                     "config": checkpoint.trajectory_config(cfg, spec), "data": corpus.fingerprint,
                      "schedule_steps": cfg.optimizer.decay_steps or cfg.steps}
 
     def save(self, run: Run, step: int) -> None:
@@ -149,7 +165,7 @@ class _Saver:
 def _step(run: Run, cfg: TrainConfig, ctx: RankContext, step: int) -> tuple[StepRecord, bool]:
     """One optimizer step; returns its record and whether the ranks agreed to stop after it."""
     _maybe_fault(ctx.rank, step)
-    lr = lr_at(cfg.optimizer, step, cfg.steps)
+    lr = lr_at(cfg.optimizer, step, cfg.steps, run.peak_lr)
     set_lr(run.optimizer, lr)
     x, y = run.batches.batch(step, ctx.device)
     tick = time.perf_counter()
@@ -165,7 +181,7 @@ def _step(run: Run, cfg: TrainConfig, ctx: RankContext, step: int) -> tuple[Step
     # One small all-reduce a step carries the loss for the log and the stop request.
     shared = torch.stack([loss.detach().float(), torch.tensor(float(ctx.should_stop()), device=ctx.device)])
     dist.all_reduce(shared)
-    stats = run.state.stats()["step"] or {}
+    stats = run.stats()
     rec = StepRecord(
         step=step, loss=shared[0].item() / ctx.world_size, lr=lr, step_s=step_s,
         dense_bytes=stats.get("dense_bytes", 0.0), sent_bytes=stats.get("sent_bytes", 0.0),
@@ -202,7 +218,7 @@ def _rank_state(run: Run, ctx: RankContext, step: int) -> dict[str, Any]:
         "rank": ctx.rank,
         "world_size": ctx.world_size,
         "optimizer": run.optimizer.state_dict(),
-        "compression": run.state.state_dict(),
+        "compression": run.state.state_dict() if run.state is not None else {},
         "rng": checkpoint.rng_state(ctx.device),
         "data": _data_position(run, step),
         "records": [dataclasses.asdict(r) for r in run.records],
@@ -229,7 +245,8 @@ def _restore(run: Run, path: Path, ctx: RankContext) -> None:
                               f"{_data_position(run, run.start)}: the data, batch size or world size changed")
     run.model.load_state_dict(model_state)
     run.optimizer.load_state_dict(state["optimizer"])
-    run.state.load_state_dict(state["compression"])
+    if run.state is not None:
+        run.state.load_state_dict(state["compression"])
     checkpoint.set_rng_state(state["rng"], ctx.device)
     run.records = [StepRecord(**r) for r in state["records"]]
     run.val_losses = [(int(s), float(v)) for s, v in state["val_losses"]]

@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from distcomp.train.config import OptimizerConfig
+from distcomp.train.config import COMPRESSED_OPTIMIZERS, OptimizerConfig
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -31,25 +31,40 @@ OPTIMIZERS: dict[str, Callable[[torch.nn.Module, OptimizerConfig], torch.optim.O
     "adamw": _adamw,
     "sgd": _sgd,
 }
-"""Builders by ``optimizer.name``; distcomp's 1-bit optimizers join here when they land."""
+"""Builders of torch's optimizers by ``optimizer.name``; distcomp's compressed ones are in ``COMPRESSED_OPTIMIZERS``."""
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """The optimizer ``cfg.name`` over ``model``'s parameters."""
-    return OPTIMIZERS[cfg.name](model, cfg)
+def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, name: str | None = None) -> torch.optim.Optimizer:
+    """The optimizer ``name`` (default ``cfg.name``) over ``model``'s parameters, with ``cfg``'s settings."""
+    name = name or cfg.name
+    if name in COMPRESSED_OPTIMIZERS:
+        options = cfg.compressed_options(name)
+        return COMPRESSED_OPTIMIZERS[name](_param_groups(model, options.pop("weight_decay")), **options)
+    return OPTIMIZERS[name](model, cfg)
 
 
-def lr_at(cfg: OptimizerConfig, step: int, steps: int) -> float:
-    """Learning rate of ``step`` (0-based): linear warm-up, then constant or cosine to ``min_lr_ratio * lr``."""
+def first_compressed_step(cfg: OptimizerConfig, name: str) -> int:
+    """The first step at which the optimizer ``name`` compresses (0 for the hooks' runs, which decide per compressor)."""
+    if name in ("onebit_adam", "onebit_lamb"):
+        return cfg.compressed_config(name).freeze_step
+    return 0
+
+
+def lr_at(cfg: OptimizerConfig, step: int, steps: int, peak: float | None = None) -> float:
+    """Learning rate of ``step`` (0-based): linear warm-up, then constant or cosine to ``min_lr_ratio * peak``.
+
+    ``peak`` defaults to ``cfg.lr``; a compressed optimizer with its own ``lr`` passes that.
+    """
+    peak = cfg.lr if peak is None else peak
     if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+        return peak * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
-        return cfg.lr
+        return peak
     total = cfg.decay_steps or steps
     span = max(total - cfg.warmup_steps, 1)
     progress = min((step - cfg.warmup_steps) / span, 1.0)
-    floor = cfg.min_lr_ratio * cfg.lr
-    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    floor = cfg.min_lr_ratio * peak
+    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
