@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import logging
 import math
@@ -63,8 +62,10 @@ from distcomp.testing import run_ranks
 
 try:
     from benchmarks import netns
+    from benchmarks.common import batch, corpus, param_digest
 except ImportError:  # run as a script: the script's own folder is on sys.path
     import netns
+    from common import batch, corpus, param_digest
 
 logger = logging.getLogger("distcomp.bench")
 
@@ -258,8 +259,7 @@ class _Replica:
         )
 
     def digest(self) -> str:
-        flat = torch.cat([p.detach().reshape(-1) for p in self.model.parameters()])
-        return hashlib.sha256(flat.numpy().tobytes()).hexdigest()
+        return param_digest(self.model)
 
     def step_stats(self) -> dict[str, float]:
         if self.state is None:
@@ -295,20 +295,8 @@ def _build(config: ExperimentConfig, bench: BenchConfig) -> _Replica:
     return _Replica(config, model, ddp, opt, state)
 
 
-def _corpus() -> torch.Tensor:
-    """Bytes of the help text that ships with Python: real text, no download."""
-    from pydoc_data.topics import topics
-
-    text = "".join(topics.values()).encode("utf-8")
-    return torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
 
 
-def _batch(data: torch.Tensor, rank: int, step: int, size: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch that depends only on (rank, step): every method sees the same data."""
-    g = torch.Generator().manual_seed(1_000 * step + rank)
-    starts = torch.randint(0, data.numel() - context - 1, (size,), generator=g)
-    idx = torch.stack([data[s : s + context + 1] for s in starts.tolist()])
-    return idx[:, :-1], idx[:, 1:]
 
 
 def _probe_link(reps: int = 3) -> float:
@@ -365,11 +353,11 @@ def run_rank(rank: int, world_size: int, bench: BenchConfig, configs: Sequence[E
     if rank != 0:
         logger.setLevel(logging.WARNING)
     torch.set_num_threads(1)
-    data, context = _corpus(), GPTConfig().context
+    data, context = corpus(), GPTConfig().context
     replicas = [_build(c, bench) for c in configs]
     records = [_Record(c.key) for c in configs]
     for step in range(bench.warmup):
-        x, y = _batch(data, rank, step, bench.batch, context)
+        x, y = batch(data, rank, step, bench.batch, context)
         for rep, rec in zip(replicas, records, strict=True):
             rec.losses.append(rep.step(x, y).loss)
     buckets = _bucket_count(replicas, bench.min_buckets)
@@ -394,7 +382,7 @@ def _timed_rounds(
     n, context = len(replicas), GPTConfig().context
     for i in range(bench.steps):
         start = time.perf_counter()
-        x, y = _batch(data, rank, bench.warmup + i, bench.batch, context)
+        x, y = batch(data, rank, bench.warmup + i, bench.batch, context)
         for j in range(n):
             rep, rec = replicas[(i + j) % n], records[(i + j) % n]
             if rec.failure:

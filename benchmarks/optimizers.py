@@ -25,7 +25,6 @@ optimizer + DDP + register at the same step count; final held-out loss.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -44,6 +43,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import distcomp.optim as optim
 from distcomp.models.gpt import GPT, GPTConfig
 from distcomp.testing import run_ranks
+
+try:
+    from benchmarks.common import batch, corpus, param_digest
+except ImportError:  # run as a script: the script's own folder is on sys.path
+    from common import batch, corpus, param_digest
 
 logger = logging.getLogger("distcomp.bench")
 
@@ -177,8 +181,7 @@ class _Replica:
         return not isinstance(self.opt, optim.ZeroOneAdam) or self.opt.phase(self.opt.steps - 1) != "local"
 
     def digest(self) -> str:
-        flat = torch.cat([p.detach().reshape(-1) for p in self.model.parameters()])
-        return hashlib.sha256(flat.numpy().tobytes()).hexdigest()
+        return param_digest(self.model)
 
 
 # -- speed ---------------------------------------------------------------------------
@@ -191,29 +194,20 @@ def _rank_logging(rank: int) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s [rank 0] %(message)s", datefmt="%H:%M:%S")
 
 
-def _batch(data: torch.Tensor, rank: int, step: int, size: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1_000 * step + rank)
-    starts = torch.randint(0, data.numel() - context - 1, (size,), generator=g)
-    idx = torch.stack([data[s : s + context + 1] for s in starts.tolist()])
-    return idx[:, :-1], idx[:, 1:]
 
 
-def _corpus() -> torch.Tensor:
-    from pydoc_data.topics import topics
-
-    return torch.frombuffer(bytearray("".join(topics.values()).encode()), dtype=torch.uint8).long()
 
 
 def speed_rank(rank: int, world_size: int, configs: Sequence[ExperimentConfig], warmup: int, steps: int
                ) -> dict[str, Any]:
     """One rank of the speed run (module-level so that spawned processes can import it)."""
     _rank_logging(rank)
-    gpt, data = GPTConfig(), _corpus()
+    gpt, data = GPTConfig(), corpus()
     reps = [_Replica.build(c, gpt, 0, (0.9, 0.999)) for c in configs]
     rec: dict[str, dict[str, list]] = {c.label: {"wall": [], "cpu": [], "opt": [], "loss": [], "sent": [], "ok": []}
                                        for c in configs}
     for step in range(warmup + steps):
-        x, y = _batch(data, rank, step, 8, gpt.context)
+        x, y = batch(data, rank, step, 8, gpt.context)
         for j in range(len(reps)):
             rep = reps[(step + j) % len(reps)]
             dist.barrier()  # every method starts its step with the ranks in step
