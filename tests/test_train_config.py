@@ -293,6 +293,12 @@ def test_bad_compressed_optimizer_options_name_the_key(optimizer: dict, words: l
         assert word in str(err.value), str(err.value)
 
 
+def test_a_compressed_optimizer_left_out_of_compare_is_an_error() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_train_config(ROOT / "configs" / "quickstart.yaml", ["optimizer.name=onebit_adam"])
+    assert "'onebit_adam', which would not run" in str(err.value) and "compare=[none,onebit_adam]" in str(err.value)
+
+
 def test_a_compressed_optimizer_refuses_a_compression_hook() -> None:
     with pytest.raises(ConfigError) as err:
         config_from_raw({"version": 1, "optimizer": {"name": "onebit_lamb"}, "compression": {"compressor": "sign"}})

@@ -270,6 +270,10 @@ class TrainConfig:
                     f"available: {', '.join(known)}")
         require(len(set(self.compare)) == len(self.compare), "compare", f"lists a run twice: {list(self.compare)}")
         compressor_for_config(self.compression)  # raises unless it is a registered compressor's Config
+        opt = self.optimizer.name
+        require(not (self.optimizer.compressed and self.compare and opt not in self.compare), "compare",
+                f"lists {list(self.compare)} but optimizer.name is {opt!r}, which would not run; add it "
+                f"(--set compare=[none,{opt}]) or clear compare (--set compare=[])")
         require(not (self.optimizer.compressed and not self.compare and self.compressor != "none"), "compression",
                 f"optimizer {self.optimizer.name!r} communicates compressed momentum itself, so the gradients "
                 f"cannot also go through the {self.compressor!r} hook; remove the compression section or "
