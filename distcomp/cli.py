@@ -1,6 +1,7 @@
 """The ``distcomp`` command.
 
     distcomp train configs/quickstart.yaml [--set KEY=VALUE ...] [--resume PATH] [--device cpu] [--quiet]
+    distcomp launch [--hostfile H | --nproc-per-node N | --launcher mpich|openmpi|slurm] [--dry-run] SCRIPT [ARGS...]
     distcomp info
 
 Configuration errors stop the command before any rank starts, with exit code 2.
@@ -23,7 +24,7 @@ EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with one sub-command per job (``launch`` joins later)."""
+    """The argument parser with one sub-command per job."""
     parser = argparse.ArgumentParser(prog="distcomp", description="Compressed data-parallel training for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -34,11 +35,20 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config field (repeatable): --set compression.rank=8 --set steps=200. "
                             "Setting compression.compressor drops the file's options for the old compressor.")
     train.add_argument("--resume", metavar="PATH",
-                       help="continue from a checkpoint directory (or the newest one in a checkpoints folder)")
+                       help="continue from a checkpoint directory (or the newest one in a checkpoints folder); "
+                            "'auto': from this run's newest checkpoint if it has one, else from the start "
+                            "(what a restarted job wants: distcomp launch --max-restarts)")
     train.add_argument("--device", choices=("auto", "cpu", "cuda"),
                        help="where ranks run (default: the config's dist.device, auto = CUDA when available)")
     train.add_argument("--quiet", action="store_true", help="no progress bar; log lines every log.every steps")
     train.set_defaults(func=_train)
+
+    launch = sub.add_parser("launch", help="start a script (or distcomp train) on many nodes: torchrun, "
+                                           "hostfile over ssh/pdsh, mpirun, SLURM",
+                            description="Start one torch elastic agent per node (or MPI ranks) running SCRIPT. "
+                                        "Example: distcomp launch --hostfile hosts -- distcomp train CONFIG")
+    _launch_arguments(launch)
+    launch.set_defaults(func=_launch)
 
     info = sub.add_parser("info", help="what this machine offers: torch, backends, GPUs, Triton, MPI, kernels")
     info.set_defaults(func=_info)
@@ -67,6 +77,18 @@ def _train(args: argparse.Namespace) -> int:
     except (ConfigError, CheckpointError) as exc:
         sys.stderr.write(f"distcomp train: error: {exc}\n")
         return EXIT_USAGE
+
+
+def _launch_arguments(parser: argparse.ArgumentParser) -> None:
+    from distcomp.launch.cli import add_arguments
+
+    add_arguments(parser)
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from distcomp.launch.cli import run
+
+    return run(args)
 
 
 def _console_logging() -> None:

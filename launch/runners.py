@@ -1,0 +1,44 @@
+"""Commands that start one torchrun agent per host: locally, over ssh, or over pdsh."""
+
+from __future__ import annotations
+
+import shlex
+from typing import Sequence
+
+from distcomp.launch.spec import Command, Job
+from distcomp.launch.torchrun import agent_argv, agent_env
+
+SSH_OPTIONS = ("-o", "BatchMode=yes", "-o", "ConnectTimeout=10")
+"""Never prompt for a password (a prompt would hang the launch) and give up on a dead host quickly."""
+
+
+def local_commands(job: Job) -> list[Command]:
+    """The single-node job: torchrun on this machine."""
+    return [Command(job.hosts[0].name, tuple(agent_argv(job, 0)), tuple(agent_env(job, 0).items()))]
+
+
+def remote_shell(job: Job, index: int) -> str:
+    """The shell line a remote host runs: same directory, the job's variables, then the agent in place of the shell."""
+    env = [f"{k}={v}" for k, v in agent_env(job, index).items()]
+    return f"cd {shlex.quote(job.cwd)} && exec {shlex.join(['env', *env, *agent_argv(job, index)])}"
+
+
+def ssh_argv(host: str, remote: str, ssh_options: Sequence[str] = ()) -> list[str]:
+    """``ssh`` running shell line ``remote`` on ``host``."""
+    return ["ssh", *SSH_OPTIONS, *ssh_options, host, remote]
+
+
+def ssh_commands(job: Job, ssh_options: Sequence[str] = ()) -> list[Command]:
+    """One ``ssh HOST 'cd CWD && exec env ... torchrun ...'`` per host."""
+    return [Command(h.name, tuple(ssh_argv(h.name, remote_shell(job, i), ssh_options)))
+            for i, h in enumerate(job.hosts)]
+
+
+def pdsh_commands(job: Job) -> list[Command]:
+    """One ``pdsh -S -w HOST ...`` per host: each host's agent line differs (``is_host``, ``--local-addr``).
+
+    ``-S`` makes pdsh exit with the remote command's status, so a failed node is
+    reported like with ssh. pdsh reaches hosts with ssh unless ``PDSH_RCMD_TYPE`` says otherwise.
+    """
+    return [Command(h.name, ("pdsh", "-S", "-w", h.name, remote_shell(job, i)), (("PDSH_RCMD_TYPE", "ssh"),))
+            for i, h in enumerate(job.hosts)]
