@@ -212,3 +212,19 @@ def test_ctrl_c_stops_all_ranks_cleanly_and_prints_the_summary(tmp_path: Path) -
     assert proc.returncode == 130, stderr
     assert "(interrupted)" in stdout and "final val loss" in stdout
     assert "terminate called" not in stderr and "Traceback" not in stderr
+
+
+@pytest.mark.timeout(150)
+def test_resume_auto_starts_fresh_then_continues_from_the_newest_checkpoint(tmp_path: Path) -> None:
+    cfg = tmp_path / "auto.yaml"
+    cfg.write_text("version: 1\ncompression: {compressor: sign}\noptimizer: {warmup_steps: 1, decay_steps: 6}\n"
+                   "checkpoint: {every: 2, keep: 0}\n")
+    first = train(tmp_path, str(cfg), extra={"steps": 4}, flags=("--quiet", "--resume", "auto"))
+    assert first.returncode == 0, first.stderr
+    assert "--resume auto: no checkpoint yet" in first.stderr and "resumed from" not in first.stderr
+    again = train(tmp_path, str(cfg), extra={"steps": 6}, flags=("--quiet", "--resume", "auto"))
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" in again.stderr and "step_000004 at step 4" in again.stderr
+    run = summary(tmp_path, "auto")["runs"][0]
+    assert run["steps"] == 6 and len(run["losses"]) == 6
+    assert (tmp_path / "runs" / "auto" / "sign" / "checkpoints" / "step_000006").is_dir()

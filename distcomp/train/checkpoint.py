@@ -91,15 +91,28 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def run_root(cfg: TrainConfig, spec: RunSpec) -> Path:
+    """The folder a run writes its ``step_*`` checkpoints into."""
+    if cfg.checkpoint.dir:
+        return Path(cfg.checkpoint.dir) / spec.name
+    return Path(cfg.log.dir) / cfg.name / spec.name / "checkpoints"
+
+
+def newest(folder: Path) -> Path | None:
+    """The newest complete checkpoint in ``folder`` (directories still being written end in ``.tmp``)."""
+    found = sorted(p for p in folder.glob("step_*") if (p / "meta.json").is_file() and not p.name.endswith(".tmp"))
+    return found[-1] if found else None
+
+
 def resolve(path: str | Path) -> Path:
     """A checkpoint directory, or the newest complete one inside a folder of them."""
     path = Path(path)
     if (path / "meta.json").is_file():
         return path
-    found = sorted(p for p in path.glob("step_*") if (p / "meta.json").is_file() and not p.name.endswith(".tmp"))
-    if not found:
+    found = newest(path)
+    if found is None:
         raise CheckpointError(f"--resume {path}: no checkpoint there (expected a step_NNNNNN directory with meta.json)")
-    return found[-1]
+    return found
 
 
 def read_meta(path: Path) -> dict[str, Any]:

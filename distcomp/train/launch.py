@@ -43,6 +43,8 @@ from distcomp.train.optim import first_compressed_step
 from distcomp.train.telemetry import TqdmHandler
 
 logger = logging.getLogger("distcomp.train")
+RESUME_AUTO = "auto"
+"""``--resume auto``: the newest checkpoint of this config's run if there is one, else a fresh start."""
 _STOP = threading.Event()
 
 
@@ -86,6 +88,8 @@ def preflight(cfg: TrainConfig, resume: str | Path | None, world_size: int, loca
         if first >= cfg.steps:
             logger.warning("%s compresses from step %d (optimizer.%s.freeze_step) but the run has %d steps: "
                            "it will only run its exact warm-up", spec.optimizer, first, spec.optimizer, cfg.steps)
+    if resume == RESUME_AUTO:
+        resume = _newest_checkpoint(cfg)
     if resume is None:
         return None
     path = checkpoint.resolve(resume)
@@ -107,6 +111,16 @@ def preflight(cfg: TrainConfig, resume: str | Path | None, world_size: int, loca
                        "uninterrupted run (set optimizer.decay_steps to keep it)", meta.get("schedule_steps"),
                        cfg.optimizer.decay_steps or cfg.steps)
     return path
+
+
+def _newest_checkpoint(cfg: TrainConfig) -> Path | None:
+    """What ``--resume auto`` continues from: the newest checkpoint of the config's runs, or None (a fresh start)."""
+    found = [p for spec in cfg.runs() if (p := checkpoint.newest(checkpoint.run_root(cfg, spec))) is not None]
+    if not found:
+        logger.info("--resume auto: no checkpoint yet under %s; starting from step 0",
+                    ", ".join(str(checkpoint.run_root(cfg, spec)) for spec in cfg.runs()))
+        return None
+    return max(found, key=lambda p: p.name)
 
 
 def select_device(cfg: DistConfig, local_rank: int) -> tuple[torch.device, str]:

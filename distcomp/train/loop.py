@@ -104,7 +104,7 @@ def train_run(cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: Corpus,
         _restore(run, resume, ctx)
     monitor = RunMonitor(run_dir=run_dir, label=spec.name, steps=cfg.steps, start=run.start, progress=cfg.log.progress,
                          tensorboard=cfg.log.tensorboard, log_every=cfg.log.every, fresh=resume is None) if show else None
-    saver = _Saver(cfg, spec, ctx, corpus, run_dir)
+    saver = _Saver(cfg, spec, ctx, corpus)
     try:
         loop_s, stopped = _loop(run, cfg, ctx, monitor, saver)
         if monitor:
@@ -150,9 +150,9 @@ def _loop(run: Run, cfg: TrainConfig, ctx: RankContext, monitor: RunMonitor | No
 class _Saver:
     """Writes this run's checkpoints (collective: every rank calls :meth:`save` at the same step)."""
 
-    def __init__(self, cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: Corpus, run_dir: Path) -> None:
+    def __init__(self, cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: Corpus) -> None:
         self.ctx, self.keep = ctx, cfg.checkpoint.keep
-        self.root = Path(cfg.checkpoint.dir) / spec.name if cfg.checkpoint.dir else run_dir / "checkpoints"
+        self.root = checkpoint.run_root(cfg, spec)
         self.meta = {"world_size": ctx.world_size, "compressor": spec.name,
                      "config": checkpoint.trajectory_config(cfg, spec), "data": corpus.fingerprint,
                      "schedule_steps": cfg.optimizer.decay_steps or cfg.steps}
