@@ -3,7 +3,7 @@
     distcomp launch --nproc-per-node 2 train.py --lr 0.1                  # one node: torchrun here
     distcomp launch --hostfile hosts -- distcomp train configs/quickstart.yaml   # one agent per host over ssh/pdsh
     distcomp launch --launcher mpich --hostfile hosts train.py            # mpiexec starts the ranks
-    srun --ntasks-per-node=1 distcomp launch train.py                     # SLURM: one agent per node
+    srun --nodes=$SLURM_NNODES --ntasks=$SLURM_NNODES distcomp launch train.py   # SLURM: one agent per node
 """
 
 from __future__ import annotations

@@ -2,14 +2,19 @@
 
 Two ways in, both inside an allocation (``sbatch``/``salloc``):
 
-* ``srun --ntasks-per-node=1 distcomp launch ...``: each node's task reads
-  its node id and the node list and runs that node's agent (:func:`node_job`).
+* ``srun --nodes=$SLURM_NNODES --ntasks=$SLURM_NNODES distcomp launch ...``: one
+  task per node, which reads its node id and the node list and runs that node's
+  agent (``cli.slurm_node_command``). A step with several tasks on a node is
+  refused: they would all start that node's agent. ``srun --ntasks-per-node=1``
+  alone does not give one task per node in an allocation made with
+  ``--ntasks-per-node=K``: srun keeps the allocation's task count and ignores it.
 * ``distcomp launch --launcher slurm ...`` from the batch script: the launcher
   runs ``srun`` with one task per node, each of which does the above
   (:func:`srun_command`).
 
 Node 0 of the node list is the rendezvous host. Ranks per node: ``--nproc-per-node``,
-else the GPUs SLURM gave the node, else the allocation's ``--ntasks-per-node``, else 1.
+else the GPUs SLURM gave the node, else ``SLURM_NTASKS_PER_NODE`` (the allocation's
+``--ntasks-per-node``, unless srun itself was given one), else 1.
 The port, unless given, is derived from the job id so that every node picks the
 same one without talking to the others.
 """
@@ -96,6 +101,8 @@ class SlurmAllocation:
             raise LaunchConfigError("--launcher slurm: SLURM_JOB_NODELIST is not set")
         in_step = "SLURM_STEP_ID" in environ
         node_id = int(environ["SLURM_NODEID"]) if in_step and "SLURM_NODEID" in environ else None
+        if node_id is not None:
+            _check_one_task_on_node(environ, node_id)
         return cls(environ.get("SLURM_JOB_ID") or environ["SLURM_JOBID"], tuple(expand_nodelist(nodelist)),
                    node_id, nproc_per_node or _procs_per_node(environ), in_step)
 
@@ -107,6 +114,20 @@ class SlurmAllocation:
     def hosts(self) -> list[Host]:
         """One host per node of the allocation, in node-list order."""
         return [Host(name, self.procs_per_node) for name in self.nodes]
+
+
+def _check_one_task_on_node(environ: Mapping[str, str], node_id: int) -> None:
+    """Refuse a step with several tasks on this node: each would start the node's agent, and the duplicates
+    collide on the rendezvous port or join as extra nodes."""
+    name = next((k for k in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE") if environ.get(k)), None)
+    counts = expand_counts(environ[name]) if name else []
+    tasks = counts[node_id] if node_id < len(counts) else 1
+    if tasks > 1:
+        raise LaunchConfigError(
+            f"srun started {tasks} tasks on node {environ.get('SLURMD_NODENAME', node_id)} ({name}={environ[name]}); "
+            "distcomp launch runs once per node and starts that node's ranks itself: "
+            "srun --nodes=$SLURM_NNODES --ntasks=$SLURM_NNODES distcomp launch ..., or "
+            "distcomp launch --launcher slurm ... from the batch script")
 
 
 def _procs_per_node(environ: Mapping[str, str]) -> int:

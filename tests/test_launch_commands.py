@@ -283,9 +283,3 @@ def test_bad_options_are_one_line_errors_with_exit_code_2(tmp_path: Path, capsys
     assert err.startswith("distcomp launch: error:") and "Traceback" not in err
     for word in words:
         assert word in err
-
-
-def test_a_real_slurm_cluster_in_namespaces() -> None:
-    pytest.skip("not run: slurmctld + slurmd + munge from Debian, configured and started inside two namespaces "
-                "with nsenter, do not fit in a few minutes of CI; the SLURM mapping is tested above against a "
-                "recorded environment, and the launch path it feeds is the hostfile one tested in test_launch_netns")
