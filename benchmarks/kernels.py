@@ -90,13 +90,19 @@ def _encoded(got: Any, want: Any, inputs: Inputs) -> None:
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=0.0)
 
 
-def _quantized(got: Any, want: Any, inputs: Inputs) -> None:
+def _quantized(got: Any, want: Any, inputs: Inputs, x: torch.Tensor | None = None) -> None:
     """Scales exact; stochastic codes within one step of ``x / scale`` (the random streams differ)."""
     assert torch.equal(got[1], want[1]), "scales differ"
     q = got[0] if inputs["bits"] == 8 or got[0].dtype == torch.int8 else K.unpack_int4(got[0])
     q = q.view(torch.int8).float().view(-1, inputs["block"])
-    v = inputs["x"].view(-1, inputs["block"]) / got[1].view(-1, 1).clamp_min(1e-30)
+    x = inputs["x"] if x is None else x
+    v = x.view(-1, inputs["block"]) / got[1].view(-1, 1).clamp_min(1e-30)
     assert float((q - v).abs().max()) < 1.0 + 1e-4, "a code is more than one step away"
+
+
+def _quantized_ef(got: Any, want: Any, inputs: Inputs) -> None:
+    """:func:`_quantized` of ``x + residual``."""
+    _quantized(got, want, inputs, inputs["x"] + inputs["residual"])
 
 
 def _topk(got: Any, want: Any, inputs: Inputs) -> None:
@@ -123,7 +129,7 @@ def _quant_setup(bits: int) -> Callable[[int, torch.device], Inputs]:
         codes, scales = K.quantize_codes_ref(x, bits, QUANT_BLOCK)
         return {"x": x, "bits": bits, "block": QUANT_BLOCK, "codes": codes, "scales": scales,
                 "q": codes.view(torch.int8) if bits == 8 else K.unpack_int4_ref(codes),
-                "out": torch.zeros(n, device=device), "seed": 1234}
+                "out": torch.zeros(n, device=device), "residual": _x(n, device, 1).view_as(x) * 0.01, "seed": 1234}
     return setup
 
 
@@ -173,6 +179,11 @@ KERNELS: dict[str, Kernel] = {
         _quant8, lambda i: K.quantize_blockwise(i["x"], 8, QUANT_BLOCK, _gen(i)),
         lambda i: K.quantize_blockwise_ref(i["x"], 8, QUANT_BLOCK, _gen(i)),
         lambda n: 4 * n + n + _scales_bytes(n, QUANT_BLOCK), _quantized),
+    "quantize_codes_ef_int8": Kernel(
+        _quant8,
+        lambda i: K.quantize_codes_ef(i["x"], i["residual"], 8, QUANT_BLOCK, _gen(i), residual_out=i["out"]),
+        lambda i: K.quantize_codes_ef_ref(i["x"], i["residual"], 8, QUANT_BLOCK, _gen(i), residual_out=i["out"]),
+        lambda n: 4 * n + 4 * n + 4 * n + n + _scales_bytes(n, QUANT_BLOCK), _quantized_ef, ("out",)),
     "quantize_codes_int4": Kernel(
         _quant4, lambda i: K.quantize_codes(i["x"], 4, QUANT_BLOCK, _gen(i)),
         lambda i: K.quantize_codes_ref(i["x"], 4, QUANT_BLOCK, _gen(i)),

@@ -17,12 +17,15 @@ held an inf or a NaN.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Protocol
 
 import torch
 
 from distcomp.comm import Comm
+from distcomp.compressor import local_health
 from distcomp.kernels import topk_pack, topk_scatter_add
 from distcomp.workspace import Workspace
 
@@ -45,16 +48,67 @@ class ChunkCodec(Protocol):
         """fp32 rows ``[r, length]`` from uint8 ``payload [r, payload_bytes(length)]`` (into ``out`` if given)."""
 
 
+class FusedChunkCodec(ChunkCodec, Protocol):
+    """A codec whose blocks are independent, which fuses error feedback into encoding and decodes by adding.
+
+    With such a codec (``sign``, ``int8``, ``int4``) the two-phase schedule never
+    copies the bucket: full payload rows are encoded straight from views of it
+    and only the last partial block is padded; worker and server error feedback
+    happen inside the encode; the chunks received in the all-to-all are summed
+    by decoding into the sum.
+    """
+
+    def encode_ef(
+        self,
+        grad: torch.Tensor,
+        residual: torch.Tensor | None,
+        residual_out: torch.Tensor | None,
+        out: torch.Tensor,
+        length: int | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        """Encode rows ``grad [r, l]`` (any float dtype) plus the fp32 ``residual`` (none: plain encoding).
+
+        The codes go to columns ``start .. start + l`` (block-aligned) of payload
+        rows ``out`` holding ``length`` values each (default ``l``); the new
+        residual ``grad + residual - decoded`` goes to ``residual_out`` (default:
+        over ``residual``). Returns a health word (see
+        :func:`~distcomp.compressor.local_health`) that is NaN when any encoded
+        block held an inf or a NaN.
+        """
+
+    def decode(
+        self, payload: torch.Tensor, length: int, out: torch.Tensor | None = None, start: int = 0, stop: int | None = None
+    ) -> torch.Tensor:
+        """Columns ``start .. stop`` (block-aligned; default all) of the payload rows, as fp32 rows."""
+
+    def decode_add(self, payload: torch.Tensor, length: int, out: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        """``out += alpha * decode(payload)`` (``out`` of ``r * length`` values) or of the rows' sum (``length`` values)."""
+
+
+def is_fused(codec: ChunkCodec) -> bool:
+    """Whether ``codec`` implements :class:`FusedChunkCodec` (otherwise the schedule pads and decodes with copies)."""
+    return all(callable(getattr(codec, name, None)) for name in ("encode_ef", "decode_add"))
+
+
 @dataclass
 class TwoPhaseResult:
     out: torch.Tensor
     """The mean over ranks, flat, length ``n`` (fp32)."""
-    local_decoded: torch.Tensor
-    """This rank's input as the servers decode it (for worker-side error feedback), length ``n``."""
     server_error: torch.Tensor
     """The new server-side residual of this rank's chunk."""
     nonfinite: bool
     """Some rank's input held an inf or a NaN."""
+    _local: Callable[[], torch.Tensor] = field(repr=False)
+
+    @cached_property
+    def local_decoded(self) -> torch.Tensor:
+        """This rank's input as the servers decode it (for worker-side error feedback done by the caller), length ``n``.
+
+        Decoded from the phase-1 payload on first access: callers whose error
+        feedback was fused into the encode never pay for it.
+        """
+        return self._local()
 
 
 def chunk_length(n: int, world_size: int, align: int) -> int:
@@ -63,12 +117,107 @@ def chunk_length(n: int, world_size: int, align: int) -> int:
     return -(-per // align) * align
 
 
-def _encode_with_health(codec: ChunkCodec, rows: torch.Tensor, health: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``[payload | health]`` byte rows, written into the flat uint8 ``out``."""
-    nbytes = codec.payload_bytes(rows.shape[1])
-    payload = out.view(rows.shape[0], nbytes + HEALTH_BYTES)
-    codec.encode(rows, payload[:, :nbytes])
-    payload[:, nbytes:].view(torch.float32).copy_(health.expand(rows.shape[0], 1))
+@dataclass(frozen=True)
+class _Piece:
+    """Rows ``rows`` and columns ``start .. stop`` of the ``[w, c]`` layout of a flat input.
+
+    They hold the input's values ``src .. src + size``; the rest of the piece is
+    zero padding (``size`` is short only in the last, partial block and in rows
+    past the end).
+    """
+
+    rows: slice
+    start: int
+    stop: int
+    src: int
+    size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.rows.stop - self.rows.start, self.stop - self.start
+
+    @property
+    def padded(self) -> bool:
+        return self.size < self.shape[0] * self.shape[1]
+
+
+def _pieces(n: int, w: int, c: int, align: int) -> list[_Piece]:
+    """Split the ``[w, c]`` layout of ``n`` values into pieces that are views of the input and padded rest.
+
+    Full rows, then the whole blocks of the partial row, are views; only the
+    partial row's last block (fewer than ``align`` values) and rows past the
+    end (fewer than ``w * align`` values in all) need a padded copy.
+    """
+    if n == 0:
+        return []
+    full = min(n // c, w)
+    pieces = [_Piece(slice(0, full), 0, c, 0, full * c)] if full else []
+    if full < w:
+        m = n - full * c
+        head = m // align * align
+        row = slice(full, full + 1)
+        if head:
+            pieces.append(_Piece(row, 0, head, full * c, head))
+        if head < c:
+            pieces.append(_Piece(row, head, c, full * c + head, m - head))
+        if full + 1 < w:
+            pieces.append(_Piece(slice(full + 1, w), 0, c, n, 0))
+    return pieces
+
+
+def _piece_of(flat: torch.Tensor, p: _Piece, ws: Workspace, name: str) -> torch.Tensor:
+    """Piece ``p`` of ``flat``: a view, or a zero-padded copy in ``ws[name]`` for a padded piece."""
+    if not p.padded:
+        return flat[p.src : p.src + p.size].view(p.shape)
+    buf = ws.zeros(name, p.shape[0] * p.shape[1], flat.dtype, flat.device)
+    buf[: p.size].copy_(flat[p.src : p.src + p.size])
+    return buf.view(p.shape)
+
+
+def _encode_pieces(
+    codec: FusedChunkCodec,
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    residual_out: torch.Tensor | None,
+    c: int,
+    body: torch.Tensor,
+    ws: Workspace,
+) -> torch.Tensor:
+    """Encode flat ``x`` (plus ``residual``) as ``[w, c]`` rows into the payload ``body``, piece by piece; returns the health."""
+    health = torch.zeros(1, dtype=torch.float32, device=x.device)
+    target = residual_out if residual_out is not None else residual
+    for p in _pieces(x.numel(), body.shape[0], c, codec.align):
+        grad = _piece_of(x, p, ws, "pad")
+        if residual is None or p.size == 0:  # rows past the end have no residual to keep
+            health = health + codec.encode_ef(grad, None, None, body[p.rows], c, p.start)
+            continue
+        if p.padded:
+            new = ws.get("pad_res_out", grad.numel(), torch.float32, x.device).view(p.shape)
+        else:
+            new = None if residual_out is None else residual_out[p.src : p.src + p.size].view(p.shape)
+        health = health + codec.encode_ef(grad, _piece_of(residual, p, ws, "pad_res"), new, body[p.rows], c, p.start)
+        if p.padded:  # the copied piece's new residual goes back to its place (the padding's is dropped)
+            target[p.src : p.src + p.size].copy_(new.view(-1)[: p.size])
+    return health
+
+
+def _decode_pieces(codec: FusedChunkCodec, body: torch.Tensor, c: int, n: int, out: torch.Tensor, ws: Workspace) -> torch.Tensor:
+    """The first ``n`` values of the ``[w, c]`` rows in payload ``body``, decoded into flat fp32 ``out``."""
+    for p in _pieces(n, body.shape[0], c, codec.align):
+        if p.size == 0:
+            continue
+        if not p.padded:
+            codec.decode(body[p.rows], c, out=out[p.src : p.src + p.size], start=p.start, stop=p.stop)
+        else:
+            tmp = ws.get("pad_out", p.shape[0] * p.shape[1], torch.float32, out.device)
+            codec.decode(body[p.rows], c, out=tmp, start=p.start, stop=p.stop)
+            out[p.src : p.src + p.size].copy_(tmp[: p.size])
+    return out
+
+
+def _with_health(payload: torch.Tensor, nbytes: int, health: torch.Tensor) -> torch.Tensor:
+    """Write ``health`` into the health word after each payload row; returns ``payload``."""
+    payload[:, nbytes:].view(torch.float32).copy_(health.reshape(1, 1).expand(payload.shape[0], 1))
     return payload
 
 
@@ -76,27 +225,81 @@ def _split_health(payload: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return payload[:, :-HEALTH_BYTES], payload[:, -HEALTH_BYTES:].view(torch.float32)
 
 
+def _mean_of_rows(codec: ChunkCodec, body: torch.Tensor, c: int, ws: Workspace) -> torch.Tensor:
+    """The mean of the ``w`` decoded payload rows of ``body``, into ``ws["chunk"]``."""
+    w, dev = body.shape[0], body.device
+    chunk = ws.zeros("chunk", c, torch.float32, dev)
+    if not is_fused(codec):
+        decoded = codec.decode(body, c, out=ws.get("decoded", w * c, torch.float32, dev))
+        return torch.sum(decoded.view(w, c), dim=0, out=chunk).div_(w)
+    # Summing straight into the chunk needs no decoded copy of the rows. x * (1/w) equals
+    # x / w only for a power-of-two w; otherwise divide after, as the sum-then-divide did.
+    exact = w & (w - 1) == 0
+    codec.decode_add(body, c, chunk, alpha=1.0 / w if exact else 1.0)
+    return chunk if exact else chunk.div_(w)
+
+
 def compressed_reduce_scatter(
-    comm: Comm, codec: ChunkCodec, x: torch.Tensor, health: torch.Tensor, ws: Workspace | None = None
+    comm: Comm,
+    codec: ChunkCodec,
+    x: torch.Tensor,
+    health: torch.Tensor | None,
+    ws: Workspace | None = None,
+    *,
+    residual: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Phase 1: ``(mean of this rank's chunk [c], this rank's decoded input [n], health [1])``."""
-    ws = ws if ws is not None else Workspace()
+    """Phase 1: ``(mean of this rank's chunk [c], this rank's decoded input [n], health [1])``.
+
+    With ``residual`` (flat fp32, ``x``'s size; a :class:`FusedChunkCodec` only),
+    ``x + residual`` is sent and the new worker residual goes to
+    ``residual_out`` (default: over ``residual``), all in the encode. ``health``
+    of ``None`` is derived from the encoding (a fused codec) or from ``x``.
+    """
+    chunk, local, health = _reduce_scatter(comm, codec, x, health, ws or Workspace(), residual, residual_out)
+    return chunk, local(), health
+
+
+def _reduce_scatter(
+    comm: Comm,
+    codec: ChunkCodec,
+    x: torch.Tensor,
+    health: torch.Tensor | None,
+    ws: Workspace,
+    residual: torch.Tensor | None,
+    residual_out: torch.Tensor | None,
+) -> tuple[torch.Tensor, Callable[[], torch.Tensor], torch.Tensor]:
+    """:func:`compressed_reduce_scatter` with this rank's decoded input as a function, to decode only on demand."""
+    x = x.reshape(-1) if x.is_contiguous() else x.contiguous().view(-1)
     n, w, dev = x.numel(), comm.world_size, x.device
     c = chunk_length(n, w, codec.align)
-    if n == w * c:
-        rows = x.view(w, c)
+    nbytes = codec.payload_bytes(c)
+    payload = ws.get("send1", w * (nbytes + HEALTH_BYTES), torch.uint8, dev).view(w, nbytes + HEALTH_BYTES)
+    body = payload[:, :nbytes]
+    if is_fused(codec):
+        derived = _encode_pieces(codec, x, residual, residual_out, c, body, ws)
+
+        def local() -> torch.Tensor:
+            return _decode_pieces(codec, body, c, n, ws.get("local", n, torch.float32, dev), ws)
     else:
-        rows = ws.get("rows", w * c, torch.float32, dev)
-        rows[:n].copy_(x)
-        rows[n:].zero_()
-        rows = rows.view(w, c)
-    row_bytes = codec.payload_bytes(c) + HEALTH_BYTES
-    payload = _encode_with_health(codec, rows, health, ws.get("send", w * row_bytes, torch.uint8, dev))
-    local = codec.decode(payload[:, :-HEALTH_BYTES], c, out=ws.get("local", w * c, torch.float32, dev))
-    body, healths = _split_health(comm.all_to_all(payload))
-    decoded = codec.decode(body, c, out=ws.get("decoded", w * c, torch.float32, dev))
-    chunk = torch.sum(decoded.view(w, c), dim=0, out=ws.get("chunk", c, torch.float32, dev)).div_(w)
-    return chunk, local.view(-1)[:n], healths.sum().reshape(1)
+        if residual is not None:
+            raise TypeError(f"{type(codec).__name__} does not fuse error feedback into its encode: pass residual=None")
+        codec.encode(x.view(w, c) if n == w * c else _padded_rows(x, w, c, ws), body)
+        derived = local_health(x)
+
+        def local() -> torch.Tensor:
+            return codec.decode(body, c, out=ws.get("local", w * c, torch.float32, dev)).view(-1)[:n]
+    _with_health(payload, nbytes, derived if health is None else health)
+    received, healths = _split_health(comm.all_to_all(payload))
+    return _mean_of_rows(codec, received, c, ws), local, healths.sum().reshape(1)
+
+
+def _padded_rows(x: torch.Tensor, w: int, c: int, ws: Workspace) -> torch.Tensor:
+    """``x`` copied into ``[w, c]`` zero-padded rows (codecs without pieces)."""
+    rows = ws.get("rows", w * c, torch.float32, x.device)
+    rows[: x.numel()].copy_(x)
+    rows[x.numel() :].zero_()
+    return rows.view(w, c)
 
 
 def two_phase_mean(
@@ -104,29 +307,51 @@ def two_phase_mean(
     codec: ChunkCodec,
     x: torch.Tensor,
     server_error: torch.Tensor | None,
-    health: torch.Tensor,
+    health: torch.Tensor | None,
     ws: Workspace | None = None,
+    *,
+    residual: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> TwoPhaseResult:
-    """Compressed all-reduce (mean) of flat fp32 ``x`` with server-side error feedback.
+    """Compressed all-reduce (mean) of flat ``x`` with server-side error feedback.
 
-    The returned tensors may live in ``ws`` and are valid until its next use.
+    ``server_error`` (fp32, one chunk) is added to this rank's chunk before it is
+    re-encoded, and the new server residual is written over it in place when
+    every rank's input was finite (a non-finite step leaves it untouched); it
+    is returned as ``result.server_error``. With ``None`` no residual is added
+    and the new one lives in ``ws``. ``residual`` / ``residual_out`` fuse the
+    worker's error feedback into phase 1 (see :func:`compressed_reduce_scatter`).
+    The mean goes to ``out`` (flat fp32, ``x``'s size) if given. Other returned
+    tensors may live in ``ws`` and are valid until its next use.
     """
     ws = ws if ws is not None else Workspace()
     n, w, dev = x.numel(), comm.world_size, x.device
-    chunk, local_decoded, chunk_health = compressed_reduce_scatter(comm, codec, x, health, ws)
+    chunk, local, chunk_health = _reduce_scatter(comm, codec, x, health, ws, residual, residual_out)
     c = chunk.numel()
-    if server_error is not None:
+    if server_error is None:
+        server_error = ws.zeros("server", c, torch.float32, dev)
+    nbytes = codec.payload_bytes(c)
+    payload = ws.get("send2", nbytes + HEALTH_BYTES, torch.uint8, dev).view(1, nbytes + HEALTH_BYTES)
+    # Every rank knows after phase 1 whether any input was non-finite: then keep the old residual.
+    spare = ws.get("server_spare", c, torch.float32, dev) if not bool(torch.isfinite(chunk_health).all()) else None
+    dest = out if out is not None else ws.get("mean", n, torch.float32, dev)
+    if is_fused(codec):
+        codec.encode_ef(chunk.view(1, c), server_error.view(1, c), spare, payload[:, :nbytes])
+        _with_health(payload, nbytes, chunk_health)
+        body, healths = _split_health(comm.all_gather(payload.view(-1)).view(w, -1))
+        _decode_pieces(codec, body, c, n, dest, ws)
+    else:
         chunk.add_(server_error)
-    row_bytes = codec.payload_bytes(c) + HEALTH_BYTES
-    payload = _encode_with_health(codec, chunk.view(1, c), chunk_health, ws.get("send", row_bytes, torch.uint8, dev))
-    own = codec.decode(payload[:, :-HEALTH_BYTES], c, out=ws.get("own", c, torch.float32, dev)).view(-1)
-    body, healths = _split_health(comm.all_gather(payload.view(-1)).view(w, row_bytes))
-    out = codec.decode(body, c, out=ws.get("decoded", w * c, torch.float32, dev)).view(-1)[:n]
+        codec.encode(chunk.view(1, c), payload[:, :nbytes])
+        own = codec.decode(payload[:, :nbytes], c, out=ws.get("own", c, torch.float32, dev)).view(-1)
+        torch.sub(chunk, own, out=server_error if spare is None else spare)
+        _with_health(payload, nbytes, chunk_health)
+        body, healths = _split_health(comm.all_gather(payload.view(-1)).view(w, -1))
+        decoded = codec.decode(body, c, out=ws.get("decoded", w * c, torch.float32, dev)).view(-1)
+        dest.copy_(decoded[:n])
     return TwoPhaseResult(
-        out=out,
-        local_decoded=local_decoded,
-        server_error=chunk.sub(own),
-        nonfinite=not bool(torch.isfinite(healths.sum())),
+        out=dest, server_error=server_error, nonfinite=not bool(torch.isfinite(healths.sum())), _local=local
     )
 
 

@@ -8,6 +8,13 @@ gradient signal is ever lost, only delayed.
 Residuals live as one flat fp32 tensor per bucket layout (fast to add to a
 flat bucket), and are saved and loaded per parameter name, so a checkpoint does
 not depend on how DDP happened to bucket the parameters.
+
+Compressors whose kernels fuse error feedback into the encode (sign, int8,
+int4) never form ``corrected``: the kernel reads the gradient and the residual
+and writes the new residual into a spare buffer (:meth:`ErrorFeedback.spare`),
+which becomes the residual once the step is known to be finite
+(:meth:`ErrorFeedback.commit_spare`), so a non-finite step leaves the old one
+untouched without a copy.
 """
 
 from __future__ import annotations
@@ -29,6 +36,10 @@ class ErrorFeedback:
         self.enabled = enabled
         self._flat: dict[tuple[str, ...], tuple[torch.Tensor, tuple[torch.Size, ...], tuple[int, ...]]] = {}
         self._loose: dict[str, torch.Tensor] = {}
+        # The buffers that residuals swapped in by commit_spare are prefixes of, and the spare:
+        # one extra buffer per ErrorFeedback, as large as its largest bucket.
+        self._owners: dict[tuple[str, ...], torch.Tensor] = {}
+        self._spare: torch.Tensor | None = None
 
     def corrected(self, bucket: Bucket) -> torch.Tensor:
         """The bucket's gradients plus the stored residual, in fp32.
@@ -57,6 +68,33 @@ class ErrorFeedback:
         torch.sub(corrected, decoded, out=residual)
         return float(torch.linalg.vector_norm(residual))
 
+    def spare(self, bucket: Bucket) -> torch.Tensor:
+        """A flat fp32 scratch of the bucket's size for a fused encode to write the new residual into.
+
+        Its content becomes the residual at :meth:`commit_spare`; until then the
+        residual is untouched.
+        """
+        n, device = bucket.numel, bucket.buffer.device
+        if self._spare is None or self._spare.numel() < n or self._spare.device != device:
+            self._spare = torch.empty(n, dtype=torch.float32, device=device)
+        return self._spare[:n]
+
+    def commit_spare(self, bucket: Bucket) -> float:
+        """Make what was written into :meth:`spare` the bucket's residual (a finite step only); return its L2 norm.
+
+        The buffers swap roles: the old residual's becomes the spare, so nothing is copied.
+        """
+        if not self.enabled:
+            return 0.0
+        residual, shapes, offsets = self._flat[bucket.key]
+        if self._spare is None:
+            raise RuntimeError("commit_spare without spare(): nothing was written to commit")
+        new_owner, old_owner = self._spare, self._owners.get(bucket.key, residual)
+        self._owners[bucket.key] = new_owner
+        self._flat[bucket.key] = (new_owner[: bucket.numel], shapes, offsets)
+        self._spare = old_owner
+        return float(torch.linalg.vector_norm(self._flat[bucket.key][0]))
+
     def _residual(self, bucket: Bucket) -> torch.Tensor:
         entry = self._flat.get(bucket.key)
         if entry is None:
@@ -69,6 +107,7 @@ class ErrorFeedback:
         wanted = set(bucket.names)
         for key in [k for k in self._flat if wanted.intersection(k)]:
             self._loose.update(_split(key, *self._flat.pop(key)))
+            self._owners.pop(key, None)
         flat = torch.zeros(bucket.numel, dtype=torch.float32, device=bucket.buffer.device)
         for (name, view), shape in zip(bucket.views(flat), bucket.shapes):
             piece = self._loose.pop(name, None)
@@ -99,6 +138,7 @@ class ErrorFeedback:
                     "the checkpoint is from a different model"
                 )
         self._flat.clear()
+        self._owners.clear()
         self._loose = {name: t.detach().to(torch.float32).clone() for name, t in state.items()}
 
 

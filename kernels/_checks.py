@@ -82,11 +82,49 @@ def check_accumulate_out(out: torch.Tensor, rows: int, length: int, op: str) -> 
     decode_layout(out.numel(), rows, length, op)
 
 
-def add_rows(out: torch.Tensor, decoded: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``out += alpha * decoded`` row by row, or of the rows' sum when ``out`` holds one row; returns ``out``."""
-    flat = out.view(-1)
-    if flat.numel() == decoded.numel():
-        flat.add_(decoded.reshape(-1), alpha=alpha)
-    else:
-        flat.add_(decoded.sum(dim=0), alpha=alpha)
-    return out
+def check_encode_out(
+    out: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, code_bytes: int, block: int, op: str
+) -> None:
+    """``out = (codes uint8 [r, code_bytes], scales fp32 [r, L/block])`` for rows ``x [r, L]``: row views with
+    contiguous rows (any row stride, e.g. columns of a payload) on ``x``'s device."""
+    if not isinstance(out, tuple) or len(out) != 2:
+        raise TypeError(f"{op}: out must be a (codes, scales) pair of tensors")
+    codes, scales = out
+    rows, length = x.shape
+    for what, t, dtype, cols in (("codes", codes, torch.uint8, code_bytes), ("scales", scales, torch.float32, length // block)):
+        if t.dtype != dtype or tuple(t.shape) != (rows, cols):
+            raise ValueError(f"{op}: out {what} must be {dtype} of shape {(rows, cols)}, got {t.dtype} {tuple(t.shape)}")
+        if cols > 1 and t.stride(-1) != 1:
+            raise ValueError(f"{op}: out {what} rows must be contiguous (got strides {t.stride()})")
+    check_same_device(op, x, codes, scales)
+
+
+CHUNK_VALUES = 1 << 18
+"""Values a reference op handles per piece when it works column piece by column piece (1 MiB of fp32)."""
+
+
+def column_chunks(
+    nblocks: int, block: int, rows: int, values: int | None = None, align: int = 1
+) -> list[tuple[int, int]]:
+    """Ranges ``[lo, hi)`` of blocks covering ``nblocks`` so that ``rows * (hi - lo) * block`` stays near ``values``.
+
+    References that would otherwise make a temporary as large as their input
+    (page-faulted in afresh on every call) walk their columns in such pieces,
+    which stay in cache. Pieces start at multiples of ``align`` blocks.
+    """
+    step = max(1, (CHUNK_VALUES if values is None else values) // max(rows * block, 1))
+    step = -(-step // align) * align  # piece boundaries at multiples of `align` blocks (whole bytes of bits)
+    return [(lo, min(lo + step, nblocks)) for lo in range(0, nblocks, step)]
+
+
+def row_column_chunks(rows: int, nblocks: int, block: int, align: int = 1) -> list[tuple[slice, int, int]]:
+    """``(row range, first block, end block)`` pieces of ``[rows, nblocks * block]`` near :data:`CHUNK_VALUES` each.
+
+    Long rows are cut into column pieces one row at a time; short rows are
+    taken several whole rows at a time.
+    """
+    per_row = max(nblocks * block, 1)
+    if per_row >= CHUNK_VALUES:
+        return [(slice(r, r + 1), lo, hi) for r in range(rows) for lo, hi in column_chunks(nblocks, block, 1, align=align)]
+    step = max(1, CHUNK_VALUES // per_row)
+    return [(slice(r, min(r + step, rows)), 0, nblocks) for r in range(0, rows, step)]

@@ -39,19 +39,25 @@ def _variants() -> Iterator[tuple[str, Any, dict[str, str], dict[str, Any]]]:
             for one_tile, group, tile_bytes in ((True, 2, 256), (False, 1, 1024)):
                 sig = {"x_ptr": p(f), "res_ptr": "*fp32" if ef else p(f), "res_out_ptr": "*fp32" if ef else p(f),
                        "bits_ptr": "*u8", "scales_ptr": "*fp32", "nblocks": i32, "block": i32, "num_tiles": i32,
+                       "row_blocks": i32, "bits_stride": i32, "scales_stride": i32,
                        "GROUP": "constexpr", "TILE_BYTES": "constexpr", "EF": "constexpr", "ONE_TILE": "constexpr"}
                 yield (f"sign_encode[{f}, ef={ef}, one_tile={one_tile}]", s._sign_encode_kernel, sig,
                        {"GROUP": group, "TILE_BYTES": tile_bytes, "EF": ef, "ONE_TILE": one_tile})
         for bits in (8, 4):
             for stochastic in (False, True):
-                for one_tile, group, pairs in ((True, 16, 128), (False, 1, 4096)):
-                    sig = {"x_ptr": p(f), "q_ptr": "*i8" if bits == 8 else "*u8", "scales_ptr": "*fp32",
-                           "seed_ptr": "*i64" if stochastic else "*fp32", "nblocks": i32, "block": i32,
-                           "num_tiles": i32, "QMAX": "constexpr", "GROUP": "constexpr", "TILE_PAIRS": "constexpr",
-                           "STOCHASTIC": "constexpr", "PACKED": "constexpr", "ONE_TILE": "constexpr"}
-                    yield (f"quantize[{f}, int{bits}, stochastic={stochastic}, one_tile={one_tile}]", q._quantize_kernel,
-                           sig, {"QMAX": q.QMAX[bits], "GROUP": group, "TILE_PAIRS": pairs, "STOCHASTIC": stochastic,
-                                 "PACKED": bits == 4, "ONE_TILE": one_tile})
+                # The fused error feedback only adds fp32 loads and stores: one input dtype covers it.
+                for ef in (False, True) if f == "fp32" else (False,):
+                    for one_tile, group, pairs in ((True, 16, 128), (False, 1, 4096)):
+                        sig = {"x_ptr": p(f), "res_ptr": "*fp32" if ef else p(f), "res_out_ptr": "*fp32" if ef else p(f),
+                               "q_ptr": "*i8" if bits == 8 else "*u8", "scales_ptr": "*fp32",
+                               "seed_ptr": "*i64" if stochastic else "*fp32", "nblocks": i32, "block": i32,
+                               "num_tiles": i32, "row_blocks": i32, "q_stride": i32, "scales_stride": i32,
+                               "QMAX": "constexpr", "GROUP": "constexpr", "TILE_PAIRS": "constexpr",
+                               "STOCHASTIC": "constexpr", "PACKED": "constexpr", "ONE_TILE": "constexpr", "EF": "constexpr"}
+                        yield (f"quantize[{f}, int{bits}, stochastic={stochastic}, ef={ef}, one_tile={one_tile}]",
+                               q._quantize_kernel, sig,
+                               {"QMAX": q.QMAX[bits], "GROUP": group, "TILE_PAIRS": pairs, "STOCHASTIC": stochastic,
+                                "PACKED": bits == 4, "ONE_TILE": one_tile, "EF": ef})
         yield f"topk_select[{f}]", t._select_kernel, {"x_ptr": p(f), "threshold_ptr": "*fp32", "cand_ptr": "*i64",
                                                        "count_ptr": "*i32", "n": i32, "capacity": i32,
                                                        "BLOCK": "constexpr"}, {"BLOCK": t.SELECT_BLOCK}

@@ -44,59 +44,85 @@ def _tile_offsets(blk, blk_ok, t, block, TILE_PAIRS: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(x_ptr, res_ptr, blk, blk_ok, t, block, TILE_PAIRS: tl.constexpr, EF: tl.constexpr):
+    # Tile t of each block as fp32, plus the residual with error feedback.
+    offs, pair_ok, col_pair = _tile_offsets(blk, blk_ok, t, block, TILE_PAIRS)
+    x = tl.load(x_ptr + offs, mask=pair_ok[:, :, None], other=0.0).to(tl.float32)
+    if EF:
+        x += tl.load(res_ptr + offs, mask=pair_ok[:, :, None], other=0.0)
+    return x, offs, pair_ok, col_pair
+
+
+@triton.jit
 def _store_codes(
-    x, offs, pair_ok, col_pair, blk, block, divisor, seed, q_ptr,
-    QMAX: tl.constexpr, STOCHASTIC: tl.constexpr, PACKED: tl.constexpr,
+    x, offs, pair_ok, col_pair, q_base, scale, seed, q_ptr, res_out_ptr,
+    QMAX: tl.constexpr, STOCHASTIC: tl.constexpr, PACKED: tl.constexpr, EF: tl.constexpr,
 ):
+    # Divide (not multiply by a reciprocal): 1/scale overflows for blocks of tiny values.
+    divisor = tl.where(scale > 0, scale, 1.0)[:, None, None]
     v = tl.math.div_rn(x, divisor)
     if STOCHASTIC:
         v = tl.floor(v + tl.rand(seed, offs))
     else:
         v = _round_half_even(v)
-    q = tl.minimum(tl.maximum(v, -QMAX), QMAX).to(tl.int32)
+    qf = tl.minimum(tl.maximum(v, -QMAX), QMAX)
+    q = qf.to(tl.int32)
     if PACKED:
         # Element 2i in the low nibble, 2i+1 in the high one.
         byte = tl.sum((q & 0xF) << (tl.arange(0, 2) * 4)[None, None, :], axis=2)
-        tl.store(q_ptr + blk[:, None] * (block // 2) + col_pair[None, :], byte.to(tl.uint8), mask=pair_ok)
+        tl.store(q_ptr + q_base[:, None] + col_pair[None, :], byte.to(tl.uint8), mask=pair_ok)
     else:
-        tl.store(q_ptr + offs, q.to(tl.int8), mask=pair_ok[:, :, None])
+        col = col_pair[:, None] * 2 + tl.arange(0, 2)[None, :]
+        tl.store(q_ptr + q_base[:, None, None] + col[None, :, :], q.to(tl.int8), mask=pair_ok[:, :, None])
+    if EF:
+        tl.store(res_out_ptr + offs, x - qf * scale[:, None, None], mask=pair_ok[:, :, None])
+
+
+@triton.jit
+def _block_scale(amax, bad, QMAX: tl.constexpr):
+    # bad is the sum of x * 0 over the block: NaN when the block holds an inf or a NaN, which
+    # then shows in its scale (tl.max need not propagate NaN).
+    return tl.math.div_rn(amax, tl.full(amax.shape, QMAX, tl.float32)) + bad
 
 
 @triton.jit
 def _quantize_kernel(
-    x_ptr, q_ptr, scales_ptr, seed_ptr, nblocks, block, num_tiles,
+    x_ptr, res_ptr, res_out_ptr, q_ptr, scales_ptr, seed_ptr, nblocks, block, num_tiles, row_blocks, q_stride,
+    scales_stride,
     QMAX: tl.constexpr, GROUP: tl.constexpr, TILE_PAIRS: tl.constexpr,
-    STOCHASTIC: tl.constexpr, PACKED: tl.constexpr, ONE_TILE: tl.constexpr,
+    STOCHASTIC: tl.constexpr, PACKED: tl.constexpr, ONE_TILE: tl.constexpr, EF: tl.constexpr,
 ):
     # GROUP blocks per program in tiles of [TILE_PAIRS, 2] values (pairs make int4 bytes);
-    # a block of one tile is read once, a longer one twice (absmax, then codes).
+    # a block of one tile is read once, a longer one twice (absmax, then codes). Inputs
+    # are contiguous rows; code and scale rows may be strided (columns of a payload).
     blk = tl.program_id(0).to(tl.int64) * GROUP + tl.arange(0, GROUP)
     blk_ok = blk < nblocks
+    row = blk // row_blocks
+    col_blk = blk - row * row_blocks
+    q_base = row * q_stride + col_blk * (block // 2 if PACKED else block)
+    scale_at = scales_ptr + row * scales_stride + col_blk
     if STOCHASTIC:
         seed = tl.load(seed_ptr)
     else:
         seed = 0
     if ONE_TILE:
-        offs, pair_ok, col_pair = _tile_offsets(blk, blk_ok, 0, block, TILE_PAIRS)
-        x = tl.load(x_ptr + offs, mask=pair_ok[:, :, None], other=0.0).to(tl.float32)
-        scale = tl.math.div_rn(tl.max(tl.max(tl.abs(x), axis=2), axis=1), tl.full([GROUP], QMAX, tl.float32))
-        tl.store(scales_ptr + blk, scale, mask=blk_ok)
-        # Divide (not multiply by a reciprocal): 1/scale overflows for blocks of tiny values.
-        divisor = tl.where(scale > 0, scale, 1.0)[:, None, None]
-        _store_codes(x, offs, pair_ok, col_pair, blk, block, divisor, seed, q_ptr, QMAX, STOCHASTIC, PACKED)
+        x, offs, pair_ok, col_pair = _load_tile(x_ptr, res_ptr, blk, blk_ok, 0, block, TILE_PAIRS, EF)
+        amax = tl.max(tl.max(tl.abs(x), axis=2), axis=1)
+        scale = _block_scale(amax, tl.sum(tl.sum(x * 0.0, axis=2), axis=1), QMAX)
+        tl.store(scale_at, scale, mask=blk_ok)
+        _store_codes(x, offs, pair_ok, col_pair, q_base, scale, seed, q_ptr, res_out_ptr, QMAX, STOCHASTIC, PACKED, EF)
     else:
         amax = tl.zeros([GROUP], dtype=tl.float32)
+        bad = tl.zeros([GROUP], dtype=tl.float32)
         for t in range(num_tiles):
-            offs, pair_ok, col_pair = _tile_offsets(blk, blk_ok, t, block, TILE_PAIRS)
-            x = tl.load(x_ptr + offs, mask=pair_ok[:, :, None], other=0.0).to(tl.float32)
+            x, offs, pair_ok, col_pair = _load_tile(x_ptr, res_ptr, blk, blk_ok, t, block, TILE_PAIRS, EF)
             amax = tl.maximum(amax, tl.max(tl.max(tl.abs(x), axis=2), axis=1))
-        scale = tl.math.div_rn(amax, tl.full([GROUP], QMAX, tl.float32))
-        tl.store(scales_ptr + blk, scale, mask=blk_ok)
-        divisor = tl.where(scale > 0, scale, 1.0)[:, None, None]
+            bad += tl.sum(tl.sum(x * 0.0, axis=2), axis=1)
+        scale = _block_scale(amax, bad, QMAX)
+        tl.store(scale_at, scale, mask=blk_ok)
         for t in range(num_tiles):
-            offs, pair_ok, col_pair = _tile_offsets(blk, blk_ok, t, block, TILE_PAIRS)
-            x = tl.load(x_ptr + offs, mask=pair_ok[:, :, None], other=0.0).to(tl.float32)
-            _store_codes(x, offs, pair_ok, col_pair, blk, block, divisor, seed, q_ptr, QMAX, STOCHASTIC, PACKED)
+            x, offs, pair_ok, col_pair = _load_tile(x_ptr, res_ptr, blk, blk_ok, t, block, TILE_PAIRS, EF)
+            _store_codes(x, offs, pair_ok, col_pair, q_base, scale, seed, q_ptr, res_out_ptr, QMAX, STOCHASTIC, PACKED, EF)
 
 
 @triton.jit
@@ -172,27 +198,44 @@ def _tiling(block: int, values_per_program: int, max_tile: int) -> tuple[int, in
 def quantize_blockwise_triton(
     x: torch.Tensor, bits: int, block: int, generator: torch.Generator | None = None, packed: bool = False,
     values_per_program: int = VALUES_PER_PROGRAM, max_tile: int = MAX_TILE,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    residual: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton quantization of contiguous rows ``x [r, L]`` (``L`` a multiple of the even ``block``).
 
     Returns ``(q int8 [r, L], scales fp32 [r, L/block])``, or with ``packed`` the
-    codes as bytes ``[r, L * bits / 8]`` (int4: two per byte, low nibble first).
+    codes as bytes ``[r, L * bits / 8]`` (int4: two per byte, low nibble first),
+    written into ``out``'s row views (contiguous rows, any row stride) if given.
+    With a contiguous fp32 ``residual`` of ``x``'s shape, ``x + residual`` is
+    quantized and ``x + residual - dequantized`` is written to ``residual_out``
+    (default: over ``residual``), in the same pass.
     """
     check_contiguous(x, "quantize_blockwise_triton", "x")
     if block % 2:
         raise ValueError(f"quantize_blockwise_triton: block={block} must be even")
+    for name, t in (("residual", residual), ("residual_out", residual_out)):
+        if t is not None:
+            check_contiguous(t, "quantize_blockwise_triton", name)
     rows, length = x.shape
     group, tile_pairs, num_tiles = _tiling(block, values_per_program, max_tile)
     width = length * bits // 8 if packed else length
-    q = torch.empty(rows, width, dtype=torch.uint8 if packed else torch.int8, device=x.device)
-    scales = torch.empty(rows, length // block, dtype=torch.float32, device=x.device)
-    nblocks = scales.numel()
+    if out is None:
+        q = torch.empty(rows, width, dtype=torch.uint8 if packed else torch.int8, device=x.device)
+        scales = torch.empty(rows, length // block, dtype=torch.float32, device=x.device)
+    else:
+        q, scales = out
+        if (width > 1 and q.stride(-1) != 1) or (length // block > 1 and scales.stride(-1) != 1):
+            raise ValueError("quantize_blockwise_triton: out rows must be contiguous")
+    nblocks = rows * (length // block)
     if nblocks:
         seed = draw_seed(generator, x.device) if generator is not None else scales
+        ef = residual is not None
+        res_out = residual if residual_out is None else residual_out
         _quantize_kernel[(triton.cdiv(nblocks, group),)](
-            x, q.view(torch.int8) if packed and bits == 8 else q, scales, seed, nblocks, block, num_tiles,
+            x, residual if ef else x, res_out if ef else x, q.view(torch.int8) if bits == 8 else q, scales, seed,
+            nblocks, block, num_tiles, length // block, q.stride(0), scales.stride(0),
             QMAX=QMAX[bits], GROUP=group, TILE_PAIRS=tile_pairs, STOCHASTIC=generator is not None,
-            PACKED=packed and bits == 4, ONE_TILE=num_tiles == 1,
+            PACKED=packed and bits == 4, ONE_TILE=num_tiles == 1, EF=ef,
         )
     return q, scales
 

@@ -12,18 +12,23 @@ must be contiguous.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from distcomp.kernels._backend import use_triton
 from distcomp.kernels._checks import (
-    add_rows,
     as_rows,
     check_accumulate_out,
     check_block,
     check_contiguous,
     check_dtype,
+    check_encode_out,
     check_float,
     check_same_device,
+    column_chunks,
+    decode_layout,
+    row_column_chunks,
 )
 
 # Eight 0/1 bytes read as one little-endian int64, times this constant, carry
@@ -83,12 +88,22 @@ def unpack_signs(bits: torch.Tensor, numel: int, dtype: torch.dtype = torch.floa
     return unpack_signs_ref(bits, numel, dtype)
 
 
-def sign_encode_ref(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``x[r]`` (length a multiple of ``block`` and of 8) to ``(bits [r, L/8], scales [r, L/block])``."""
+def sign_encode_ref(
+    x: torch.Tensor, block: int, out: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``x[r]`` (length a multiple of ``block`` and of 8) to ``(bits [r, L/8], scales [r, L/block])``.
+
+    ``out``, if given, is ``(bits, scales)`` to write into (row views of a payload).
+    """
     rows, length = x.shape
     blocks = x.reshape(rows, length // block, block)
     scales = torch.linalg.vector_norm(blocks, ord=1, dim=-1, dtype=torch.float32).div_(block)
-    return pack_signs_ref(x).view(rows, length // 8), scales
+    bits = pack_signs_ref(x).view(rows, length // 8)
+    if out is None:
+        return bits, scales
+    out[0].copy_(bits)
+    out[1].copy_(scales)
+    return out
 
 
 def sign_decode_ref(
@@ -104,18 +119,27 @@ def sign_decode_ref(
     return out.view(rows, nblocks * block)
 
 
-def sign_encode(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Public op of :func:`sign_encode_ref` (``x`` is 2-D)."""
+def sign_encode(
+    x: torch.Tensor, block: int, out: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Public op of :func:`sign_encode_ref` (``x`` is 2-D).
+
+    ``out = (bits [r, L/8] uint8, scales [r, L/block] fp32)``, if given, receives
+    the encoding: row views with contiguous rows and any row stride (a payload's
+    columns), so that nothing is copied into the payload afterwards.
+    """
     check_float(x, "sign_encode")
     if x.dim() != 2:
         raise ValueError(f"sign_encode: expected 2-D rows, got shape {tuple(x.shape)}")
     check_block(x.shape[1], block, "sign_encode")
     check_block(x.shape[1], 8, "sign_encode")
+    if out is not None:
+        check_encode_out(out, x, x.shape[1] // 8, block, "sign_encode")
     if use_triton(x):
         from distcomp.kernels.sign_triton import sign_encode_triton
 
-        return sign_encode_triton(x.contiguous(), block)
-    return sign_encode_ref(x, block)
+        return sign_encode_triton(x.contiguous(), block, out=out)
+    return sign_encode_ref(x, block, out)
 
 
 def sign_decode(
@@ -144,11 +168,31 @@ def _check_decode(bits: torch.Tensor, scales: torch.Tensor, block: int, op: str)
     check_same_device(op, bits, scales)
 
 
+def _bits_align(block: int) -> int:
+    """Blocks per piece boundary so that pieces of a row start on a whole byte of bits."""
+    return 8 // math.gcd(block, 8)
+
+
 def sign_decode_add_ref(
     bits: torch.Tensor, scales: torch.Tensor, block: int, out: torch.Tensor, alpha: float = 1.0
 ) -> torch.Tensor:
-    """``out += alpha * sign_decode_ref(bits, scales)``; an ``out`` of one row's length gets the rows' sum."""
-    return add_rows(out, sign_decode_ref(bits, scales, block), alpha)
+    """``out += alpha * sign_decode_ref(bits, scales)``; an ``out`` of one row's length gets the rows' sum.
+
+    Works through the columns a cache-sized piece at a time, so no temporary of
+    the rows' full size is made (it would be page-faulted in on every call).
+    """
+    rows, nblocks = scales.shape
+    bits = as_rows(bits, rows)
+    _, shape = decode_layout(out.numel(), rows, nblocks * block, "sign_decode_add_ref")
+    summed = len(shape) == 1
+    out2 = out.view(1 if summed else rows, nblocks * block)
+    table = _sign_table(bits.device)
+    for lo, hi in column_chunks(nblocks, block, rows, align=_bits_align(block)):
+        piece = torch.index_select(table, 0, bits[:, lo * block // 8 : hi * block // 8].reshape(-1).to(torch.int32))
+        piece = piece.view(rows, hi - lo, block).mul_(scales[:, lo:hi].unsqueeze(-1)).view(rows, -1)
+        dest = out2[:, lo * block : hi * block]
+        dest.add_(piece.sum(dim=0) if summed else piece, alpha=alpha)
+    return out
 
 
 def sign_decode_add(
@@ -174,32 +218,50 @@ def sign_decode_add(
 
 
 def sign_encode_ef_ref(
-    grad: torch.Tensor, residual: torch.Tensor, block: int, residual_out: torch.Tensor | None = None
+    grad: torch.Tensor,
+    residual: torch.Tensor,
+    block: int,
+    residual_out: torch.Tensor | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Error feedback and sign encoding: ``corrected = grad + residual``, encode it, keep what it drops.
 
-    Returns ``sign_encode_ref(corrected, block)`` and writes ``corrected - decode``
-    into ``residual_out`` (default: ``residual``, in place).
+    Returns ``sign_encode_ref(corrected, block, out)`` and writes ``corrected - decode``
+    into ``residual_out`` (default: ``residual``, in place). Works a cache-sized
+    piece of columns at a time, so that ``corrected`` and the decoded values
+    never exist at the input's full size.
     """
-    corrected = torch.add(residual, grad)
-    bits, scales = sign_encode_ref(corrected, block)
-    target = residual if residual_out is None else residual_out
-    decoded = sign_decode_ref(bits, scales, block, out=target.view(-1))
-    torch.sub(corrected, decoded, out=decoded)
-    return bits, scales
+    rows, length = grad.shape
+    if out is None:
+        out = (torch.empty(rows, length // 8, dtype=torch.uint8, device=grad.device),
+               torch.empty(rows, length // block, dtype=torch.float32, device=grad.device))
+    target = (residual if residual_out is None else residual_out).view(rows, length)
+    residual = residual.view(rows, length)
+    for r, lo, hi in row_column_chunks(rows, length // block, block, align=_bits_align(block)):
+        a, b = lo * block, hi * block
+        corrected = torch.add(residual[r, a:b], grad[r, a:b])
+        bits, scales = sign_encode_ref(corrected, block, (out[0][r, a // 8 : b // 8], out[1][r, lo:hi]))
+        decoded = sign_decode_ref(bits, scales, block).view(corrected.shape)
+        torch.sub(corrected, decoded, out=target[r, a:b])
+    return out
 
 
 def sign_encode_ef(
-    grad: torch.Tensor, residual: torch.Tensor, block: int, residual_out: torch.Tensor | None = None
+    grad: torch.Tensor,
+    residual: torch.Tensor,
+    block: int,
+    residual_out: torch.Tensor | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused error feedback + :func:`sign_encode` in one pass over memory.
 
     ``grad [r, L]`` (any float dtype) plus the fp32 ``residual`` of the same
-    shape is encoded; the new residual ``corrected - decode(bits, scales)`` goes
-    to ``residual_out`` (contiguous fp32, same shape), or over ``residual`` when
-    it is ``None``. A non-finite input shows as a non-finite scale of its block:
-    check ``torch.isfinite(scales).all()`` before keeping the new residual, and
-    pass a scratch ``residual_out`` so that a bad step does not poison the old one.
+    shape is encoded (into ``out``, as for :func:`sign_encode`, if given); the
+    new residual ``corrected - decode(bits, scales)`` goes to ``residual_out``
+    (contiguous fp32, same shape), or over ``residual`` when it is ``None``. A
+    non-finite input shows as a non-finite scale of its block: check
+    ``torch.isfinite(scales).all()`` before keeping the new residual, and pass a
+    scratch ``residual_out`` so that a bad step does not poison the old one.
     """
     check_float(grad, "sign_encode_ef")
     check_dtype(residual, torch.float32, "sign_encode_ef", "residual")
@@ -215,9 +277,11 @@ def sign_encode_ef(
         check_contiguous(residual_out, "sign_encode_ef", "residual_out")
         if residual_out.numel() != residual.numel():
             raise ValueError(f"sign_encode_ef: residual_out has {residual_out.numel()} values, expected {residual.numel()}")
+    if out is not None:
+        check_encode_out(out, grad, grad.shape[1] // 8, block, "sign_encode_ef")
     check_same_device("sign_encode_ef", grad, residual, *([residual_out] if residual_out is not None else []))
     if use_triton(grad):
         from distcomp.kernels.sign_triton import sign_encode_ef_triton
 
-        return sign_encode_ef_triton(grad.contiguous(), residual, block, residual_out)
-    return sign_encode_ef_ref(grad, residual, block, residual_out)
+        return sign_encode_ef_triton(grad.contiguous(), residual, block, residual_out, out=out)
+    return sign_encode_ef_ref(grad, residual, block, residual_out, out)

@@ -60,9 +60,9 @@ def _block_tile(x_ptr, res_ptr, blk, blk_ok, t, block, TILE_BYTES: tl.constexpr,
 
 
 @triton.jit
-def _store_bits(x, bits_ptr, blk, col_byte, byte_ok, block):
+def _store_bits(x, bits_ptr, bits_base, col_byte, byte_ok):
     packed = tl.sum((x >= 0).to(tl.int32) << tl.arange(0, 8)[None, None, :], axis=2)
-    tl.store(bits_ptr + blk[:, None] * (block // 8) + col_byte[None, :], packed.to(tl.uint8), mask=byte_ok)
+    tl.store(bits_ptr + bits_base[:, None] + col_byte[None, :], packed.to(tl.uint8), mask=byte_ok)
 
 
 @triton.jit
@@ -73,30 +73,35 @@ def _store_residual(x, scale, res_out_ptr, offs, byte_ok):
 
 @triton.jit
 def _sign_encode_kernel(
-    x_ptr, res_ptr, res_out_ptr, bits_ptr, scales_ptr, nblocks, block, num_tiles,
+    x_ptr, res_ptr, res_out_ptr, bits_ptr, scales_ptr, nblocks, block, num_tiles, row_blocks, bits_stride, scales_stride,
     GROUP: tl.constexpr, TILE_BYTES: tl.constexpr, EF: tl.constexpr, ONE_TILE: tl.constexpr,
 ):
     # GROUP blocks per program. Bits do not depend on the scale, so they are stored as
     # tiles go by; the new residual does: a block of one tile is corrected from
-    # registers (one pass over memory), a longer one is read again.
+    # registers (one pass over memory), a longer one is read again. Inputs are
+    # contiguous rows; bits and scales rows may be strided (columns of a payload).
     blk = tl.program_id(0).to(tl.int64) * GROUP + tl.arange(0, GROUP)
     blk_ok = blk < nblocks
+    row = blk // row_blocks
+    col_blk = blk - row * row_blocks
+    bits_base = row * bits_stride + col_blk * (block // 8)
+    scale_at = scales_ptr + row * scales_stride + col_blk
     if ONE_TILE:
         x, offs, byte_ok, col_byte = _block_tile(x_ptr, res_ptr, blk, blk_ok, 0, block, TILE_BYTES, EF)
-        _store_bits(x, bits_ptr, blk, col_byte, byte_ok, block)
+        _store_bits(x, bits_ptr, bits_base, col_byte, byte_ok)
         total = tl.sum(tl.sum(tl.abs(x), axis=2), axis=1)
         scale = tl.math.div_rn(total, block.to(tl.float32))
-        tl.store(scales_ptr + blk, scale, mask=blk_ok)
+        tl.store(scale_at, scale, mask=blk_ok)
         if EF:
             _store_residual(x, scale, res_out_ptr, offs, byte_ok)
     else:
         total = tl.zeros([GROUP], dtype=tl.float32)
         for t in range(num_tiles):
             x, offs, byte_ok, col_byte = _block_tile(x_ptr, res_ptr, blk, blk_ok, t, block, TILE_BYTES, EF)
-            _store_bits(x, bits_ptr, blk, col_byte, byte_ok, block)
+            _store_bits(x, bits_ptr, bits_base, col_byte, byte_ok)
             total += tl.sum(tl.sum(tl.abs(x), axis=2), axis=1)
         scale = tl.math.div_rn(total, block.to(tl.float32))
-        tl.store(scales_ptr + blk, scale, mask=blk_ok)
+        tl.store(scale_at, scale, mask=blk_ok)
         if EF:
             for t in range(num_tiles):
                 x, offs, byte_ok, col_byte = _block_tile(x_ptr, res_ptr, blk, blk_ok, t, block, TILE_BYTES, EF)
@@ -168,41 +173,49 @@ def _block_tiling(block: int, values_per_program: int, max_tile: int) -> tuple[i
 
 def _encode(
     x: torch.Tensor, residual: torch.Tensor | None, residual_out: torch.Tensor | None, block: int,
-    values_per_program: int, max_tile: int,
+    values_per_program: int, max_tile: int, out: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the encode kernel (with error feedback when ``residual`` is given); returns ``(bits, scales)``."""
     rows, length = x.shape
     group, tile_bytes, num_tiles = _block_tiling(block, values_per_program, max_tile)
-    bits = torch.empty(rows, length // 8, dtype=torch.uint8, device=x.device)
-    scales = torch.empty(rows, length // block, dtype=torch.float32, device=x.device)
-    nblocks = scales.numel()
+    if out is None:
+        bits = torch.empty(rows, length // 8, dtype=torch.uint8, device=x.device)
+        scales = torch.empty(rows, length // block, dtype=torch.float32, device=x.device)
+    else:
+        bits, scales = row_major(out[0], "sign_encode_triton", "bits out"), row_major(out[1], "sign_encode_triton", "scales out")
+        if bits is not out[0] or scales is not out[1]:
+            raise ValueError("sign_encode_triton: out rows must be contiguous")
+    nblocks = rows * (length // block)
     if nblocks:
         ef = residual is not None
         _sign_encode_kernel[(triton.cdiv(nblocks, group),)](
             x, residual if ef else x, residual_out if ef else x, bits, scales, nblocks, block, num_tiles,
+            length // block, bits.stride(0), scales.stride(0),
             GROUP=group, TILE_BYTES=tile_bytes, EF=ef, ONE_TILE=num_tiles == 1,
         )
     return bits, scales
 
 
 def sign_encode_triton(
-    x: torch.Tensor, block: int, values_per_program: int = VALUES_PER_PROGRAM, max_tile: int = MAX_TILE
+    x: torch.Tensor, block: int, values_per_program: int = VALUES_PER_PROGRAM, max_tile: int = MAX_TILE,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton :func:`~distcomp.kernels.sign.sign_encode_ref` of contiguous rows ``x [r, L]``."""
+    """Triton :func:`~distcomp.kernels.sign.sign_encode_ref` of contiguous rows ``x [r, L]`` (into ``out``'s row views if given)."""
     check_contiguous(x, "sign_encode_triton", "x")
-    return _encode(x, None, None, block, values_per_program, max_tile)
+    return _encode(x, None, None, block, values_per_program, max_tile, out)
 
 
 def sign_encode_ef_triton(
     grad: torch.Tensor, residual: torch.Tensor, block: int, residual_out: torch.Tensor | None = None,
     values_per_program: int = VALUES_PER_PROGRAM, max_tile: int = MAX_TILE,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton :func:`~distcomp.kernels.sign.sign_encode_ef_ref`: one pass over memory (two for blocks over ``max_tile``)."""
     for name, t in (("grad", grad), ("residual", residual), ("residual_out", residual_out)):
         if t is not None:
             check_contiguous(t, "sign_encode_ef_triton", name)
-    out = residual if residual_out is None else residual_out
-    return _encode(grad, residual, out, block, values_per_program, max_tile)
+    res_out = residual if residual_out is None else residual_out
+    return _encode(grad, residual, res_out, block, values_per_program, max_tile, out)
 
 
 def sign_decode_triton(

@@ -14,36 +14,52 @@ from __future__ import annotations
 import torch
 
 from distcomp.kernels._backend import use_triton
-from distcomp.kernels._checks import check_dtype, check_float, check_same_device
+from distcomp.kernels._checks import CHUNK_VALUES, check_dtype, check_float, check_same_device
 
 
 def topk_pack_ref(x: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k`` entries of largest magnitude of flat ``x`` as an int32 payload ``[2k]``."""
     flat = x.reshape(-1)
-    indices = _topk_indices(flat.abs(), k)
+    indices = _topk_indices(flat, k)
     values = flat[indices].to(torch.float32)
     return torch.cat([values.view(torch.int32), indices.to(torch.int32)])
 
 
-def _topk_indices(mag: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` largest entries of ``mag``: exact, and fast for small ``k / n``.
+def _topk_indices(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` entries of largest magnitude of ``flat``: exact, and fast for small ``k / n``.
 
     A full top-k over millions of entries is slow on CPU. Instead a threshold is
-    guessed from a strided sample, every entry above it becomes a candidate, and
-    the top-k of the candidates is taken. When there are at least ``k`` candidates
-    they contain the true top-k; otherwise this falls back to the full top-k.
+    guessed from a strided sample, every entry at or above it in magnitude
+    becomes a candidate (found a cache-sized piece at a time: ``|x|`` of the
+    whole input would be a fresh temporary, page-faulted in on every call), and
+    the top-k of the candidates is taken. When there are at least ``k``
+    candidates they contain the true top-k; otherwise this falls back to the
+    full top-k.
     """
-    n = mag.numel()
+    n = flat.numel()
     if k == 0 or n < 65536 or k * 8 > n:
-        return mag.topk(k, sorted=False).indices
-    sample = mag[:: max(n // 65536, 1)]
+        return flat.abs().topk(k, sorted=False).indices
+    sample = flat[:: max(n // 65536, 1)].abs()
     # Aim for ~1.5 k candidates so one guess almost always suffices.
     want = min(int(sample.numel() * 1.5 * k / n) + 1, sample.numel())
     threshold = sample.topk(want, sorted=False).values.min()
-    candidates = torch.nonzero(mag >= threshold).squeeze(1)
+    candidates = _at_least(flat, threshold)
     if candidates.numel() < k:
-        return mag.topk(k, sorted=False).indices
-    return candidates[mag[candidates].topk(k, sorted=False).indices]
+        return flat.abs().topk(k, sorted=False).indices
+    return candidates[flat[candidates].abs().topk(k, sorted=False).indices]
+
+
+def _at_least(flat: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Indices (int64, ascending) of the entries with ``|x| >= threshold``, in cache-sized pieces."""
+    n = flat.numel()
+    mag = torch.empty(min(n, CHUNK_VALUES), dtype=flat.dtype, device=flat.device)
+    hit = torch.empty(mag.numel(), dtype=torch.bool, device=flat.device)
+    found = []
+    for a in range(0, n, CHUNK_VALUES):
+        b = min(a + CHUNK_VALUES, n)
+        torch.ge(torch.abs(flat[a:b], out=mag[: b - a]), threshold, out=hit[: b - a])
+        found.append(torch.nonzero(hit[: b - a]).squeeze(1).add_(a))
+    return torch.cat(found)
 
 
 def topk_scatter_add_ref(out: torch.Tensor, payloads: torch.Tensor) -> torch.Tensor:

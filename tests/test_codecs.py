@@ -135,3 +135,67 @@ def test_int_codec_seeded_generator_is_reproducible(gen: torch.Generator) -> Non
     c = _encode_strided(IntCodec(8, 64, torch.Generator().manual_seed(6)), x)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+# -- the fused protocol: error feedback in the encode, column ranges, decode-and-add ----------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", list(CODECS))
+def test_encode_ef_loses_nothing(name: str, kind: str, gen: torch.Generator) -> None:
+    """``grad + residual == decoded + new residual`` (one rounding of the subtraction), into a strided payload."""
+    codec = CODECS[name]()
+    grad = _rows(kind, 4, 2 * codec.block, gen)
+    residual = torch.randn(grad.shape, generator=gen) * grad.abs().amax(dim=1, keepdim=True) * 0.1
+    corrected = grad + residual
+    nbytes = codec.payload_bytes(grad.shape[1])
+    buf = torch.full((4, nbytes + 4), 0xAB, dtype=torch.uint8)
+    new = torch.full_like(grad, float("nan"))
+    health = codec.encode_ef(grad, residual, new, buf[:, :nbytes])
+    assert bool((buf[:, nbytes:] == 0xAB).all()), "encode_ef wrote past its payload"
+    assert health.shape == (1,) and float(health) == 0.0
+    decoded = codec.decode(buf[:, :nbytes], grad.shape[1])
+    err = (decoded + new - corrected).abs()
+    assert bool((err <= 1e-6 * corrected.abs().amax(dim=1, keepdim=True)).all())
+    assert not torch.isnan(new).any()
+
+
+@pytest.mark.parametrize("name", [n for n in CODECS if "stochastic" not in n])
+def test_column_ranges_encode_and_decode_like_whole_rows(name: str, gen: torch.Generator) -> None:
+    """Pieces of a row encoded at their column offsets make the same payload as the whole row."""
+    codec = CODECS[name]()
+    length = 4 * codec.block
+    x = torch.randn(3, length, generator=gen)
+    whole = _encode_strided(codec, x)
+    nbytes = codec.payload_bytes(length)
+    buf = torch.full((3, nbytes + 4), 0xAB, dtype=torch.uint8)
+    for lo, hi in ((0, codec.block), (codec.block, 3 * codec.block), (3 * codec.block, length)):
+        codec.encode_ef(x[:, lo:hi].contiguous(), None, None, buf[:, :nbytes], length, lo)
+    assert torch.equal(buf[:, :nbytes], whole) and bool((buf[:, nbytes:] == 0xAB).all())
+    full = codec.decode(whole, length)
+    lo, hi = codec.block, 3 * codec.block
+    assert torch.equal(codec.decode(whole, length, start=lo, stop=hi), full[:, lo:hi].contiguous())
+
+
+@pytest.mark.parametrize("name", list(CODECS))
+def test_decode_add_is_decode_then_add(name: str, gen: torch.Generator) -> None:
+    codec = CODECS[name]()
+    length = 2 * codec.block
+    payload = _encode_strided(codec, torch.randn(3, length, generator=gen))
+    decoded = codec.decode(payload, length)
+    start = torch.randn(length, generator=gen)
+    summed = codec.decode_add(payload, length, start.clone(), alpha=0.5)
+    torch.testing.assert_close(summed, start + 0.5 * decoded.sum(dim=0), rtol=1e-6, atol=1e-6)
+    rows = codec.decode_add(payload, length, start.repeat(3), alpha=1.0)
+    assert torch.equal(rows, start.repeat(3) + decoded.reshape(-1))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("name", list(CODECS))
+def test_encode_health_reports_nonfinite_input(name: str, bad: float, gen: torch.Generator) -> None:
+    codec = CODECS[name]()
+    x = torch.randn(2, 2 * codec.block, generator=gen)
+    x[1, 5] = bad
+    buf = torch.empty(2, codec.payload_bytes(x.shape[1]), dtype=torch.uint8)
+    assert not bool(torch.isfinite(codec.encode_ef(x, None, None, buf)).all())
+    assert not bool(torch.isfinite(codec.encode_ef(x, torch.zeros_like(x), torch.empty_like(x), buf)).all())

@@ -14,7 +14,7 @@ import torch
 
 import distcomp
 from distcomp import Bucket
-from distcomp.collectives import chunk_length, compressed_reduce_scatter, sparse_mean, two_phase_mean
+from distcomp.collectives import _pieces, chunk_length, compressed_reduce_scatter, sparse_mean, two_phase_mean
 from distcomp.comm import BucketRecord, Comm
 from distcomp.compressor import local_health
 from distcomp.compressors.quant import IntCodec
@@ -133,6 +133,32 @@ def _compressor_scenario(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
+FUSED_CODECS = ["sign-b32", "int8-b32", "int4-b64-stochastic"]
+SMALL_N = 70  # with 4 ranks and blocks of 32: a partial block and a row past the end
+
+
+def _fused_scenario(rank: int, world: int, x: torch.Tensor) -> dict[str, Any]:
+    """Worker error feedback fused into the encode, against the same step with ``x + residual`` formed first."""
+    out: dict[str, Any] = {}
+    for n in (N, SMALL_N):
+        for name in FUSED_CODECS:
+            xs, residual = x[:n].clone(), torch.randn(n, generator=torch.Generator().manual_seed(70 + rank)) * 0.1
+            c = chunk_length(n, world, _codec(name, rank).align)
+            prev = torch.randn(c, generator=torch.Generator().manual_seed(80 + rank)) * 0.01
+            new, server, dest = torch.full((n,), float("nan")), prev.clone(), torch.empty(n)
+            fused = two_phase_mean(Comm(None), _codec(name, rank), xs, server, None, residual=residual.clone(),
+                                   residual_out=new, out=dest)
+            corrected = xs + residual
+            plain = two_phase_mean(Comm(None), _codec(name, rank), corrected.clone(), prev.clone(), local_health(corrected))
+            out[f"{name}-n{n}"] = {
+                "x": xs, "residual": residual, "new": new, "out": fused.out.clone(), "out_is_dest": fused.out is dest,
+                "server": fused.server_error.clone(), "server_in_place": fused.server_error is server,
+                "local": fused.local_decoded.clone(), "plain_out": plain.out.clone(),
+                "plain_server": plain.server_error.clone(), "plain_local": plain.local_decoded.clone(),
+            }
+    return out
+
+
 def collectives_job(rank: int, world: int) -> dict[str, Any]:
     x = torch.randn(N, generator=torch.Generator().manual_seed(rank))
     x[:40] = 0.0  # a run of zeros
@@ -141,6 +167,7 @@ def collectives_job(rank: int, world: int) -> dict[str, Any]:
         "x": x,
         "comm": _comm_scenario(rank, world),
         "two_phase": _two_phase_scenario(rank, world, x),
+        "fused": _fused_scenario(rank, world, x),
         "sparse": dict(zip(("mean", "local", "nonfinite"), sparse_mean(Comm(None), x.clone(), K, local_health(x)))),
         "nonfinite": _nonfinite_scenario(rank, world, x),
         "compressors": _compressor_scenario(rank, world),
@@ -304,3 +331,39 @@ def test_two_phase_compressor_byte_accounting(job) -> None:
         assert rec["payload_bytes"] == world * row + row
         assert rec["sent_bytes"] == pytest.approx((world - 1) / world * world * row + (world - 1) * row)
         assert rec["dense_bytes"] / rec["sent_bytes"] > 5  # 1 bit + scales against 32-bit all-reduce
+
+
+@pytest.mark.parametrize("n,world,align", [(1001, 2, 32), (1001, 4, 64), (70, 4, 32), (64, 2, 32), (5, 4, 32), (1, 1, 32)])
+def test_pieces_tile_the_rows_and_copy_only_the_last_block(n: int, world: int, align: int) -> None:
+    c = chunk_length(n, world, align)
+    covered = torch.zeros(world, c, dtype=torch.int32)
+    src = []
+    for p in _pieces(n, world, c, align):
+        covered[p.rows, p.start : p.stop] += 1
+        src.append((p.src, p.size))
+        assert p.start % align == 0 and p.stop % align == 0
+        if p.padded:  # only the partial block and rows past the end are copied
+            assert p.size < align
+    assert bool((covered == 1).all())
+    pos = 0
+    for start, size in src:
+        assert start == pos
+        pos += size
+    assert pos == n
+
+
+@pytest.mark.parametrize("case", [f"{c}-n{n}" for n in (N, SMALL_N) for c in FUSED_CODECS])
+def test_fused_worker_error_feedback_matches_forming_the_corrected_input(job, case: str) -> None:
+    """Bit for bit where the rounding is deterministic; ``input == decoded + new residual`` always."""
+    world, results = job
+    for r in results:
+        f = r["fused"][case]
+        corrected = f["x"] + f["residual"]
+        assert f["out_is_dest"] and f["server_in_place"]
+        torch.testing.assert_close(f["local"] + f["new"], corrected, rtol=0, atol=1e-6)
+        if "stochastic" not in case:
+            assert torch.equal(f["out"], f["plain_out"]) and torch.equal(f["server"], f["plain_server"])
+            assert torch.equal(f["local"], f["plain_local"])
+            assert torch.equal(f["new"], corrected - f["plain_local"])
+    outs = [r["fused"][case]["out"] for r in results]
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])

@@ -165,6 +165,28 @@ def test_without_error_feedback_nothing_is_kept(pg1: None, gen: torch.Generator,
     assert state.get("server", []) == []
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("name", ["sign", "int8", "int4"])
+def test_fused_error_feedback_loses_nothing_at_every_step(
+    pg1: None, gen: torch.Generator, name: str, dtype: torch.dtype
+) -> None:
+    """Worker and server residuals are written inside the encode kernels: per step (one rank),
+    ``input + residuals before == output + residuals after``, half-precision buckets read as they are."""
+    comp = make(name)
+    held = torch.zeros(sum(torch.Size(s).numel() for s in SHAPES.values()))
+    for step in range(3):
+        named = grads(gen)
+        x = flat(named).to(dtype).float()
+        out, rec = reduce(comp, named, step, dtype=dtype)
+        now = leftover(comp, named)
+        # fp32 sums: a few roundings; a half-precision output is also rounded to its dtype.
+        atol = 2e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps * float(out.float().abs().max())
+        torch.testing.assert_close(out.float() + now, x + held, rtol=0, atol=atol)
+        assert rec.residual_norm == pytest.approx(float(torch.cat(
+            [comp.state_dict()["residuals"][n].reshape(-1) for n, _ in named]).norm()), rel=1e-5)
+        held = now
+
+
 # -- PowerSGD ---------------------------------------------------------------------
 
 

@@ -186,3 +186,62 @@ def test_disabled_keeps_nothing(gen: torch.Generator) -> None:
         assert torch.equal(corrected, before)
         assert ef.commit(bucket, corrected, _lossy(corrected)) == 0.0
     assert ef.state_dict() == {}
+
+
+# -- the spare buffer of fused encodes ---------------------------------------------------------
+
+
+def _fused_step(ef: ErrorFeedback, bucket: Bucket, commit: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a fused encode does: read grad + residual, write the new residual into the spare; commit if finite."""
+    corrected = bucket.buffer.float() + ef.residual(bucket)
+    decoded = _lossy(corrected)
+    torch.sub(corrected, decoded, out=ef.spare(bucket))
+    if commit:
+        ef.commit_spare(bucket)
+    return corrected, decoded
+
+
+def test_fused_steps_keep_the_invariant_across_buckets_of_different_sizes(gen: torch.Generator) -> None:
+    ef = ErrorFeedback()
+    for step in range(4):
+        grads = _grads(gen)
+        layout = LAYOUT_A if step % 2 == 0 else LAYOUT_B  # rebuilds between steps, buckets of other sizes
+        for bucket in _buckets(layout, grads):
+            corrected, decoded = _fused_step(ef, bucket)
+            torch.testing.assert_close(decoded + ef.residual(bucket), corrected, rtol=0, atol=1e-6)
+    # Buffers swap roles: no two buckets' residuals share memory, and the spare is none of them.
+    buckets = _buckets(LAYOUT_B, _grads(gen))
+    residuals = [ef.residual(b) for b in buckets]
+    spare = ef.spare(buckets[0])
+    for i, r in enumerate(residuals):
+        assert r.untyped_storage().data_ptr() != spare.untyped_storage().data_ptr()
+        for other in residuals[i + 1 :]:
+            assert r.untyped_storage().data_ptr() != other.untyped_storage().data_ptr()
+
+
+def test_uncommitted_spare_leaves_the_residual_untouched(gen: torch.Generator) -> None:
+    ef = ErrorFeedback()
+    (bucket,) = _buckets(LAYOUT_A, _grads(gen))
+    _fused_step(ef, bucket)
+    before = {n: t.clone() for n, t in ef.state_dict().items()}
+    (bad,) = _buckets(LAYOUT_A, _grads(gen))
+    bad.buffer[3] = float("nan")
+    _fused_step(ef, bad, commit=False)  # a non-finite step: the spare holds NaN, nothing is committed
+    for name, t in ef.state_dict().items():
+        assert torch.equal(t, before[name]), name
+
+
+def test_fused_and_unfused_steps_give_the_same_residuals(gen: torch.Generator) -> None:
+    fused, plain = ErrorFeedback(), ErrorFeedback()
+    for _ in range(3):
+        grads = _grads(gen)
+        (bf,) = _buckets(LAYOUT_A, grads)
+        (bp,) = _buckets(LAYOUT_A, grads)
+        _fused_step(fused, bf)
+        _step(plain, bp)
+    for name, t in plain.state_dict().items():
+        assert torch.equal(fused.state_dict()[name], t), name
+    restored = ErrorFeedback()
+    restored.load_state_dict(fused.state_dict())
+    (b,) = _buckets(LAYOUT_A, _grads(gen))
+    assert torch.equal(restored.residual(b), fused.residual(b))

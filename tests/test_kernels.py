@@ -27,6 +27,7 @@ from distcomp.kernels import (
     pack_signs,
     quantize_blockwise,
     quantize_codes,
+    quantize_codes_ef,
     sign_decode,
     sign_decode_add,
     sign_encode,
@@ -398,6 +399,89 @@ def test_decode_add_ops_equal_decode_then_add(summed: bool, gen: torch.Generator
         torch.testing.assert_close(out, want(dequantize_blockwise(q, qscales, block)), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("summed", [False, True], ids=["row-by-row", "rows-summed"])
+def test_decode_add_refs_in_column_pieces_equal_one_piece(summed: bool, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The references walk their columns in cache-sized pieces: the result must not depend on the piece size."""
+    from distcomp.kernels import _checks
+
+    rows, length, block = 3, 4096, 64
+    x = torch.randn(rows, length, generator=gen)
+    start = torch.randn(length if summed else rows * length, generator=gen)
+    # Strided payload rows, as the two-phase schedule passes them.
+    bits, scales = sign_encode(x, block)
+    payload = torch.cat([bits, scales.view(torch.uint8), torch.zeros(rows, 4, dtype=torch.uint8)], dim=1)
+    pbits, pscales = payload[:, : length // 8], payload[:, length // 8 : -4].view(torch.float32)
+    codes, qscales = quantize_codes(x, 4, block)
+    results = []
+    for piece in (_checks.CHUNK_VALUES, 3 * block * rows, 1):
+        monkeypatch.setattr(_checks, "CHUNK_VALUES", piece)
+        results.append((sign_decode_add(pbits, pscales, block, start.clone(), alpha=0.25),
+                        dequantize_codes_add(codes, qscales, 4, block, start.clone(), alpha=0.25)))
+    for got in results[1:]:
+        assert torch.equal(got[0], results[0][0]) and torch.equal(got[1], results[0][1])
+
+
+@pytest.mark.parametrize("block", [4, 12, 32, 40])
+def test_fused_refs_in_tiny_pieces_match_whole_rows(block: int, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pieces of rows (blocks that do not fill whole bytes of bits too) give what whole rows give."""
+    from distcomp.kernels import _checks
+
+    length = block * 24
+    x, r = torch.randn(3, length, generator=gen), torch.randn(3, length, generator=gen)
+    want_bits, want_scales = sign_encode(x + r, block)
+    monkeypatch.setattr(_checks, "CHUNK_VALUES", 3 * block)
+    res = r.clone()
+    bits, scales = sign_encode_ef(x, res, block)
+    assert torch.equal(bits, want_bits)
+    torch.testing.assert_close(scales, want_scales, rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(sign_decode(bits, scales, block) + res, x + r, rtol=0.0, atol=1e-6)
+    out = sign_decode_add(bits, scales, block, torch.zeros(length))
+    torch.testing.assert_close(out, sign_decode(bits, scales, block).sum(dim=0), rtol=1e-6, atol=1e-6)
+    if block % 2 == 0:
+        qres = r.clone()
+        codes, qscales = quantize_codes_ef(x, qres, 4, block)
+        assert torch.equal(codes, quantize_codes(x + r, 4, block)[0])
+        torch.testing.assert_close(dequantize_codes(codes, qscales, 4, block) + qres, x + r, rtol=0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("bits", [8, 4], ids=["int8", "int4"])
+def test_quantize_codes_ef_is_quantize_of_corrected_and_loses_nothing(
+    bits: int, dtype: torch.dtype, stochastic: bool, gen: torch.Generator
+) -> None:
+    grad = torch.randn(3, 192, generator=gen).to(dtype)
+    residual = torch.randn(3, 192, generator=gen) * 0.1
+    corrected = grad.float() + residual
+    rng = (lambda: torch.Generator().manual_seed(9)) if stochastic else (lambda: None)
+    old = residual.clone()
+    codes, scales = quantize_codes_ef(grad, residual, bits, 64, rng())
+    want_codes, want_scales = quantize_codes(corrected, bits, 64, rng())
+    assert torch.equal(codes, want_codes) and torch.equal(scales, want_scales)
+    # input == decoded + new residual, to one rounding of the subtraction.
+    torch.testing.assert_close(dequantize_codes(codes, scales, bits, 64) + residual, corrected, rtol=0.0, atol=1e-6)
+    scratch = torch.empty(3 * 192)
+    quantize_codes_ef(grad, old, bits, 64, rng(), residual_out=scratch)
+    assert torch.equal(scratch.view(3, 192), residual) and not torch.equal(old, residual)
+
+
+@pytest.mark.parametrize("bits", [8, 4], ids=["int8", "int4"])
+def test_encode_ops_write_into_payload_columns(bits: int, gen: torch.Generator) -> None:
+    x = torch.randn(2, 128, generator=gen)
+    code_bytes = 128 * bits // 8
+    payload = torch.full((2, code_bytes + 8 + 4), 0xA5, dtype=torch.uint8)
+    out = (payload[:, :code_bytes], payload[:, code_bytes:-4].view(torch.float32))
+    got = quantize_codes(x, bits, 64, out=out)
+    assert got[0].data_ptr() == out[0].data_ptr()
+    want = quantize_codes(x, bits, 64)
+    assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])
+    spayload = torch.full((2, 16 + 8 + 4), 0xA5, dtype=torch.uint8)
+    sout = (spayload[:, :16], spayload[:, 16:-4].view(torch.float32))
+    sign_encode_ef(x, torch.zeros(2, 128), 64, out=sout)
+    assert torch.equal(sout[0], sign_encode(x, 64)[0]) and torch.equal(sout[1], sign_encode(x, 64)[1])
+    assert bool((payload[:, -4:] == 0xA5).all()) and bool((spayload[:, -4:] == 0xA5).all())
+
+
 # -- backend selection ---------------------------------------------------------------------
 
 
@@ -449,9 +533,20 @@ def test_import_distcomp_does_not_import_triton() -> None:
         (lambda: dequantize_codes(torch.zeros(1, 32, dtype=torch.uint8), torch.ones(1, 1), 4, 32), ValueError, "32 bytes of 4-bit codes"),
         (lambda: dequantize_codes(torch.zeros(1, 16, dtype=torch.int8), torch.ones(1, 1), 4, 32), TypeError, "packed int4 codes must be torch.uint8"),
         (lambda: dequantize_codes_add(torch.zeros(1, 32, dtype=torch.uint8), torch.ones(1, 1), 8, 32, torch.zeros(31)), ValueError, "out has 31"),
+        (lambda: quantize_codes_ef(torch.ones(1, 64), torch.ones(2, 32), 8, 32), ValueError, "the gradient's shape"),
+        (lambda: quantize_codes_ef(torch.ones(1, 64), torch.ones(1, 64), 8, 32, residual_out=torch.empty(3)), ValueError,
+         "residual_out has 3"),
+        (lambda: sign_encode(torch.ones(2, 64), 32, out=(torch.empty(2, 4, dtype=torch.uint8), torch.empty(2, 2))), ValueError,
+         r"out codes must be torch.uint8 of shape \(2, 8\)"),
+        (lambda: quantize_codes(torch.ones(1, 64), 8, 32, out=(torch.empty(1, 64, dtype=torch.uint8), torch.empty(1, 2, dtype=torch.float64))),
+         ValueError, "out scales must be torch.float32"),
+        (lambda: quantize_codes(torch.ones(1, 64), 8, 32, out=(torch.empty(128, 1, dtype=torch.uint8)[::2].t(), torch.empty(1, 2))),
+         ValueError, "out codes rows must be contiguous"),
+        (lambda: sign_encode(torch.ones(1, 64), 32, out=torch.empty(1, 8, dtype=torch.uint8)), TypeError, r"a \(codes, scales\) pair"),
     ],
     ids=["ef-residual-dtype", "ef-shape", "ef-noncontiguous", "ef-out-size", "decode_add-out-size", "decode_add-out-dtype",
-         "codes-odd-block", "codes-size", "codes-int4-dtype", "codes_add-out-size"],
+         "codes-odd-block", "codes-size", "codes-int4-dtype", "codes_add-out-size", "qef-residual-shape", "qef-out-size",
+         "encode-out-shape", "encode-out-dtype", "encode-out-strided", "encode-out-pair"],
 )
 def test_fused_ops_reject_bad_input(call, exc: type[Exception], match: str) -> None:
     with pytest.raises(exc, match=match):

@@ -39,8 +39,10 @@ from distcomp.kernels import quant_triton, sign_triton, topk_triton  # noqa: E40
 from distcomp.kernels.quant import (  # noqa: E402
     dequantize_blockwise_ref,
     dequantize_codes_add_ref,
+    dequantize_codes_ref,
     pack_int4_ref,
     quantize_blockwise_ref,
+    quantize_codes_ef_ref,
     quantize_codes_ref,
     unpack_int4_ref,
 )
@@ -75,7 +77,7 @@ def _sentinel(dtype: torch.dtype) -> float | int:
     """A value that stands out in data of ``dtype`` (and changes any result it leaks into)."""
     if dtype.is_floating_point:
         return 1e4 if dtype == torch.float16 else 1e30
-    return {torch.uint8: 0xA5, torch.int8: 0x5A, torch.int32: 0x7FFF_FFF0, torch.int64: 2**40}[dtype]
+    return {torch.uint8: 0xA5, torch.int8: 0x5A, torch.int16: 0x5A5A, torch.int32: 0x7FFF_FFF0, torch.int64: 2**40}[dtype]
 
 
 def padded(x: torch.Tensor, fill: float | int | None = None) -> torch.Tensor:
@@ -255,6 +257,40 @@ def test_sign_encode_ef_nonfinite_shows_in_scales() -> None:
     assert torch.isfinite(cpu(scales)).tolist() == [[True, False]]
 
 
+def _payload_buffer(rows: int, code_bytes: int, nscales: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Sentinel-filled payload rows ``[codes | scales | 4 bytes]`` and the ``(codes, scales)`` views a codec encodes into."""
+    payload = torch.full((rows, code_bytes + 4 * nscales + 4), 0xA5, dtype=torch.uint8, device=DEVICE)
+    return payload, (payload[:, :code_bytes], payload[:, code_bytes : code_bytes + 4 * nscales].view(torch.float32))
+
+
+def _assert_health_intact(payload: torch.Tensor) -> None:
+    assert bool((payload[:, -4:] == 0xA5).all()), "an encode wrote past its payload columns"
+
+
+@pytest.mark.parametrize("ef", [False, True], ids=["encode", "encode_ef"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("rows,length,block", SIGN_SHAPES[:4], ids=SIGN_IDS[:4])
+def test_sign_encode_into_payload_views_tri_vs_ref(rows: int, length: int, block: int, dtype: torch.dtype, ef: bool) -> None:
+    grad = randn(rows, length, dtype=dtype, seed=41)
+    residual = randn(rows, length, seed=42, zeros=False) * 0.3
+    payload, out = _payload_buffer(rows, length // 8, length // block)
+    res_out = padded(torch.zeros(rows, length))
+    if ef:
+        got = sign_triton.sign_encode_ef_triton(padded(grad), padded(residual), block, res_out, out=out, **SIGN_TILES)
+        want_bits, want_scales = sign_encode_ref(grad.float() + residual, block)
+    else:
+        got = sign_triton.sign_encode_triton(padded(grad), block, out=out, **SIGN_TILES)
+        want_bits, want_scales = sign_encode_ref(grad, block)
+    assert got[0].data_ptr() == out[0].data_ptr() and got[1].data_ptr() == out[1].data_ptr()
+    _assert_health_intact(payload)
+    assert torch.equal(cpu(out[0]), want_bits)
+    torch.testing.assert_close(cpu(out[1]), want_scales, rtol=SCALE_RTOL, atol=0.0)
+    if ef:
+        assert_tail_intact(res_out)
+        decoded = sign_decode_ref(cpu(out[0]), cpu(out[1]).contiguous(), block)
+        torch.testing.assert_close(decoded + cpu(res_out), grad.float() + residual, rtol=0.0, atol=1e-6)
+
+
 # -- block-wise quantization -------------------------------------------------------------------
 
 QUANT_SHAPES = [(0, 64, 32), (1, 32, 32), (3, 480, 96), (2, 4096, 2048)]
@@ -336,6 +372,69 @@ def test_stochastic_rounding_generator_advances_and_rounds_up_at_the_right_rate(
     up = (cpu(q1)[:, :31] == 13).float().mean()
     assert abs(float(up) - 0.1) < 0.01, f"rounded up {float(up):.3f} of the time, expected 0.100"
     assert set(cpu(q1)[:, :31].unique().tolist()) == {12, 13}
+
+
+@pytest.mark.parametrize("tiles", [QUANT_TILES, QUANT_TWO_PASS], ids=["one-pass", "two-pass"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("bits", [8, 4], ids=["int8", "int4"])
+@pytest.mark.parametrize("rows,length,block", QUANT_SHAPES, ids=QUANT_IDS)
+def test_quantize_codes_ef_nearest_tri_vs_ref(
+    rows: int, length: int, block: int, bits: int, dtype: torch.dtype, tiles: dict[str, int]
+) -> None:
+    """Codes and scales bit for bit; the residual ``x - q * scale`` exactly in the interpreter.
+
+    On a GPU the compiler may contract the product and the subtraction into one
+    FMA, which rounds once instead of twice: the residual then differs by at
+    most half an ulp of ``q * scale`` (covered by ``atol`` below).
+    """
+    grad = _ties(rows, length, block, dtype)
+    residual = (randn(rows, length, seed=43, zeros=False) * 0.01).float()
+    payload, out = _payload_buffer(rows, length * bits // 8, length // block)
+    res_in, res_out = padded(residual), padded(torch.zeros(rows, length))
+    quant_triton.quantize_blockwise_triton(
+        padded(grad), bits, block, packed=True, out=out, residual=res_in, residual_out=res_out, **tiles
+    )
+    _assert_health_intact(payload)
+    assert_tail_intact(res_out)
+    assert torch.equal(cpu(res_in), residual), "a separate residual_out leaves the old residual untouched"
+    want_res = residual.clone()
+    want_codes, want_scales = quantize_codes_ef_ref(grad, want_res, bits, block)
+    assert torch.equal(cpu(out[0]), want_codes) and torch.equal(cpu(out[1]), want_scales)
+    if INTERPRET:
+        assert torch.equal(cpu(res_out), want_res)
+    else:
+        torch.testing.assert_close(cpu(res_out), want_res, rtol=0.0, atol=float(want_scales.abs().max(initial=0)) * 2**-16)
+
+
+@pytest.mark.parametrize("bits", [8, 4], ids=["int8", "int4"])
+def test_quantize_codes_ef_stochastic_loses_nothing_and_is_seeded(bits: int) -> None:
+    grad, residual = randn(3, 4096, dtype=torch.bfloat16, seed=44), randn(3, 4096, seed=45, zeros=False) * 0.1
+    outs = []
+    for seed in (7, 7, 8):
+        payload, out = _payload_buffer(3, 4096 * bits // 8, 4096 // 64)
+        res = padded(residual)
+        quant_triton.quantize_blockwise_triton(
+            padded(grad), bits, 64, torch.Generator().manual_seed(seed), packed=True, out=out, residual=res, **QUANT_TILES
+        )
+        _assert_health_intact(payload)
+        decoded = dequantize_codes_ref(cpu(out[0]).contiguous(), cpu(out[1]).contiguous(), bits, 64)
+        torch.testing.assert_close(decoded + cpu(res), grad.float() + residual, rtol=0.0, atol=1e-6)
+        outs.append(cpu(payload))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning", "ignore:All-NaN slice:RuntimeWarning")
+@pytest.mark.parametrize("ef", [False, True], ids=["quantize", "quantize_ef"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_quantize_nonfinite_shows_in_scales(bad: float, ef: bool) -> None:
+    # tl.max need not propagate NaN: the kernel must still mark the block, as the reference's amax does.
+    x = randn(1, 128, seed=46)
+    x[0, 70] = bad
+    kwargs = {"residual": padded(torch.zeros(1, 128))} if ef else {}
+    for tiles in (QUANT_TILES, {"values_per_program": 32, "max_tile": 32}):
+        _, scales = quant_triton.quantize_blockwise_triton(padded(x), 8, 64, packed=True, **kwargs, **tiles)
+        assert torch.isfinite(cpu(scales)).tolist() == [[True, False]]
+    assert torch.isfinite(quantize_codes_ref(x, 8, 64)[1]).tolist() == [[True, False]]
 
 
 @pytest.mark.parametrize("summed", [None, False, True], ids=["decode", "add-row-by-row", "add-rows-summed"])
@@ -476,15 +575,19 @@ def test_public_ops_route_to_triton_when_asked(monkeypatch: pytest.MonkeyPatch) 
         payload = torch.empty(2, codec.payload_bytes(256), dtype=torch.uint8)
         codec.encode(rows, payload)
         decoded = codec.decode(payload, 256)
+        summed = codec.decode_add(payload, 256, torch.zeros(256), alpha=0.5)
         monkeypatch.setenv("DISTCOMP_KERNELS", "reference")
-        want = codec.decode(payload, 256)
+        assert torch.equal(decoded, codec.decode(payload, 256))
+        torch.testing.assert_close(summed, 0.5 * decoded.sum(dim=0), rtol=1e-6, atol=1e-6)
         monkeypatch.setenv("DISTCOMP_KERNELS", "triton")
-        assert torch.equal(decoded, want)
+        residual = torch.zeros(2, 256)
+        codec.encode_ef(rows, residual, None, payload)
+        torch.testing.assert_close(codec.decode(payload, 256) + residual, rows, rtol=0, atol=1e-6)  # nothing lost
     payload = kernels.topk_pack(rows, 10)
     out = kernels.topk_scatter_add(torch.zeros(512), payload.view(1, -1))
     assert torch.equal(out, kernels.topk_scatter_add_ref(torch.zeros(512), payload.view(1, -1)))
-    assert {"sign_encode_triton", "sign_decode_triton", "quantize_blockwise_triton", "pack_int4_triton",
-            "unpack_int4_triton", "dequantize_blockwise_triton", "topk_pack_triton", "topk_scatter_add_triton"} <= set(calls)
+    assert {"sign_encode_triton", "sign_encode_ef_triton", "sign_decode_triton", "quantize_blockwise_triton",
+            "dequantize_blockwise_triton", "topk_pack_triton", "topk_scatter_add_triton"} <= set(calls)
 
 
 @pytest.mark.timeout(600)

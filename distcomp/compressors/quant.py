@@ -15,17 +15,22 @@ from typing import Any, ClassVar
 import torch
 
 from distcomp.comm import Comm
-from distcomp.compressor import CompressorConfig
+from distcomp.compressor import CompressorConfig, local_health
 from distcomp.compressors.twophase import TwoPhaseCompressor
 from distcomp.config import require
 from distcomp.errors import CheckpointError
-from distcomp.kernels import dequantize_blockwise, pack_int4, quantize_blockwise, unpack_int4
+from distcomp.kernels import dequantize_codes, dequantize_codes_add, quantize_codes, quantize_codes_ef
 from distcomp.registry import register_compressor
 
 
 @dataclass(frozen=True)
 class IntCodec:
-    """Rows of fp32 to ``[codes | fp32 scales]`` byte rows; ``bits`` is 8 or 4."""
+    """Rows of fp32 to ``[codes | fp32 scales]`` byte rows; ``bits`` is 8 or 4 (see :class:`~distcomp.collectives.ChunkCodec`).
+
+    Every method works in place on payload rows: codes and scales are written
+    into, and read from, their columns of the payload, never through a copy.
+    Each encode draws its rounding noise from ``generator`` (round to nearest without one).
+    """
 
     bits: int
     block: int
@@ -41,18 +46,45 @@ class IntCodec:
     def payload_bytes(self, length: int) -> int:
         return self._code_bytes(length) + 4 * (length // self.block)
 
-    def encode(self, rows: torch.Tensor, out: torch.Tensor) -> None:
-        q, scales = quantize_blockwise(rows, self.bits, self.block, self.generator)
-        codes = q.view(torch.uint8) if self.bits == 8 else pack_int4(q)
-        ncode = codes.shape[1]
-        out[:, :ncode].copy_(codes)
-        out[:, ncode:].view(torch.float32).copy_(scales)
-
-    def decode(self, payload: torch.Tensor, length: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    def parts(
+        self, payload: torch.Tensor, length: int, start: int = 0, stop: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codes, scales)`` views of columns ``start..stop`` (block-aligned) of payload rows of ``length`` values."""
+        stop = length if stop is None else stop
         ncode = self._code_bytes(length)
-        codes = payload[:, :ncode]
-        q = codes.contiguous().view(torch.int8) if self.bits == 8 else unpack_int4(codes)
-        return dequantize_blockwise(q, payload[:, ncode:].view(torch.float32), self.block, out=out)
+        scales = payload[:, ncode : ncode + 4 * (length // self.block)].view(torch.float32)
+        codes = payload[:, self._code_bytes(start) : self._code_bytes(stop)]
+        return codes, scales[:, start // self.block : stop // self.block]
+
+    def encode(self, rows: torch.Tensor, out: torch.Tensor, length: int | None = None, start: int = 0) -> None:
+        self.encode_ef(rows, None, None, out, length, start)
+
+    def encode_ef(
+        self,
+        grad: torch.Tensor,
+        residual: torch.Tensor | None,
+        residual_out: torch.Tensor | None,
+        out: torch.Tensor,
+        length: int | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        parts = self.parts(out, grad.shape[1] if length is None else length, start, start + grad.shape[1])
+        if residual is None:
+            _, scales = quantize_codes(grad, self.bits, self.block, self.generator, out=parts)
+        else:
+            _, scales = quantize_codes_ef(grad, residual, self.bits, self.block, self.generator, residual_out, out=parts)
+        # absmax of a block is inf or NaN exactly when the block holds one.
+        return local_health(scales)
+
+    def decode(
+        self, payload: torch.Tensor, length: int, out: torch.Tensor | None = None, start: int = 0, stop: int | None = None
+    ) -> torch.Tensor:
+        codes, scales = self.parts(payload, length, start, stop)
+        return dequantize_codes(codes, scales, self.bits, self.block, out=out)
+
+    def decode_add(self, payload: torch.Tensor, length: int, out: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        codes, scales = self.parts(payload, length)
+        return dequantize_codes_add(codes, scales, self.bits, self.block, out, alpha)
 
 
 @dataclass(kw_only=True, frozen=True)

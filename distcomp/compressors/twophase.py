@@ -2,7 +2,10 @@
 
 They run the two-phase schedule of :func:`~distcomp.collectives.two_phase_mean`
 with error feedback on both sides: each rank keeps a worker residual per
-parameter, and a server residual for the chunk of each bucket it averages.
+parameter, and a server residual for the chunk of each bucket it averages. Both
+are updated inside the encode kernels (see
+:class:`~distcomp.collectives.FusedChunkCodec`): the bucket is read once to
+encode it and the mean is decoded straight into it (an fp32 bucket; others get a cast copy).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch
 from distcomp.bucket import Bucket
 from distcomp.collectives import ChunkCodec, chunk_length, two_phase_mean
 from distcomp.comm import Comm
-from distcomp.compressor import Compressor, local_health
+from distcomp.compressor import Compressor
 from distcomp.error_feedback import ErrorFeedback
 from distcomp.errors import CheckpointError
 from distcomp.workspace import Workspace
@@ -41,17 +44,23 @@ class TwoPhaseCompressor(Compressor):
 
     def compress(self, bucket: Bucket, comm: Comm, step: int) -> torch.Tensor:
         self._check_world(comm.world_size)
-        codec = self.codec(comm, bucket.buffer.device)
-        corrected = self.ef.corrected(bucket)
+        buf = bucket.buffer
+        codec = self.codec(comm, buf.device)
         server_error = self._server_error(bucket, chunk_length(bucket.numel, comm.world_size, codec.align))
-        res = two_phase_mean(comm, codec, corrected, server_error, local_health(corrected), self.ws)
+        ef = self.config.error_feedback
+        res = two_phase_mean(
+            comm, codec, buf, server_error, None, self.ws,
+            residual=self.ef.residual(bucket) if ef else None,
+            residual_out=self.ef.spare(bucket) if ef else None,
+            out=buf if buf.dtype == torch.float32 and buf.is_contiguous() else None,
+        )
         if res.nonfinite:
             comm.record.nonfinite = True
-            return bucket.buffer.fill_(float("nan"))
-        if self.config.error_feedback:
+            return buf.fill_(float("nan"))
+        if ef:
             self.server[bucket.key] = res.server_error
-        comm.record.residual_norm = self.ef.commit(bucket, corrected, res.local_decoded)
-        return bucket.buffer.copy_(res.out)
+            comm.record.residual_norm = self.ef.commit_spare(bucket)
+        return buf if res.out is buf else buf.copy_(res.out)
 
     def _check_world(self, world_size: int) -> None:
         if self.world_size is None:
@@ -66,7 +75,10 @@ class TwoPhaseCompressor(Compressor):
         if not self.config.error_feedback:
             return None
         err = self.server.get(bucket.key)
-        if err is not None and err.numel() != chunk:
+        if err is None:
+            # Updated in place by two_phase_mean, and kept only after a finite step.
+            return torch.zeros(chunk, dtype=torch.float32, device=bucket.buffer.device)
+        if err.numel() != chunk:
             raise CheckpointError(
                 f"{self.name} server residual for a bucket has {err.numel()} values, expected {chunk}: "
                 "the checkpoint is from a different model, bucket size or world size"
