@@ -46,6 +46,9 @@ def load_config(path: str | Path) -> Any:
         if not isinstance(section, dict):
             raise ConfigError(f"{path}: 'compression' must be a mapping with a 'compressor' key")
         return config_from_dict({"version": raw.get("version"), **section}, source=f"{path}: compression")
+    if "compressor" not in raw and "optimizer" in raw:
+        raise ConfigError(f"{path}: a training config without a 'compression' section (its optimizer communicates "
+                          f"by itself): run it with `distcomp train {path}`; there is no compressor to load")
     return config_from_dict(raw, source=str(path))
 
 

@@ -24,6 +24,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
@@ -226,7 +227,7 @@ def _child(cfg: TrainConfig, resume: Path | None, place: Placement, init: str, r
     try:
         code = run_rank(cfg, resume, place, init)
     except BaseException as exc:  # noqa: BLE001 - the parent reports it and stops the other ranks
-        report.send((place.rank, describe_failure(exc, cfg), traceback.format_exc()))
+        report.send((place.rank, describe_failure(exc, cfg), traceback.format_exc(), time.time()))
         _hard_exit(1)
     sys.stdout.flush()
     sys.exit(code)
@@ -250,7 +251,7 @@ def _supervise(procs: list, reports: list[Connection]) -> int:
         try:
             failure = _failure(procs, open_reports)
             if failure is not None:
-                rank, message, tb = failure
+                rank, message, tb = _root_cause(failure, open_reports)
                 _kill(procs)
                 sys.stderr.write(f"{tb}\n[distcomp] rank {rank} failed: {message}\n"
                                  "[distcomp] the other ranks were stopped\n")
@@ -272,7 +273,11 @@ def _supervise(procs: list, reports: list[Connection]) -> int:
                     os.kill(p.pid, signal.SIGUSR1)
 
 
-def _failure(procs: list, reports: dict[int, Connection]) -> tuple[int, str, str] | None:
+Failure = tuple[int, str, str, float]
+"""``(rank, message, traceback, time.time() when the rank caught it)``."""
+
+
+def _failure(procs: list, reports: dict[int, Connection]) -> Failure | None:
     """The first error a rank reported, or a rank that died without a report; closed pipes leave ``reports``."""
     for rank, conn in list(reports.items()):
         try:
@@ -282,8 +287,30 @@ def _failure(procs: list, reports: dict[int, Connection]) -> tuple[int, str, str
             del reports[rank]  # the rank exited without a report (a success, or a crash caught below)
     for rank, p in enumerate(procs):
         if p.exitcode not in (None, 0, EXIT_INTERRUPTED):
-            return rank, f"died with exit code {p.exitcode} without a report", ""
+            return rank, f"died with exit code {p.exitcode} without a report", "", time.time()
     return None
+
+
+def _root_cause(first: Failure, reports: dict[int, Connection], grace_s: float = 1.0) -> tuple[int, str, str]:
+    """Of the failures reported within ``grace_s`` of ``first``, the one that happened first.
+
+    A rank that fails makes its peers fail too, at their next collective ("connection
+    closed by peer"), and their reports can reach the pipes in either order: the
+    earliest failure is the cause, the later ones its consequence.
+    """
+    found = [first]
+    deadline = time.monotonic() + grace_s
+    pending = {r: c for r, c in reports.items() if r != first[0]}
+    while pending and (left := deadline - time.monotonic()) > 0:
+        for conn in wait(list(pending.values()), timeout=left):
+            rank = next(r for r, c in pending.items() if c is conn)
+            del pending[rank]
+            try:
+                found.append(conn.recv())
+            except (EOFError, OSError):
+                pass  # exited without a report
+    rank, message, tb, _ = min(found, key=lambda f: f[3])
+    return rank, message, tb
 
 
 def _kill(procs: list) -> None:

@@ -112,10 +112,15 @@ def train_run(cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: Corpus,
         final = run.records[-1].step + 1 if run.records else run.start
         if not run.val_losses or run.val_losses[-1][0] != final:
             _record_val(run, ctx, final, monitor)
-    finally:
-        run.close()
+    except BaseException:
+        # No process-group teardown here: this rank reports its error and exits, and tearing its groups
+        # down first would make the peers fail ("connection reset") before that report is out.
         if monitor:
             monitor.close()
+        raise
+    run.close()
+    if monitor:
+        monitor.close()
     if ctx.rank != 0:
         return None, stopped
     result = summarize(spec.name, run.records, params=sum(p.numel() for p in run.model.parameters()),
