@@ -196,8 +196,10 @@ def test_torchrun_job_is_joined_not_respawned(tmp_path: Path) -> None:
 def test_ctrl_c_stops_all_ranks_cleanly_and_prints_the_summary(tmp_path: Path) -> None:
     args = [sys.executable, "-m", "distcomp", "train", QUICKSTART, "--quiet",
             *sets({**TINY, "steps": 100000, "compare": "[]", "log.dir": tmp_path / "runs"})]
+    # A terminal delivers Ctrl-C to a command whose SIGINT is not ignored; a test run started in the background
+    # (`cmd &` in a script) ignores SIGINT and its children would inherit that, so restore the default first.
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in proc.stderr:
             if "step 3/" in line:
