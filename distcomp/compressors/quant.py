@@ -15,8 +15,8 @@ from typing import Any, ClassVar
 import torch
 
 from distcomp.comm import Comm
-from distcomp.compressor import CompressorConfig, local_health
-from distcomp.compressors.twophase import TwoPhaseCompressor
+from distcomp.compressor import CompressorConfig
+from distcomp.compressors.twophase import BlockCodec, TwoPhaseCompressor
 from distcomp.config import require
 from distcomp.errors import CheckpointError
 from distcomp.kernels import dequantize_codes, dequantize_codes_add, quantize_codes, quantize_codes_ef
@@ -24,7 +24,7 @@ from distcomp.registry import register_compressor
 
 
 @dataclass(frozen=True)
-class IntCodec:
+class IntCodec(BlockCodec):
     """Rows of fp32 to ``[codes | fp32 scales]`` byte rows; ``bits`` is 8 or 4 (see :class:`~distcomp.collectives.ChunkCodec`).
 
     Every method works in place on payload rows: codes and scales are written
@@ -37,53 +37,20 @@ class IntCodec:
     generator: torch.Generator | None
 
     @property
-    def align(self) -> int:
-        return self.block
+    def code_bits(self) -> int:  # type: ignore[override]
+        return self.bits
 
-    def _code_bytes(self, length: int) -> int:
-        return length * self.bits // 8
-
-    def payload_bytes(self, length: int) -> int:
-        return self._code_bytes(length) + 4 * (length // self.block)
-
-    def parts(
-        self, payload: torch.Tensor, length: int, start: int = 0, stop: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(codes, scales)`` views of columns ``start..stop`` (block-aligned) of payload rows of ``length`` values."""
-        stop = length if stop is None else stop
-        ncode = self._code_bytes(length)
-        scales = payload[:, ncode : ncode + 4 * (length // self.block)].view(torch.float32)
-        codes = payload[:, self._code_bytes(start) : self._code_bytes(stop)]
-        return codes, scales[:, start // self.block : stop // self.block]
-
-    def encode(self, rows: torch.Tensor, out: torch.Tensor, length: int | None = None, start: int = 0) -> None:
-        self.encode_ef(rows, None, None, out, length, start)
-
-    def encode_ef(
-        self,
-        grad: torch.Tensor,
-        residual: torch.Tensor | None,
-        residual_out: torch.Tensor | None,
-        out: torch.Tensor,
-        length: int | None = None,
-        start: int = 0,
-    ) -> torch.Tensor:
-        parts = self.parts(out, grad.shape[1] if length is None else length, start, start + grad.shape[1])
+    def _encode_parts(self, grad: torch.Tensor, residual: torch.Tensor | None, residual_out: torch.Tensor | None,
+                      parts: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         if residual is None:
-            _, scales = quantize_codes(grad, self.bits, self.block, self.generator, out=parts)
-        else:
-            _, scales = quantize_codes_ef(grad, residual, self.bits, self.block, self.generator, residual_out, out=parts)
-        # absmax of a block is inf or NaN exactly when the block holds one.
-        return local_health(scales)
+            return quantize_codes(grad, self.bits, self.block, self.generator, out=parts)[1]
+        return quantize_codes_ef(grad, residual, self.bits, self.block, self.generator, residual_out, out=parts)[1]
 
-    def decode(
-        self, payload: torch.Tensor, length: int, out: torch.Tensor | None = None, start: int = 0, stop: int | None = None
-    ) -> torch.Tensor:
-        codes, scales = self.parts(payload, length, start, stop)
+    def _decode_parts(self, codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         return dequantize_codes(codes, scales, self.bits, self.block, out=out)
 
-    def decode_add(self, payload: torch.Tensor, length: int, out: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-        codes, scales = self.parts(payload, length)
+    def _decode_add_parts(self, codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor,
+                          alpha: float) -> torch.Tensor:
         return dequantize_codes_add(codes, scales, self.bits, self.block, out, alpha)
 
 

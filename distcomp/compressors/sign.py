@@ -8,19 +8,20 @@ with error feedback on the worker and on the server side.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from distcomp.comm import Comm
-from distcomp.compressor import CompressorConfig, local_health
-from distcomp.compressors.twophase import TwoPhaseCompressor
+from distcomp.compressor import CompressorConfig
+from distcomp.compressors.twophase import BlockCodec, TwoPhaseCompressor
 from distcomp.config import require
 from distcomp.kernels import sign_decode, sign_decode_add, sign_encode, sign_encode_ef
 from distcomp.registry import register_compressor
 
 
 @dataclass(frozen=True)
-class SignCodec:
+class SignCodec(BlockCodec):
     """Rows of fp32 to ``[bits | fp32 scales]`` byte rows (see :class:`~distcomp.collectives.ChunkCodec`).
 
     Every method works in place on payload rows: codes and scales are written
@@ -28,52 +29,20 @@ class SignCodec:
     """
 
     block: int
+    code_bits: ClassVar[int] = 1
 
-    @property
-    def align(self) -> int:
-        return self.block
-
-    def payload_bytes(self, length: int) -> int:
-        return length // 8 + 4 * (length // self.block)
-
-    def parts(
-        self, payload: torch.Tensor, length: int, start: int = 0, stop: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(bits, scales)`` views of columns ``start..stop`` (block-aligned) of payload rows of ``length`` values."""
-        stop = length if stop is None else stop
-        nbits = length // 8
-        scales = payload[:, nbits : nbits + 4 * (length // self.block)].view(torch.float32)
-        return payload[:, start // 8 : stop // 8], scales[:, start // self.block : stop // self.block]
-
-    def encode(self, rows: torch.Tensor, out: torch.Tensor, length: int | None = None, start: int = 0) -> None:
-        self.encode_ef(rows, None, None, out, length, start)
-
-    def encode_ef(
-        self,
-        grad: torch.Tensor,
-        residual: torch.Tensor | None,
-        residual_out: torch.Tensor | None,
-        out: torch.Tensor,
-        length: int | None = None,
-        start: int = 0,
-    ) -> torch.Tensor:
-        parts = self.parts(out, grad.shape[1] if length is None else length, start, start + grad.shape[1])
+    def _encode_parts(self, grad: torch.Tensor, residual: torch.Tensor | None, residual_out: torch.Tensor | None,
+                      parts: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         if residual is None:
-            _, scales = sign_encode(grad, self.block, out=parts)
-        else:
-            _, scales = sign_encode_ef(grad, residual, self.block, residual_out, out=parts)
-        # mean(|x|) of a block is inf or NaN exactly when the block holds one.
-        return local_health(scales)
+            return sign_encode(grad, self.block, out=parts)[1]
+        return sign_encode_ef(grad, residual, self.block, residual_out, out=parts)[1]
 
-    def decode(
-        self, payload: torch.Tensor, length: int, out: torch.Tensor | None = None, start: int = 0, stop: int | None = None
-    ) -> torch.Tensor:
-        bits, scales = self.parts(payload, length, start, stop)
-        return sign_decode(bits, scales, self.block, out=out)
+    def _decode_parts(self, codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        return sign_decode(codes, scales, self.block, out=out)
 
-    def decode_add(self, payload: torch.Tensor, length: int, out: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-        bits, scales = self.parts(payload, length)
-        return sign_decode_add(bits, scales, self.block, out, alpha)
+    def _decode_add_parts(self, codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor,
+                          alpha: float) -> torch.Tensor:
+        return sign_decode_add(codes, scales, self.block, out, alpha)
 
 
 @register_compressor("sign")

@@ -17,10 +17,82 @@ import torch
 from distcomp.bucket import Bucket
 from distcomp.collectives import ChunkCodec, chunk_length, two_phase_mean
 from distcomp.comm import Comm
-from distcomp.compressor import Compressor
+from distcomp.compressor import Compressor, local_health
 from distcomp.error_feedback import ErrorFeedback
 from distcomp.errors import CheckpointError
 from distcomp.workspace import Workspace
+
+
+class BlockCodec:
+    """Payload rows ``[codes | one fp32 scale per block]`` of independent blocks, written and read in place.
+
+    The layout and the fused-codec protocol (:class:`~distcomp.collectives.FusedChunkCodec`)
+    that ``sign``, ``int8`` and ``int4`` share; a subclass is a frozen dataclass with a
+    ``block`` field, says how many bits a code takes (``code_bits``) and runs its kernels in
+    :meth:`_encode_parts`, :meth:`_decode_parts` and :meth:`_decode_add_parts`.
+    """
+
+    block: int
+    code_bits: int
+
+    @property
+    def align(self) -> int:
+        return self.block
+
+    def _code_bytes(self, length: int) -> int:
+        return length * self.code_bits // 8
+
+    def payload_bytes(self, length: int) -> int:
+        return self._code_bytes(length) + 4 * (length // self.block)
+
+    def parts(
+        self, payload: torch.Tensor, length: int, start: int = 0, stop: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codes, scales)`` views of columns ``start..stop`` (block-aligned) of payload rows of ``length`` values."""
+        stop = length if stop is None else stop
+        ncode = self._code_bytes(length)
+        scales = payload[:, ncode : ncode + 4 * (length // self.block)].view(torch.float32)
+        codes = payload[:, self._code_bytes(start) : self._code_bytes(stop)]
+        return codes, scales[:, start // self.block : stop // self.block]
+
+    def encode(self, rows: torch.Tensor, out: torch.Tensor, length: int | None = None, start: int = 0) -> None:
+        self.encode_ef(rows, None, None, out, length, start)
+
+    def encode_ef(
+        self,
+        grad: torch.Tensor,
+        residual: torch.Tensor | None,
+        residual_out: torch.Tensor | None,
+        out: torch.Tensor,
+        length: int | None = None,
+        start: int = 0,
+    ) -> torch.Tensor:
+        parts = self.parts(out, grad.shape[1] if length is None else length, start, start + grad.shape[1])
+        scales = self._encode_parts(grad, residual, residual_out, parts)
+        # Each codec's scale (mean or max of |x|) is inf or NaN exactly when its block holds one.
+        return local_health(scales)
+
+    def decode(
+        self, payload: torch.Tensor, length: int, out: torch.Tensor | None = None, start: int = 0, stop: int | None = None
+    ) -> torch.Tensor:
+        codes, scales = self.parts(payload, length, start, stop)
+        return self._decode_parts(codes, scales, out)
+
+    def decode_add(self, payload: torch.Tensor, length: int, out: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+        codes, scales = self.parts(payload, length)
+        return self._decode_add_parts(codes, scales, out, alpha)
+
+    def _encode_parts(self, grad: torch.Tensor, residual: torch.Tensor | None, residual_out: torch.Tensor | None,
+                      parts: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Encode into ``parts`` (with error feedback when ``residual`` is given); returns the scales."""
+        raise NotImplementedError
+
+    def _decode_parts(self, codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _decode_add_parts(self, codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor,
+                          alpha: float) -> torch.Tensor:
+        raise NotImplementedError
 
 
 class TwoPhaseCompressor(Compressor):
