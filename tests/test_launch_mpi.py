@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from test_train import QUICKSTART, TINY, sets
+
 ROOT = Path(__file__).resolve().parents[1]
 ALLREDUCE = str(ROOT / "tests" / "launch_allreduce.py")
-QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 BIN = Path(sys.executable).parent
 MPIEXEC = shutil.which("mpiexec", path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
 
@@ -73,10 +74,7 @@ def test_plain_mpiexec_with_mpi4py_gets_master_address_and_port_from_rank_0(tmp_
 @needs_mpi
 @pytest.mark.timeout(150)
 def test_distcomp_train_runs_under_mpiexec(tmp_path: Path) -> None:
-    sets = {"steps": 3, "compare": "[]", "model.d_model": 32, "model.n_layer": 1, "model.n_head": 2,
-            "model.context": 32, "eval.batches": 2, "eval.every": 0, "dist.timeout_s": 30, "dist.nproc": 5,
-            "log.dir": tmp_path}
-    words = [w for k, v in sets.items() for w in ("--set", f"{k}={v}")]
+    words = sets({**TINY, "steps": 3, "compare": "[]", "dist.nproc": 5, "log.dir": tmp_path})
     out = launch("--launcher", "mpich", "--nproc-per-node", "2", "--", "distcomp", "train", QUICKSTART, "--quiet",
                  *words, timeout=120)
     assert out.returncode == 0, out.stderr

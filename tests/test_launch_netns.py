@@ -21,16 +21,12 @@ import pytest
 import torch
 
 from launch_netns import NetHost, cannot_create_reason, install_ssh_standin, two_hosts, write_hostfile
+from test_train import QUICKSTART, sets
+from test_train import TINY as TRAIN_TINY
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 PROBE = str(ROOT / "tests" / "launch_train_probe.py")
-TINY = {"model.d_model": 32, "model.n_layer": 1, "model.n_head": 2, "model.context": 32, "eval.batches": 2,
-        "eval.every": 0, "log.every": 1, "dist.timeout_s": 20, "compare": "[]"}
-
-
-def sets(values: dict[str, object]) -> list[str]:
-    return [word for key, value in values.items() for word in ("--set", f"{key}={value}")]
+TINY = {**TRAIN_TINY, "dist.timeout_s": 20, "compare": "[]"}
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_train import ROOT, summary, train
+from test_train import ROOT, summary, train
 
 SHORT = {"steps": 10, "checkpoint.every": 5, "checkpoint.keep": 0, "optimizer.warmup_steps": 2}
 OPTIONS = {
