@@ -65,7 +65,7 @@ def _train(args: argparse.Namespace) -> int:
     from distcomp.train.config import load_train_config
     from distcomp.train.launch import launch
 
-    _console_logging()
+    console_logging()
     overrides = list(args.overrides)
     if args.device:
         overrides.append(f"dist.device={args.device}")
@@ -91,13 +91,15 @@ def _launch(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def _console_logging() -> None:
-    root = logging.getLogger("distcomp")
-    if not root.handlers:
+def console_logging(name: str = "distcomp", tag: str = "distcomp", propagate: bool = True) -> None:
+    """Show logger ``name``'s INFO messages on stderr as ``[tag] message`` (once: a second call adds nothing)."""
+    log = logging.getLogger(name)
+    if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("[distcomp] %(message)s"))
-        root.addHandler(handler)
-        root.setLevel(logging.INFO)
+        handler.setFormatter(logging.Formatter(f"[{tag}] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = propagate
 
 
 # -- info --------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from distcomp.cli import console_logging
 from distcomp.launch import mpi, preflight, runners, slurm
 from distcomp.launch.environment import default_env_file, job_env
 from distcomp.launch.errors import EXIT_PREFLIGHT, EXIT_USAGE, LaunchConfigError, LaunchError
@@ -67,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``distcomp launch`` with parsed options; the exit code."""
-    console_logging()
+    # Its own tag, and no propagation: where "distcomp" logs to the console too, each line would print twice.
+    console_logging("distcomp.launch", "distcomp launch", propagate=False)
     try:
         return _run(args, os.environ)
     except LaunchConfigError as exc:
@@ -76,17 +78,6 @@ def run(args: argparse.Namespace) -> int:
     except LaunchError as exc:
         sys.stderr.write(f"distcomp launch: error: {exc}\n")
         return EXIT_PREFLIGHT
-
-
-def console_logging() -> None:
-    """The launcher's own messages on stderr, tagged ``[distcomp launch]``."""
-    log = logging.getLogger("distcomp.launch")
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("[distcomp launch] %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
 
 
 def _program_words(args: argparse.Namespace) -> list[str]:
