@@ -25,7 +25,7 @@ import yaml
 
 from distcomp.errors import ConfigError
 from distcomp.registry import build_config, compressor_for_config
-from distcomp.validation import require
+from distcomp.validation import read_text_file, require
 
 __all__ = ["config_digest", "config_from_dict", "config_to_dict", "load_config", "require"]
 
@@ -36,7 +36,7 @@ def load_config(path: str | Path) -> Any:
     """Read a compression config (YAML file, or a training config's ``compression`` section) into its ``Config``."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(read_text_file(path, "compression config"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):

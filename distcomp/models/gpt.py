@@ -29,9 +29,9 @@ class GPTConfig:
     """Dropout on attention and MLP outputs."""
 
     def __post_init__(self) -> None:
-        require(self.d_model % self.n_head == 0, "n_head", f"must divide d_model={self.d_model}, got {self.n_head}")
         for key in ("vocab_size", "context", "d_model", "n_layer", "n_head"):
-            require(getattr(self, key) >= 1, key, "must be >= 1")
+            require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+        require(self.d_model % self.n_head == 0, "n_head", f"must divide d_model={self.d_model}, got {self.n_head}")
         require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
 
 

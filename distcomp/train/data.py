@@ -94,6 +94,17 @@ def windows(data: torch.Tensor, context: int) -> torch.Tensor:
     return data[: n * context + 1].unfold(0, context + 1, context)
 
 
+def check_batches(corpus: Corpus, context: int, batch_size: int, world_size: int) -> None:
+    """Refuse a batch size the training text cannot fill on ``world_size`` ranks (before any rank starts)."""
+    count = len(windows(corpus.train, context))
+    if count // world_size < batch_size:
+        raise ConfigError(
+            f"data.batch_size: {count} training windows of {context + 1} bytes are too few for {world_size} "
+            f"ranks x data.batch_size {batch_size}; use at most data.batch_size={max(1, count // world_size)}, "
+            "more text (data.path) or a smaller model.context"
+        )
+
+
 class ShardedBatches:
     """This rank's training batches: ``batch(step)`` is deterministic, so resuming is exact."""
 
