@@ -29,7 +29,7 @@ import yaml
 
 from distcomp.config import CONFIG_VERSION, config_from_dict, config_to_dict, require
 from distcomp.errors import ConfigError
-from distcomp.validation import check_types
+from distcomp.validation import check_types, read_text_file, value_problem
 from distcomp.models.gpt import GPTConfig
 from distcomp.optim import CompressedOptimizer, OneBitAdam, OneBitLamb, ZeroOneAdam
 from distcomp.optim.config import OptimizerConfig as OptimizerSettings
@@ -317,9 +317,7 @@ def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] =
     """Read a YAML train config, apply ``key=value`` overrides, validate everything."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        raw = yaml.safe_load(read_text_file(path, "config"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
@@ -474,6 +472,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 
 def _scalar(value: Any, tp: Any, key: str) -> Any:
+    value = _typed_scalar(value, tp, key)
+    problem = value_problem(value)
+    require(problem is None, key, problem or "")
+    return value
+
+
+def _typed_scalar(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         require(isinstance(value, bool), key, f"must be true or false, got {value!r}")
     elif tp is int:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from distcomp.errors import ConfigError
 from distcomp.train import checkpoint
 from distcomp.train.config import DistConfig, TrainConfig
-from distcomp.train.data import load_corpus
+from distcomp.train.data import check_batches, load_corpus
 from distcomp.train.job import EXIT_INTERRUPTED, rank_job
 from distcomp.train.loop import RankContext
 from distcomp.train.optim import first_compressed_step
@@ -82,7 +82,10 @@ def preflight(cfg: TrainConfig, resume: str | Path | None, world_size: int, loca
     if device.type == "cuda" and local_world_size > torch.cuda.device_count():
         raise ConfigError(f"dist.nproc: {local_world_size} ranks on this machine but only "
                           f"{torch.cuda.device_count()} CUDA devices (one GPU per rank); or use --device cpu")
+    if device.type == "cpu":
+        check_cpu_ranks(local_world_size)
     corpus = load_corpus(cfg.data, cfg.model.context)
+    check_batches(corpus, cfg.model.context, cfg.data.batch_size, world_size)
     runs = cfg.runs()
     for spec in runs:
         first = first_compressed_step(cfg.optimizer, spec.optimizer)
@@ -122,6 +125,19 @@ def _newest_checkpoint(cfg: TrainConfig) -> Path | None:
                     ", ".join(str(checkpoint.run_root(cfg, spec)) for spec in cfg.runs()))
         return None
     return max(found, key=lambda p: p.name)
+
+
+MAX_RANKS_PER_CORE = 16
+"""More CPU ranks than this per core only thrash: each is a process with its own copy of the model."""
+
+
+def check_cpu_ranks(local_world_size: int) -> None:
+    """Refuse a number of CPU ranks on this machine that could only exhaust it."""
+    cores = os.cpu_count() or 1
+    if local_world_size > MAX_RANKS_PER_CORE * cores:
+        raise ConfigError(f"dist.nproc: {local_world_size} ranks on this machine, which has {cores} CPU cores; each "
+                          f"rank is a process with its own model copy: use at most {MAX_RANKS_PER_CORE * cores} here, "
+                          "or spread ranks over machines with distcomp launch --hostfile")
 
 
 def select_device(cfg: DistConfig, local_rank: int) -> tuple[torch.device, str]:
