@@ -71,6 +71,8 @@ class Job:
     max_restarts: int = 0
     nnodes: str | None = None
     """``MIN:MAX`` for an elastic job; ``None``: exactly ``len(hosts)``."""
+    stop_timeout_s: float = 30.0
+    """Seconds a node gets to stop (``--stop-timeout``) before it is killed, by the launcher or its watchdog."""
 
     @property
     def world_size(self) -> int:
@@ -94,6 +96,8 @@ class Command:
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = field(default=())
     """Variables for this local process on top of the launcher's environment."""
+    lifeline: bool = False
+    """Its stdin is a pipe the launcher holds open and never writes (the watchdog stops the node at EOF)."""
 
     def shell(self) -> str:
         """The command as one shell line (what ``--dry-run`` prints)."""

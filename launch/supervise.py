@@ -1,14 +1,21 @@
 """Run the per-host commands and stand by them: prefixed output, the first failure stops the rest.
 
 * Every command runs in its own process group; stopping a node sends SIGTERM to
-  that group (the torchrun agent passes it on to its workers, an ssh client
-  drops its connection) and SIGKILL after ``stop_timeout_s``.
+  that group (the node's watchdog passes it on to the torchrun agent, which
+  passes it on to its workers; an ssh client drops its connection, and the
+  remote watchdog stops the agent) and, after ``stop_timeout_s``, SIGKILL to
+  the command and every local descendant.
 * A node whose command exits non-zero ends a fixed-size job: the other nodes are
   stopped and the launcher exits with ``10 + i`` for node ``i`` (see
   :func:`~distcomp.launch.errors.node_failed_code`). An elastic job
   (``--nnodes MIN:MAX``) lets torch's agents carry on without that node and
   succeeds when any node finishes the job.
-* Ctrl-C (or SIGTERM) is passed on to every node; a second one kills them.
+* Ctrl-C, SIGTERM or SIGHUP (the terminal or ssh session closed) is passed on
+  to every node; a second one kills them.
+* Nothing outlives the launcher, even when it is SIGKILLed: each node command
+  gets SIGTERM when the launcher dies (``PR_SET_PDEATHSIG``), and a node marked
+  :attr:`~distcomp.launch.spec.Command.lifeline` reads a pipe from the launcher
+  that only its death closes (see :mod:`distcomp.launch.watchdog`).
 """
 
 from __future__ import annotations
@@ -25,14 +32,19 @@ from typing import IO, Sequence
 
 from distcomp.launch.environment import current_env
 from distcomp.launch.errors import EXIT_INTERRUPTED, LaunchError, node_failed_code
+from distcomp.launch.proctree import die_with_parent, kill_tree
 from distcomp.launch.spec import Command
 
 logger = logging.getLogger("distcomp.launch")
 POLL_S = 0.2
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""Signals that stop the job in an orderly way (a second one kills it)."""
+
+
 class _Interrupted(Exception):
-    """SIGINT or SIGTERM reached the launcher."""
+    """SIGINT, SIGTERM or SIGHUP reached the launcher."""
 
 
 @dataclass
@@ -47,16 +59,30 @@ class _Node:
 
 def _pump(stream: IO[str], sink: IO[str], label: str) -> None:
     for line in stream:
-        sink.write(f"{label}: {line}")
-        sink.flush()
+        try:
+            sink.write(f"{label}: {line}")
+            sink.flush()
+        except OSError:
+            pass  # the terminal is gone (SIGHUP): keep draining, or the node would block on a full pipe
     stream.close()
+
+
+def _say(text: str) -> None:
+    """Write to the launcher's stderr, which may be a terminal that has just gone away."""
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except OSError:
+        pass
 
 
 def _start(index: int, command: Command, prefix: bool) -> _Node:
     pipe = subprocess.PIPE if prefix else None
+    stdin = subprocess.PIPE if command.lifeline else subprocess.DEVNULL
     try:
         proc = subprocess.Popen(command.argv, env=current_env(dict(command.env)), stdout=pipe, stderr=pipe,
-                                stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+                                stdin=stdin, text=True, start_new_session=True,
+                                preexec_fn=die_with_parent(signal.SIGTERM))
     except FileNotFoundError:
         raise LaunchError(f"`{command.argv[0]}` is not installed here (needed to start {command.label})") from None
     node = _Node(index, command, proc)
@@ -69,6 +95,8 @@ def _start(index: int, command: Command, prefix: bool) -> _Node:
 
 
 def _signal(node: _Node, signum: int) -> None:
+    if signum == signal.SIGKILL:
+        kill_tree(node.proc.pid)  # the agent's workers run in sessions of their own: the group is not enough
     try:
         os.killpg(node.proc.pid, signum)
     except (ProcessLookupError, PermissionError):
@@ -103,14 +131,14 @@ def run_nodes(commands: Sequence[Command], *, prefix_output: bool, stop_timeout_
     def interrupted(signum: int, frame: object) -> None:
         raise _Interrupted(signum)
 
-    previous = {s: signal.signal(s, interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, interrupted) for s in STOP_SIGNALS}
     nodes: list[_Node] = []
     try:
         for i, command in enumerate(commands):
             nodes.append(_start(i, command, prefix_output))
         return _watch(nodes, stop_timeout_s, elastic)
     except _Interrupted:
-        sys.stderr.write("\n[distcomp launch] interrupted: stopping every node (again to kill)\n")
+        _say("\n[distcomp launch] interrupted: stopping every node (again to kill)\n")
         try:
             _stop(nodes, stop_timeout_s, signal.SIGINT)
         except _Interrupted:
@@ -121,6 +149,8 @@ def run_nodes(commands: Sequence[Command], *, prefix_output: bool, stop_timeout_
         for n in nodes:
             for t in n.threads:
                 t.join(5)
+            if n.proc.stdin is not None:
+                n.proc.stdin.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
 

@@ -72,7 +72,7 @@ def test_two_node_train_through_the_hostfile_ends_with_identical_parameters(
     out = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=launcher_env(standin), cwd=ROOT)
     assert out.returncode == 0, out.stderr[-4000:]
     assert f"launching 2 rank(s) on 2 node(s) (ssh): {hosts[0].name}, {hosts[1].name}" in out.stderr
-    assert f"{hosts[0].name}: distcomp train two: 2 ranks (gloo, cpu)" in out.stdout
+    assert f"{hosts[0].name}: [rank 0] distcomp train two: 2 ranks (gloo, cpu)" in out.stdout
     probes = [json.loads(p.read_text()) for p in sorted((tmp_path / "probe").glob("pid-*.json"))]
     assert sorted((p["host"], p["node"]) for p in probes) == [(hosts[0].name, "0"), (hosts[1].name, "1")]
     a, b = params(tmp_path, 0), params(tmp_path, 1)

@@ -1,0 +1,102 @@
+"""Every line every rank prints reaches the user whole, tagged with its rank (and host, over ssh).
+
+Two ranks print thousands of lines at the same time as fast as they can, in
+block-sized writes that end mid-line, and a last line without its newline;
+several runs, because a glued or split line shows up only in some of them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from launch_netns import NetHost, cannot_create_reason, install_ssh_standin, two_hosts, write_hostfile
+
+ROOT = Path(__file__).resolve().parents[1]
+LINES = 3000
+# The barrier makes both ranks write at once; flushing every 400 lines leaves block-sized writes that end mid-line.
+CHATTER = f"""\
+import datetime, os, sys
+import torch.distributed as dist
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+dist.barrier()
+rank = os.environ["RANK"]
+for i in range({LINES}):
+    print(f"LINE rank={{rank}} i={{i}} " + "x" * (i % 97), flush=i % 400 == 0)
+    if i % 500 == 0:
+        print(f"ERR rank={{rank}} i={{i}}", file=sys.stderr)
+print(f"LAST rank={{rank}}", end="")
+sys.stdout.flush()
+dist.barrier()
+dist.destroy_process_group()
+"""
+WHOLE = re.compile(r"^(?:(?P<host>\S+): )?\[rank (?P<rank>\d)\] (?:LINE rank=(?P=rank) i=(?P<i>\d+) (?P<x>x*)"
+                   r"|LAST rank=(?P=rank))$")
+
+
+def env(path_first: Path | None = None) -> dict[str, str]:
+    path = f"{path_first}:{os.environ['PATH']}" if path_first else os.environ["PATH"]
+    return {**os.environ, "PATH": path, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def check_whole(stdout: str, stderr: str, hosts: dict[str, str] | None = None) -> None:
+    """Every stdout line parses whole; each rank's lines are all there, in order; its host is the right one."""
+    seen: Counter[str] = Counter()
+    for line in stdout.splitlines():
+        match = WHOLE.match(line)
+        assert match, f"not a whole line: {line[:300]!r}"
+        rank = match["rank"]
+        if hosts is not None:
+            assert match["host"] == hosts[rank], line
+        if match["i"] is not None:
+            i = int(match["i"])
+            assert i == seen[rank] and len(match["x"]) == i % 97, line
+            seen[rank] += 1
+    assert seen == {"0": LINES, "1": LINES}, seen
+    assert all(f"[rank {r}] LAST rank={r}" in stdout for r in "01")
+    for r in "01":
+        assert sum(f"[rank {r}] ERR rank={r} i=" in line for line in stderr.splitlines()) == LINES // 500
+
+
+@pytest.mark.timeout(240)
+def test_local_ranks_lines_arrive_whole_and_tagged(tmp_path: Path) -> None:
+    script = tmp_path / "chatter.py"
+    script.write_text(CHATTER)
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-m", "distcomp", "launch", "--nproc-per-node", "2", str(script)],
+                             capture_output=True, text=True, timeout=70, env=env(), cwd=ROOT)
+        assert out.returncode == 0, out.stderr[-3000:]
+        check_whole(out.stdout, out.stderr)
+
+
+@pytest.fixture(scope="module")
+def hosts() -> Iterator[tuple[NetHost, NetHost]]:
+    reason = cannot_create_reason()
+    if reason is not None:
+        pytest.skip(f"network namespaces cannot be created here: {reason}")
+    with two_hosts() as pair:
+        yield pair
+
+
+@pytest.mark.timeout(150)
+def test_lines_over_ssh_arrive_whole_and_tagged_with_host_and_rank(tmp_path: Path,
+                                                                   hosts: tuple[NetHost, NetHost]) -> None:
+    script = tmp_path / "chatter.py"
+    script.write_text(CHATTER)
+    standin = install_ssh_standin(tmp_path / "bin").parent
+    hostfile = write_hostfile(tmp_path / "hosts", hosts)
+    out = subprocess.run([sys.executable, "-m", "distcomp", "launch", "--hostfile", str(hostfile),
+                          "--launcher", "ssh", str(script)], capture_output=True, text=True, timeout=120,
+                         env=env(standin), cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    # Which host runs which rank is the rendezvous' choice: read it from the first line of each rank.
+    first = {m["rank"]: m["host"] for m in map(WHOLE.match, reversed(out.stdout.splitlines())) if m}
+    assert sorted(first.values()) == sorted(h.name for h in hosts)
+    check_whole(out.stdout, out.stderr, hosts=first)
