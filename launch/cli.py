@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import shutil
 import sys
@@ -22,7 +23,7 @@ from distcomp.cli import console_logging
 from distcomp.launch import mpi, preflight, runners, slurm
 from distcomp.launch.environment import default_env_file, job_env
 from distcomp.launch.errors import EXIT_PREFLIGHT, EXIT_USAGE, LaunchConfigError, LaunchError
-from distcomp.launch.hostfile import Host, parse_hostfile, select_hosts
+from distcomp.launch.hostfile import MAX_SLOTS, Host, host_name_problem, parse_hostfile, select_hosts
 from distcomp.launch.spec import Command, Job, Program
 from distcomp.launch.supervise import run_nodes
 from distcomp.launch.torchrun import agent_argv, agent_env
@@ -85,7 +86,29 @@ def _program_words(args: argparse.Namespace) -> list[str]:
     return words[1:] if words[:1] == ["--"] else words
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Options that can be wrong on their own, checked before anything starts (also under ``--dry-run``)."""
+    for name, value in vars(args).items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and "\0" in text:
+                raise LaunchConfigError(f"--{name.replace('_', '-')} {text!r}: contains a NUL byte "
+                                        "(no process can be given it)")
+    for flag, port in (("--master-port", args.master_port), ("--ssh-port", args.ssh_port)):
+        if port is not None and not 1 <= port <= 65535:
+            raise LaunchConfigError(f"{flag} {port}: a TCP port is 1 to 65535")
+    if args.nproc_per_node is not None and not 1 <= args.nproc_per_node <= MAX_SLOTS:
+        raise LaunchConfigError(f"--nproc-per-node {args.nproc_per_node}: must be 1 to {MAX_SLOTS} "
+                                "(ranks per node: one process each)")
+    if not math.isfinite(args.stop_timeout) or args.stop_timeout < 0:
+        raise LaunchConfigError(f"--stop-timeout {args.stop_timeout}: must be a finite number of seconds >= 0 "
+                                "(the time nodes get to stop before they are killed)")
+    problem = host_name_problem(args.master_addr) if args.master_addr is not None else None
+    if problem:
+        raise LaunchConfigError(f"--master-addr {args.master_addr!r}: {problem}")
+
+
 def _run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    check_options(args)
     program = Program.from_argv(args.program, module=args.module, no_python=args.no_python)
     mode = resolve_mode(args, environ)
     if mode == "slurm":
@@ -127,10 +150,7 @@ def _hosts(args: argparse.Namespace) -> list[Host]:
         raise LaunchConfigError("--include/--exclude/--num-nodes select hosts of a --hostfile; none was given")
     if args.launcher in ("ssh", "pdsh"):
         raise LaunchConfigError(f"--launcher {args.launcher} needs a --hostfile")
-    n = args.nproc_per_node or 1
-    if n < 1:
-        raise LaunchConfigError(f"--nproc-per-node {n}: must be >= 1")
-    return [Host("localhost", n, addr="127.0.0.1")]
+    return [Host("localhost", args.nproc_per_node or 1, addr="127.0.0.1")]
 
 
 def _job(args: argparse.Namespace, program: Program, hosts: list[Host], mode: str,
@@ -145,7 +165,8 @@ def _job(args: argparse.Namespace, program: Program, hosts: list[Host], mode: st
     return Job(hosts=tuple(hosts), program=program, python=args.python,
                master_addr=args.master_addr or hosts[0].address, master_port=args.master_port or DRY_RUN_PORT,
                rdzv_id=args.rdzv_id or f"distcomp-{uuid.uuid4().hex[:12]}", cwd=str(Path.cwd()),
-               env=tuple(env.items()), max_restarts=args.max_restarts, nnodes=args.nnodes)
+               env=tuple(env.items()), max_restarts=args.max_restarts, nnodes=args.nnodes,
+               stop_timeout_s=args.stop_timeout)
 
 
 def _check_nnodes(nnodes: str | None, started: int) -> None:

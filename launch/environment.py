@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from distcomp.launch.errors import LaunchConfigError
+from distcomp.launch.hostfile import read_utf8
 
 ENV_FILE = ".distcomp_env"
 """Looked up in the working directory, then the home directory (the first one found is read)."""
@@ -31,16 +32,15 @@ def parse_assignment(text: str, where: str) -> tuple[str, str]:
         key = key[len("export "):].strip()
     if not sep or not _KEY.match(key):
         raise LaunchConfigError(f"{where}: {text!r} is not KEY=VALUE")
+    if "\0" in value:
+        raise LaunchConfigError(f"{where}: the value of {key} contains a NUL byte (no process can be given it)")
     return key, value
 
 
 def read_env_file(path: Path) -> dict[str, str]:
     """``KEY=VALUE`` lines (``#`` comments, blank lines and a leading ``export`` allowed), verbatim values."""
     out: dict[str, str] = {}
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise LaunchConfigError(f"environment file {path}: cannot read it ({exc.strerror or exc})") from None
+    lines = read_utf8(path, "environment file").splitlines()
     for number, raw in enumerate(lines, start=1):
         line = raw.strip()
         if line and not line.startswith("#"):

@@ -6,8 +6,11 @@ One host per line::
     worker-0 slots=4
     worker-1 slots=4 addr=10.0.0.2 ifname=eth1
 
-``slots`` is the number of ranks on that host (Open MPI's ``max_slots`` is
-accepted and ignored). Two optional keys cover what a multi-homed host needs:
+``slots`` is the number of ranks on that host, 1 to :data:`MAX_SLOTS` (Open
+MPI's ``max_slots`` is accepted and ignored). A host name must be a valid host
+name (RFC 1123: dot-separated labels of letters, digits and inner ``-``) or an
+IPv4/IPv6 address: it ends up on ssh's command line, where a name starting
+with ``-`` would be read as an option. Two optional keys cover what a multi-homed host needs:
 ``addr`` is the address the other hosts reach it at (torchrun's ``--local-addr``;
 default: the host name) and ``ifname`` the interface its ranks talk over
 (``GLOO_SOCKET_IFNAME``/``NCCL_SOCKET_IFNAME`` on that host).
@@ -19,14 +22,54 @@ of worker-1. Selected slots become ``CUDA_VISIBLE_DEVICES`` on that host.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 from distcomp.launch.errors import LaunchConfigError
 
-_NAME = re.compile(r"^[A-Za-z0-9_.:\[\]-]+$")
+_LABEL = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _KEYS = ("slots", "max_slots", "addr", "ifname")
+MAX_SLOTS = 4096
+"""Most ranks on one host: each rank is a process with its own device and memory; more is a typo, not a machine."""
+IFNAME_MAX = 15
+"""Linux interface names are at most 15 characters (IFNAMSIZ - 1)."""
+
+
+def is_host_name(text: str) -> bool:
+    """True for an RFC 1123 host name or an IPv4/IPv6 address (``[...]`` around IPv6 allowed)."""
+    try:
+        ipaddress.ip_address(text[1:-1] if text.startswith("[") and text.endswith("]") else text)
+        return True
+    except ValueError:
+        pass
+    name = text[:-1] if text.endswith(".") else text
+    labels = name.split(".")
+    # An all-digit last label would be a mistyped IPv4 address (10.0.0.300), never a top-level domain.
+    return 0 < len(name) <= 253 and all(_LABEL.match(label) for label in labels) and not labels[-1].isdigit()
+
+
+def host_name_problem(text: str) -> str | None:
+    """Why ``text`` is not a host name or address, or ``None`` when it is one."""
+    if "\0" in text:
+        return "contains a NUL byte"
+    if text.startswith("-"):
+        return "starts with '-' (ssh would read it as an option)"
+    if not is_host_name(text):
+        return ("is not a host name (letters, digits, '-' inside dot-separated labels of at most 63 characters) "
+                "nor an IPv4/IPv6 address")
+    return None
+
+
+def ifname_problem(text: str) -> str | None:
+    """Why ``text`` is not a network interface name, or ``None`` when it is one."""
+    if text.startswith("-") or "/" in text or "\0" in text or text in (".", ".."):
+        return "an interface name has no '/' or NUL and does not start with '-'"
+    if len(text) > IFNAME_MAX or any(c.isspace() for c in text):
+        return f"an interface name has at most {IFNAME_MAX} characters and no spaces"
+    return None
 
 
 @dataclass(frozen=True)
@@ -53,10 +96,7 @@ class Host:
 def parse_hostfile(path: str | Path) -> list[Host]:
     """The hosts of a hostfile, in file order; :class:`LaunchConfigError` names the file and line of a mistake."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise LaunchConfigError(f"hostfile {path}: cannot read it ({exc.strerror or exc})") from None
+    text = read_utf8(path, "hostfile")
     hosts: dict[str, Host] = {}
     for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
@@ -71,10 +111,27 @@ def parse_hostfile(path: str | Path) -> list[Host]:
     return list(hosts.values())
 
 
+def read_utf8(path: Path, what: str) -> str:
+    """The text of ``path``; :class:`LaunchConfigError` naming ``what``, the file and the line when it cannot be read."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise LaunchConfigError(f"{what} {path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise LaunchConfigError(f"{what} {path}, line {line}: byte 0x{data[exc.start]:02x} is not UTF-8 "
+                                "(save the file as UTF-8)") from None
+
+
 def _parse_line(line: str, where: str) -> Host:
     name, *fields = line.split()
-    if not _NAME.match(name) or "=" in name:
+    if "=" in name:
         raise LaunchConfigError(f"{where}: {line!r} does not start with a host name (expected 'HOST slots=N')")
+    problem = host_name_problem(name)
+    if problem:
+        raise LaunchConfigError(f"{where}: host {name!r} {problem}")
     values: dict[str, str] = {}
     for field in fields:
         key, sep, value = field.partition("=")
@@ -85,9 +142,18 @@ def _parse_line(line: str, where: str) -> Host:
         values[key] = value
     if "slots" not in values:
         raise LaunchConfigError(f"{where}: host {name!r} has no slots=N")
-    if not values["slots"].isdigit() or int(values["slots"]) < 1:
-        raise LaunchConfigError(f"{where}: slots={values['slots']!r} must be a whole number >= 1")
+    if not values["slots"].isdigit() or not 1 <= int(values["slots"]) <= MAX_SLOTS:
+        raise LaunchConfigError(f"{where}: slots={values['slots']!r} must be a whole number from 1 to {MAX_SLOTS} "
+                                "(ranks on this host: one process each)")
+    _check_value(values, "addr", host_name_problem, where)
+    _check_value(values, "ifname", ifname_problem, where)
     return Host(name, int(values["slots"]), values.get("addr"), values.get("ifname"))
+
+
+def _check_value(values: dict[str, str], key: str, problem_of: Callable[[str], str | None], where: str) -> None:
+    problem = problem_of(values[key]) if key in values else None
+    if problem:
+        raise LaunchConfigError(f"{where}: {key}={values[key]!r}: {problem}")
 
 
 def select_hosts(hosts: list[Host], *, include: str = "", exclude: str = "", num_nodes: int | None = None,

@@ -17,7 +17,9 @@ from distcomp.launch.mpi_bootstrap import rank_env_from_variables
 from distcomp.launch.spec import Job, Program
 
 PY = "/opt/py/bin/python"
-AGENT = [PY, "-m", "torch.distributed.run"]
+AGENT = [PY, "-m", "distcomp.launch.agent"]
+WATCHDOG = [PY, "-m", "distcomp.launch.watchdog", "--grace", "30", "--"]
+OUTPUT = "'TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE=[rank ${rank}] ' PYTHONUNBUFFERED=1"
 HOSTS = (Host("node-a", 2, addr="10.0.0.1", ifname="eth1"), Host("node-b", 2, addr="10.0.0.2"))
 
 
@@ -50,7 +52,7 @@ def test_hostfile_reads_slots_addresses_comments_and_blank_lines(tmp_path: Path)
     ("node-a slot=2\n", ["line 1", "unknown key 'slot'", "slots"]),
     ("node-a slots=2\nnode-a slots=1\n", ["line 2", "listed twice"]),
     ("slots=2\n", ["line 1", "host name"]),
-    ("node-a slots=0\n", ["line 1", ">= 1"]),
+    ("node-a slots=0\n", ["line 1", "from 1 to 4096"]),
     ("# only a comment\n", ["no hosts"]),
 ], ids=["bad-number", "no-slots", "unknown-key", "duplicate", "no-host", "zero", "empty"])
 def test_malformed_hostfile_names_file_and_line(tmp_path: Path, text: str, words: list[str]) -> None:
@@ -111,32 +113,42 @@ def test_program_forms() -> None:
 def test_local_mode_runs_torchrun_here() -> None:
     one = job((Host("localhost", 4, addr="127.0.0.1"),), master_addr="127.0.0.1")
     (command,) = build_commands(one, "local")
-    assert list(command.argv) == [*AGENT, "--nnodes", "1", "--nproc-per-node", "4", "--rdzv-backend", "c10d",
-                                  "--rdzv-endpoint", "127.0.0.1:29400", "--rdzv-id", "r42",
-                                  "--rdzv-conf", "is_host=true", "--max-restarts", "0", "train.py", "--lr", "0.1"]
+    assert list(command.argv) == [*WATCHDOG, *AGENT, "--nnodes", "1", "--nproc-per-node", "4",
+                                  "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:29400", "--rdzv-id", "r42",
+                                  "--rdzv-conf", "is_host=true", "--local-addr", "127.0.0.1", "--max-restarts", "0",
+                                  "--tee", "3", "train.py", "--lr", "0.1"]
+    assert command.lifeline  # the watchdog's stdin is the launcher's pipe
     assert dict(command.env) == {"OMP_NUM_THREADS": "4", "DISTCOMP_LAUNCH_NODE": "0",
-                                 "DISTCOMP_LAUNCH_HOST": "localhost"}
+                                 "DISTCOMP_LAUNCH_HOST": "localhost", "PYTHONUNBUFFERED": "1",
+                                 "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": "[rank ${rank}] "}
+    (single,) = build_commands(job((Host("localhost", 1, addr="127.0.0.1"),), master_addr="127.0.0.1"), "local")
+    assert "--tee" not in single.argv and "PYTHONUNBUFFERED" not in dict(single.env)  # one rank: nothing to tag
 
 
 def test_ssh_mode_runs_one_agent_per_host_with_its_address_interface_and_role() -> None:
     a, b = build_commands(job(max_restarts=1, nnodes="1:2"), "ssh", ["-p", "2222"])
     head = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-p", "2222"]
-    agent_a = " ".join([*AGENT, *rdzv(0, "1:2"), "--local-addr", "10.0.0.1", "--max-restarts", "1",
-                        "train.py", "--lr", "0.1"])
-    agent_b = " ".join([*AGENT, *rdzv(1, "1:2"), "--local-addr", "10.0.0.2", "--max-restarts", "1",
-                        "train.py", "--lr", "0.1"])
+    agent_a = " ".join([*WATCHDOG, *AGENT, *rdzv(0, "1:2"), "--local-addr", "10.0.0.1", "--max-restarts", "1",
+                        "--tee", "3", "train.py", "--lr", "0.1"])
+    agent_b = " ".join([*WATCHDOG, *AGENT, *rdzv(1, "1:2"), "--local-addr", "10.0.0.2", "--max-restarts", "1",
+                        "--tee", "3", "train.py", "--lr", "0.1"])
     assert list(a.argv) == [*head, "node-a", "cd /work/exp && exec env OMP_NUM_THREADS=4 GLOO_SOCKET_IFNAME=eth1 "
-                            "NCCL_SOCKET_IFNAME=eth1 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 DISTCOMP_LAUNCH_NODE=0 DISTCOMP_LAUNCH_HOST=node-a " + agent_a]
+                            "NCCL_SOCKET_IFNAME=eth1 DISTCOMP_LAUNCH_NODE=0 "
+                            f"DISTCOMP_LAUNCH_HOST=node-a {OUTPUT} " + agent_a]
     assert list(b.argv) == [*head, "node-b", "cd /work/exp && exec env OMP_NUM_THREADS=4 "
-                            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 DISTCOMP_LAUNCH_NODE=1 DISTCOMP_LAUNCH_HOST=node-b " + agent_b]
+                            "DISTCOMP_LAUNCH_NODE=1 DISTCOMP_LAUNCH_HOST=node-b "
+                            f"{OUTPUT} " + agent_b]
+    assert a.lifeline and b.lifeline
 
 
 def test_pdsh_mode_runs_the_same_agent_lines_through_pdsh() -> None:
     the_job = job()
     commands = build_commands(the_job, "pdsh")
     for i, (command, host) in enumerate(zip(commands, HOSTS)):
-        assert list(command.argv) == ["pdsh", "-S", "-w", host.name, runners.remote_shell(the_job, i)]
-        assert dict(command.env) == {"PDSH_RCMD_TYPE": "ssh"}
+        assert list(command.argv) == ["pdsh", "-S", "-w", host.name,
+                                      runners.remote_shell(the_job, i, watch_stdin=False)]
+        assert "distcomp.launch.watchdog --grace 30 --ignore-stdin --" in command.argv[-1]  # pdsh forwards no stdin
+        assert dict(command.env) == {"PDSH_RCMD_TYPE": "ssh"} and not command.lifeline
 
 
 def test_selected_slots_become_cuda_visible_devices_and_paths_are_quoted() -> None:
@@ -199,8 +211,9 @@ def test_slurm_step_maps_to_this_nodes_agent_with_node_0_as_rendezvous_host() ->
     argv, agent_env = slurm_node_command(the_job, alloc)
     assert argv == [*AGENT, "--nnodes", "4", "--nproc-per-node", "4", "--rdzv-backend", "c10d",
                     "--rdzv-endpoint", "gnode10:20505", "--rdzv-id", "slurm-200505", "--rdzv-conf", "is_host=false",
-                    "--local-addr", "gnode25", "--max-restarts", "0", "train.py", "--lr", "0.1"]
-    assert agent_env == {"DISTCOMP_LAUNCH_NODE": "2", "DISTCOMP_LAUNCH_HOST": "gnode25"}
+                    "--local-addr", "gnode25", "--max-restarts", "0", "--tee", "3", "train.py", "--lr", "0.1"]
+    assert agent_env == {"DISTCOMP_LAUNCH_NODE": "2", "DISTCOMP_LAUNCH_HOST": "gnode25", "PYTHONUNBUFFERED": "1",
+                         "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE": "[rank ${rank}] "}
     assert slurm.SlurmAllocation.from_env({**env, "SLURM_GPUS_ON_NODE": "8"}).procs_per_node == 8
     assert slurm.SlurmAllocation.from_env(env, nproc_per_node=1).procs_per_node == 1
 
@@ -262,7 +275,8 @@ def test_dry_run_prints_every_hosts_command(tmp_path: Path, capsys: pytest.Captu
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "# node 0: node-a" and lines[2] == "# node 1: node-b"
     assert "exec env GLOO_SOCKET_IFNAME=eth1 NCCL_SOCKET_IFNAME=eth1 DISTCOMP_LAUNCH_NODE=0" in lines[1]
-    assert lines[3].endswith("--rdzv-conf is_host=false --local-addr 10.0.0.2 --max-restarts 0 train.py --lr 0.1'")
+    assert lines[3].endswith("--rdzv-conf is_host=false --local-addr 10.0.0.2 --max-restarts 0 --tee 3 train.py "
+                             "--lr 0.1'")
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -283,3 +297,63 @@ def test_bad_options_are_one_line_errors_with_exit_code_2(tmp_path: Path, capsys
     assert err.startswith("distcomp launch: error:") and "Traceback" not in err
     for word in words:
         assert word in err
+
+
+@pytest.mark.parametrize("line, words", [
+    ("-V slots=1", ["line 2", "host '-V'", "starts with '-'", "option"]),
+    ("-oProxyCommand=touch-x slots=1", ["line 2", "does not start with a host name"]),
+    ("node_b slots=1", ["line 2", "host 'node_b'", "not a host name"]),
+    ("node-b. slots=1 addr=-oProxyCommand", ["line 2", "addr='-oProxyCommand'", "starts with '-'"]),
+    ("node-b slots=1 addr=10.0.0.300", ["line 2", "addr='10.0.0.300'", "IPv4/IPv6"]),
+    ("node-b slots=1 ifname=-eth0", ["line 2", "ifname='-eth0'", "start with '-'"]),
+    ("node-b slots=1 ifname=../eth0", ["line 2", "ifname='../eth0'", "no '/'"]),
+    ("node-b slots=1 ifname=averyveryverylongname0", ["line 2", "at most 15 characters"]),
+    ("node-b slots=100000", ["line 2", "slots='100000'", "from 1 to 4096", "one process each"]),
+], ids=["dash-host", "dash-option-host", "underscore", "dash-addr", "bad-ip", "dash-ifname", "slash-ifname",
+        "long-ifname", "absurd-slots"])
+def test_hostfile_names_addresses_interfaces_and_slots_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                   line: str, words: list[str]) -> None:
+    (tmp_path / "hosts").write_text(f"node-a slots=1\n{line}\n")
+    assert cli.main(["launch", "--hostfile", str(tmp_path / "hosts"), "--launcher", "ssh", "--dry-run",
+                     "train.py"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith(f"distcomp launch: error: hostfile {tmp_path / 'hosts'}, line 2:") and "Traceback" not in err
+    for word in words:
+        assert word in err, err
+
+
+def test_ipv4_ipv6_and_fqdn_hosts_are_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "hosts"
+    path.write_text("10.0.0.1 slots=1\n::1 slots=1\nnode-7.rack2.example.org. slots=2 addr=fe80::1 ifname=eth0.100\n")
+    assert [h.name for h in parse_hostfile(path)] == ["10.0.0.1", "::1", "node-7.rack2.example.org."]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--hostfile", "latin1"], ["hostfile latin1, line 2", "byte 0xe9 is not UTF-8", "save the file as UTF-8"]),
+    (["--env-file", "latin1"], ["environment file latin1, line 2", "byte 0xe9 is not UTF-8"]),
+    (["--master-port", "0"], ["--master-port 0", "1 to 65535"]),
+    (["--master-port", "70000"], ["--master-port 70000", "1 to 65535"]),
+    (["--ssh-port", "-1", "--hostfile", "hosts"], ["--ssh-port -1", "1 to 65535"]),
+    (["--nproc-per-node", "0"], ["--nproc-per-node 0", "1 to 4096"]),
+    (["--nproc-per-node", "5000", "--hostfile", "hosts"], ["--nproc-per-node 5000", "1 to 4096"]),
+    (["--stop-timeout", "-5"], ["--stop-timeout -5", "finite", ">= 0"]),
+    (["--stop-timeout", "nan"], ["--stop-timeout nan", "finite"]),
+    (["--stop-timeout", "inf"], ["--stop-timeout inf", "finite"]),
+    (["--env", "A=x\0y"], ["--env", "NUL byte"]),
+    (["--env-file", "nul"], ["environment file nul, line 1", "value of A contains a NUL byte"]),
+    (["--rdzv-id", "r\0"], ["--rdzv-id", "NUL byte"]),
+    (["--master-addr=-oProxyCommand=x"], ["--master-addr", "starts with '-'"]),
+], ids=["hostfile-latin1", "env-file-latin1", "port-0", "port-70000", "ssh-port", "nproc-0", "nproc-5000",
+        "stop-negative", "stop-nan", "stop-inf", "env-nul", "env-file-nul", "rdzv-id-nul", "master-addr-dash"])
+def test_bad_values_fail_before_anything_starts_with_exit_code_2(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                 monkeypatch: pytest.MonkeyPatch, argv: list[str],
+                                                                 words: list[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "hosts").write_text("node-a slots=1\n")
+    (tmp_path / "latin1").write_bytes(b"# hosts\ncaf\xe9 slots=1\n")
+    (tmp_path / "nul").write_bytes(b"A=x\0y\n")
+    assert cli.main(["launch", *argv, "--dry-run", "train.py"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("distcomp launch: error:") and "Traceback" not in err
+    for word in words:
+        assert word in err, err
