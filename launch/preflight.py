@@ -1,4 +1,4 @@
-"""Checks before any rank starts: every host answers, has Python with torch, and the master port is free.
+"""Checks before any rank starts: every host answers, has Python with torch and distcomp, the master port is free.
 
 One short command per host (in parallel, each with a timeout) doubles as the
 ssh check and, on the rendezvous host, as the port check: it binds the given
@@ -22,6 +22,9 @@ _PROBE = """\
 import importlib.util, socket, sys
 if importlib.util.find_spec("torch") is None:
     sys.exit(f"torch is not importable by {sys.executable}")
+if importlib.util.find_spec("distcomp") is None:
+    sys.exit(f"distcomp is not importable by {sys.executable} (each node runs python -m distcomp.launch.watchdog): "
+             "install it there")
 port = int(sys.argv[1])
 if port >= 0:
     s = socket.socket()
@@ -60,7 +63,8 @@ def probe_hosts(job: Job, remote: RemoteArgv, port: int | None) -> int:
     def probe(index: int) -> str:
         host = job.hosts[index]
         check_port = (port or 0) if index == 0 else -1
-        line = shlex.join([job.python, "-c", _PROBE, str(check_port)])
+        # From the job's directory, as the node command runs: a distcomp found only there counts.
+        line = f"cd {shlex.quote(job.cwd)} && {shlex.join([job.python, '-c', _PROBE, str(check_port)])}"
         argv = remote(host.name, line)
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
@@ -75,7 +79,7 @@ def probe_hosts(job: Job, remote: RemoteArgv, port: int | None) -> int:
             if "already in use" in detail:
                 raise LaunchError(port_in_use_message(f"host {host.name}", port or 0))
             raise LaunchError(f"ssh check of host {host.name} failed (exit code {proc.returncode}): {detail}\n"
-                              f"  command: {shlex.join(argv[:-1])} '<check: {job.python} imports torch"
+                              f"  command: {shlex.join(argv[:-1])} '<check: {job.python} imports torch and distcomp"
                               f"{', port ' + str(port) + ' is free' if index == 0 and port else ''}>'")
         return proc.stdout
 
