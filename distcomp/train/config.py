@@ -162,9 +162,15 @@ class DistConfig:
     """Run compression and communication on a worker thread, overlapping the backward pass."""
     threads: int = 0
     """torch threads per rank; 0: the machine's cores divided by the local ranks (so ranks do not oversubscribe)."""
+    stop_grace_s: float = 60.0
+    """Seconds the ranks get after SIGINT, SIGTERM or SIGHUP to finish the step, checkpoint and write the summary.
+
+    Past it they are killed. Keep it below what the scheduler allows (SLURM's KillWait, torchrun's
+    ``--shutdown-timeout``, ``docker stop -t``), or ask it to signal ahead (``sbatch --signal=TERM@120``)."""
 
     def __post_init__(self) -> None:
         require(self.nproc >= 1, "nproc", f"must be >= 1, got {self.nproc}")
+        require(self.stop_grace_s > 0, "stop_grace_s", f"must be > 0, got {self.stop_grace_s}")
         require(self.timeout_s > 0, "timeout_s", f"must be > 0, got {self.timeout_s}")
         require(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
         require(not (self.device == "cpu" and self.backend == "nccl"), "backend", "nccl needs device cuda or auto")

@@ -2,33 +2,39 @@
 
 * Under a launcher (``torchrun``, or anything that sets RANK and WORLD_SIZE)
   this process is one rank: it joins the job through ``env://``.
-* Otherwise it spawns ``dist.nproc`` local ranks that meet through a file store,
-  and supervises them: when one fails, the others are killed at once and the
-  job exits non-zero with that rank's error.
+* Otherwise it spawns ``dist.nproc`` local ranks that meet through a TCP store it
+  hosts on loopback, and supervises them (:mod:`distcomp.train.supervise`): when
+  one fails, the others are killed at once and the job exits non-zero with the
+  root cause (the rank that failed first, or died of a signal).
 * Every check that can fail (config, device, data, checkpoint) runs before any
   rank starts. Every collective has ``dist.timeout_s``; on success each rank
   passes a barrier and destroys its process group before exiting (exiting right
   after DDP can otherwise abort with "terminate called without an active exception").
-* Ctrl-C: the ranks finish the current step, agree to stop, write a checkpoint
-  (when checkpoints are on) and the summary so far, and exit with 130. A second
-  Ctrl-C kills them.
+* Ctrl-C, SIGTERM, SIGHUP (:mod:`distcomp.train.stop`): the ranks finish the
+  current step, agree to stop, write a checkpoint (when checkpoints are on) and
+  the summary so far, and exit with 128 + the signal (130, 143, 129) within
+  ``dist.stop_grace_s``. A second signal kills them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import multiprocessing as mp
 import os
 import signal
+import socket
 import sys
-import tempfile
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
+from multiprocessing import resource_tracker
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,17 +42,19 @@ from tqdm import tqdm
 
 from distcomp.errors import ConfigError
 from distcomp.train import checkpoint
+from distcomp.train import stop as stopping
 from distcomp.train.config import DistConfig, TrainConfig
 from distcomp.train.data import check_batches, load_corpus
-from distcomp.train.job import EXIT_INTERRUPTED, rank_job
+from distcomp.train.job import rank_job
 from distcomp.train.loop import RankContext
 from distcomp.train.optim import first_compressed_step
+from distcomp.train.stop import StopRequest
+from distcomp.train.supervise import supervise
 from distcomp.train.telemetry import TqdmHandler
 
 logger = logging.getLogger("distcomp.train")
 RESUME_AUTO = "auto"
 """``--resume auto``: the newest checkpoint of this config's run if there is one, else a fresh start."""
-_STOP = threading.Event()
 
 
 @dataclass(frozen=True)
@@ -70,10 +78,15 @@ def launch(cfg: TrainConfig, resume: str | Path | None) -> int:
         place = Placement(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
                           int(os.environ.get("LOCAL_RANK", os.environ["RANK"])),
                           int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
+        stop = StopRequest()
+        # No supervisor watches this rank: it bounds its own stop by the grace period.
+        stopping.handle_in_rank(stop, grace_s=cfg.dist.stop_grace_s)
         path = preflight(cfg, resume, place.world_size, place.local_world_size)
-        return _join(cfg, path, place)
+        return _join(cfg, path, place, stop)
+    stop = StopRequest(mp.get_context("spawn").RawValue("i", 0))
+    stopping.handle_in_supervisor(stop)
     path = preflight(cfg, resume, cfg.dist.nproc, cfg.dist.nproc)
-    return _spawn(cfg, path)
+    return _spawn(cfg, path, stop)
 
 
 def preflight(cfg: TrainConfig, resume: str | Path | None, world_size: int, local_world_size: int) -> Path | None:
@@ -164,17 +177,24 @@ def setup_logging(rank: int) -> None:
     root.propagate = False
 
 
-def run_rank(cfg: TrainConfig, resume: Path | None, place: Placement, init_method: str) -> int:
-    """The life of one rank: process group, the job, barrier, teardown. Raises on failure."""
+def run_rank(cfg: TrainConfig, resume: Path | None, place: Placement, stop: StopRequest,
+             store_port: int | None = None) -> int:
+    """The life of one rank: process group, the job, barrier, teardown. Raises on failure.
+
+    The ranks meet through the TCP store on loopback ``store_port`` (spawned ranks)
+    or through ``env://`` (a launcher's MASTER_ADDR and MASTER_PORT).
+    """
     setup_logging(place.rank)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(cfg.dist.threads or max(1, cores // place.local_world_size))
     device, backend = select_device(cfg.dist, place.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=init_method, rank=place.rank, world_size=place.world_size,
-                            timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
-    ctx = RankContext(place.rank, place.world_size, device, backend, _STOP.is_set)
+    timeout = datetime.timedelta(seconds=cfg.dist.timeout_s)
+    meet: dict[str, Any] = ({"init_method": "env://"} if store_port is None else
+                            {"store": dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=timeout)})
+    dist.init_process_group(backend, rank=place.rank, world_size=place.world_size, timeout=timeout, **meet)
+    ctx = RankContext(place.rank, place.world_size, device, backend, stop.signal)
     code = rank_job(cfg, ctx, resume)
     dist.barrier()
     dist.destroy_process_group()
@@ -184,14 +204,9 @@ def run_rank(cfg: TrainConfig, resume: Path | None, place: Placement, init_metho
 # -- joining a launcher's job ---------------------------------------------------------
 
 
-def _join(cfg: TrainConfig, resume: Path | None, place: Placement) -> int:
-    def on_sigint(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
-        _STOP.set()
-
-    signal.signal(signal.SIGINT, on_sigint)
+def _join(cfg: TrainConfig, resume: Path | None, place: Placement, stop: StopRequest) -> int:
     try:
-        return run_rank(cfg, resume, place, "env://")
+        return run_rank(cfg, resume, place, stop)
     except BaseException as exc:  # noqa: BLE001 - report, then leave without running C++ teardown that may hang
         sys.stderr.write(f"{traceback.format_exc()}[distcomp rank {place.rank}] failed: {describe_failure(exc, cfg)}\n")
         _hard_exit(1)
@@ -216,32 +231,66 @@ def _hard_exit(code: int) -> None:
 # -- spawning local ranks --------------------------------------------------------------
 
 
-def _spawn(cfg: TrainConfig, resume: Path | None) -> int:
+def _spawn(cfg: TrainConfig, resume: Path | None, stop: StopRequest) -> int:
+    if stop.signal():
+        sys.stderr.write(f"[distcomp] {stopping.signal_name(stop.signal())} before any rank started: nothing to stop\n")
+        return stopping.exit_code(stop.signal())
     if sys.platform.startswith("linux"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # all ranks are local: talk over loopback
     ctx = mp.get_context("spawn")
     world = cfg.dist.nproc
-    with tempfile.TemporaryDirectory(prefix="distcomp-") as tmp:
-        init = f"file://{os.path.join(tmp, 'store')}"
+    with _loopback_store(cfg.dist.timeout_s) as port:
         pipes = [ctx.Pipe(duplex=False) for _ in range(world)]
-        procs = [ctx.Process(target=_child, args=(cfg, resume, Placement(r, world, r, world), init, pipes[r][1]),
-                             name=f"distcomp-rank{r}", daemon=True) for r in range(world)]
-        for p in procs:
-            p.start()
+        procs = [ctx.Process(target=_child, args=(cfg, resume, Placement(r, world, r, world), port, stop.shared,
+                                                  pipes[r][1]), name=f"distcomp-rank{r}", daemon=True)
+                 for r in range(world)]
+        # The ranks start with the stop signals blocked and unblock them once their handlers are in. Start
+        # multiprocessing's resource tracker first: starting it unblocks SIGINT and SIGTERM in this process.
+        resource_tracker.ensure_running()
+        with stopping.signals_blocked():
+            for p in procs:
+                p.start()
         for _, send in pipes:
             send.close()  # the children hold the write ends
+        logger.info("started %d ranks on this machine (pids %s)", world, " ".join(str(p.pid) for p in procs))
         try:
-            return _supervise(procs, [recv for recv, _ in pipes])
+            return supervise(procs, [recv for recv, _ in pipes], stop, cfg.dist.stop_grace_s)
         finally:
-            _kill(procs)
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
 
 
-def _child(cfg: TrainConfig, resume: Path | None, place: Placement, init: str, report: Connection) -> None:
-    _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent turns Ctrl-C into SIGUSR1
-    signal.signal(signal.SIGUSR1, lambda signum, frame: _STOP.set())
+@contextlib.contextmanager
+def _loopback_store(timeout_s: float) -> Iterator[int]:
+    """Host the ranks' rendezvous (a TCPStore) here, on 127.0.0.1 only; yields its port.
+
+    A plain ``TCPStore("127.0.0.1", 0, is_master=True)`` listens on every interface,
+    and the store has no authentication: bind the socket here and hand it over.
+    Nothing is left on disk when this process is killed.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    # The store takes the descriptor over and closes it: detach so that Python does not close it too.
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, master_listen_fd=sock.detach(),
+                          wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout_s))
     try:
-        code = run_rank(cfg, resume, place, init)
+        yield port
+    finally:
+        del store
+
+
+def _child(cfg: TrainConfig, resume: Path | None, place: Placement, port: int, shared: Any,
+           report: Connection) -> None:
+    _die_with_parent()
+    _name_process(f"distcomp-rank{place.rank}")
+    stop = StopRequest(shared)
+    stopping.handle_in_rank(stop)
+    stopping.unblock()  # blocked by the parent around start(): a signal during start-up waited for the handlers
+    try:
+        code = run_rank(cfg, resume, place, stop, port)
     except BaseException as exc:  # noqa: BLE001 - the parent reports it and stops the other ranks
         report.send((place.rank, describe_failure(exc, cfg), traceback.format_exc(), time.time()))
         _hard_exit(1)
@@ -249,89 +298,20 @@ def _child(cfg: TrainConfig, resume: Path | None, place: Placement, init: str, r
     sys.exit(code)
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to kill this rank if the supervising process dies (so no rank is orphaned)."""
+def _prctl(option: int, arg: int | bytes) -> None:
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(option, arg)
     except (OSError, AttributeError):
-        pass
+        pass  # not Linux: no such safety net, and no names in ps
 
 
-def _supervise(procs: list, reports: list[Connection]) -> int:
-    """Wait for the ranks; on the first failure kill the rest and report it. The exit code."""
-    asked_to_stop = False
-    open_reports = dict(enumerate(reports))
-    while True:
-        try:
-            failure = _failure(procs, open_reports)
-            if failure is not None:
-                rank, message, tb = _root_cause(failure, open_reports)
-                _kill(procs)
-                sys.stderr.write(f"{tb}\n[distcomp] rank {rank} failed: {message}\n"
-                                 "[distcomp] the other ranks were stopped\n")
-                return 1
-            live = [p.sentinel for p in procs if p.exitcode is None]
-            if not live:
-                codes = [p.exitcode for p in procs]
-                return EXIT_INTERRUPTED if asked_to_stop or EXIT_INTERRUPTED in codes else 0
-            wait(live + list(open_reports.values()), timeout=1.0)
-        except KeyboardInterrupt:
-            if asked_to_stop:
-                _kill(procs)
-                sys.stderr.write("\n[distcomp] killed\n")
-                return EXIT_INTERRUPTED
-            asked_to_stop = True
-            sys.stderr.write("\n[distcomp] stopping after the current step (Ctrl-C again to kill)\n")
-            for p in procs:
-                if p.is_alive():
-                    os.kill(p.pid, signal.SIGUSR1)
+def _die_with_parent() -> None:
+    """Ask Linux to kill this rank if the supervising process dies (so no rank is orphaned)."""
+    _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-Failure = tuple[int, str, str, float]
-"""``(rank, message, traceback, time.time() when the rank caught it)``."""
-
-
-def _failure(procs: list, reports: dict[int, Connection]) -> Failure | None:
-    """The first error a rank reported, or a rank that died without a report; closed pipes leave ``reports``."""
-    for rank, conn in list(reports.items()):
-        try:
-            if conn.poll():
-                return conn.recv()
-        except (EOFError, OSError):
-            del reports[rank]  # the rank exited without a report (a success, or a crash caught below)
-    for rank, p in enumerate(procs):
-        if p.exitcode not in (None, 0, EXIT_INTERRUPTED):
-            return rank, f"died with exit code {p.exitcode} without a report", "", time.time()
-    return None
-
-
-def _root_cause(first: Failure, reports: dict[int, Connection], grace_s: float = 1.0) -> tuple[int, str, str]:
-    """Of the failures reported within ``grace_s`` of ``first``, the one that happened first.
-
-    A rank that fails makes its peers fail too, at their next collective ("connection
-    closed by peer"), and their reports can reach the pipes in either order: the
-    earliest failure is the cause, the later ones its consequence.
-    """
-    found = [first]
-    deadline = time.monotonic() + grace_s
-    pending = {r: c for r, c in reports.items() if r != first[0]}
-    while pending and (left := deadline - time.monotonic()) > 0:
-        for conn in wait(list(pending.values()), timeout=left):
-            rank = next(r for r, c in pending.items() if c is conn)
-            del pending[rank]
-            try:
-                found.append(conn.recv())
-            except (EOFError, OSError):
-                pass  # exited without a report
-    rank, message, tb, _ = min(found, key=lambda f: f[3])
-    return rank, message, tb
-
-
-def _kill(procs: list) -> None:
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    for p in procs:
-        p.join(5)
+def _name_process(name: str) -> None:
+    """Show ``name`` for this process in ps, top and /proc/PID/comm (15 bytes at most)."""
+    _prctl(15, name.encode()[:15])  # PR_SET_NAME

@@ -28,6 +28,7 @@ from distcomp.train import checkpoint
 from distcomp.train.config import RunSpec, TrainConfig, config_to_raw
 from distcomp.train.data import Corpus, ShardedBatches, val_batches
 from distcomp.train.optim import build_optimizer, lr_at, set_lr
+from distcomp.train.stop import STOP_SIGNALS, signal_name
 from distcomp.train.telemetry import RunMonitor, RunResult, StepRecord, summarize
 
 logger = logging.getLogger("distcomp.train")
@@ -42,8 +43,10 @@ class RankContext:
     world_size: int
     device: torch.device
     backend: str
-    should_stop: Callable[[], bool]
-    """True once the user asked to stop (Ctrl-C); ranks agree on it at the next step."""
+    stop_signal: Callable[[], int]
+    """The signal that asked this rank to stop (SIGINT, SIGTERM, SIGHUP), 0 while none did.
+
+    The ranks agree on it at the next step."""
 
 
 @dataclass
@@ -92,11 +95,11 @@ def build_run(cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: Corpus)
 
 
 def train_run(cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: Corpus, *,
-              run_dir: Path, resume: Path | None, show: bool) -> tuple[RunResult | None, bool]:
+              run_dir: Path, resume: Path | None, show: bool) -> tuple[RunResult | None, int]:
     """Train one run to ``cfg.steps``: ``(result, stopped)``.
 
     ``result`` is rank 0's :class:`RunResult` (``None`` on other ranks); ``stopped``
-    is True on every rank when the ranks agreed to stop early (Ctrl-C).
+    is, on every rank, the signal on which the ranks agreed to stop early, 0 when they did not.
     """
     started = time.perf_counter()
     run = build_run(cfg, spec, ctx, corpus)
@@ -125,14 +128,14 @@ def train_run(cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: Corpus,
         return None, stopped
     result = summarize(spec.name, run.records, params=sum(p.numel() for p in run.model.parameters()),
                        val_losses=run.val_losses, loop_s=loop_s, steps_run=len(run.records) - run.start,
-                       wall_s=time.perf_counter() - started, interrupted=stopped)
+                       wall_s=time.perf_counter() - started, interrupted=stopped > 0)
     _write_json(run_dir / "summary.json", {"run": result.as_dict(), "config": config_to_raw(cfg)})
     return result, stopped
 
 
-def _loop(run: Run, cfg: TrainConfig, ctx: RankContext, monitor: RunMonitor | None, saver: _Saver) -> tuple[float, bool]:
-    """Steps from ``run.start`` to ``cfg.steps`` with evaluations and checkpoints: ``(seconds in steps, stopped)``."""
-    loop_s, stopped = 0.0, False
+def _loop(run: Run, cfg: TrainConfig, ctx: RankContext, monitor: RunMonitor | None, saver: _Saver) -> tuple[float, int]:
+    """Steps from ``run.start`` to ``cfg.steps``, evaluations, checkpoints: ``(seconds in steps, stop signal)``."""
+    loop_s, stopped = 0.0, 0
     for step in range(run.start, cfg.steps):
         tick = time.perf_counter()
         rec, stopped = _step(run, cfg, ctx, step)
@@ -147,7 +150,7 @@ def _loop(run: Run, cfg: TrainConfig, ctx: RankContext, monitor: RunMonitor | No
         if every and (done % every == 0 or done == cfg.steps or stopped):
             saver.save(run, done)
         if stopped:
-            logger.warning("stopped at step %d as asked", done)
+            logger.warning("stopped at step %d on %s, as asked", done, signal_name(stopped))
             break
     return loop_s, stopped
 
@@ -167,8 +170,8 @@ class _Saver:
                         rank_state=_rank_state(run, self.ctx, step), keep=self.keep)
 
 
-def _step(run: Run, cfg: TrainConfig, ctx: RankContext, step: int) -> tuple[StepRecord, bool]:
-    """One optimizer step; returns its record and whether the ranks agreed to stop after it."""
+def _step(run: Run, cfg: TrainConfig, ctx: RankContext, step: int) -> tuple[StepRecord, int]:
+    """One optimizer step; returns its record and the signal on which the ranks agreed to stop after it (or 0)."""
     _maybe_fault(ctx.rank, step)
     lr = lr_at(cfg.optimizer, step, cfg.steps, run.peak_lr)
     set_lr(run.optimizer, lr)
@@ -183,8 +186,10 @@ def _step(run: Run, cfg: TrainConfig, ctx: RankContext, step: int) -> tuple[Step
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)
     step_s = time.perf_counter() - tick
-    # One small all-reduce a step carries the loss for the log and the stop request.
-    shared = torch.stack([loss.detach().float(), torch.tensor(float(ctx.should_stop()), device=ctx.device)])
+    # One small all-reduce a step carries the loss for the log and, one slot a signal, the stop requests.
+    asked = ctx.stop_signal()
+    flags = torch.tensor([float(asked == s) for s in STOP_SIGNALS], device=ctx.device)
+    shared = torch.cat([loss.detach().float().reshape(1), flags])
     dist.all_reduce(shared)
     stats = run.stats()
     rec = StepRecord(
@@ -193,7 +198,8 @@ def _step(run: Run, cfg: TrainConfig, ctx: RankContext, step: int) -> tuple[Step
         codec_s=stats.get("codec_s", 0.0), comm_s=stats.get("comm_s", 0.0),
         residual_norm=stats.get("residual_norm", 0.0), compressed=bool(stats.get("compressed", False)),
     )
-    return rec, shared[1].item() > 0
+    # Every rank sees the same sums, so every rank picks the same signal (and exit code).
+    return rec, max((s for s, n in zip(STOP_SIGNALS, shared[1:].tolist()) if n > 0), default=0)
 
 
 @torch.no_grad()

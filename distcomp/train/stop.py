@@ -1,0 +1,118 @@
+"""Stopping ``distcomp train`` on a signal, at any moment, without losing work.
+
+SIGINT (Ctrl-C), SIGTERM (schedulers, container runtimes, preemptible clouds,
+torchrun stopping its workers) and SIGHUP (a closed terminal or ssh session) are
+stop requests, not exits: the ranks finish the step they are in, agree at that
+step's all-reduce that one of them was asked to stop, write a checkpoint (when
+checkpoints are on) and the summary, and exit with ``128 + signal``: 130 for
+SIGINT, 143 for SIGTERM, 129 for SIGHUP, as a shell reports a command that such
+a signal ended. A second signal kills at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+logger = logging.getLogger("distcomp.train")
+
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)
+"""The signals that ask ``distcomp train`` to stop cleanly; when ranks got different ones, the last listed wins."""
+
+
+def exit_code(signum: int) -> int:
+    """The exit code of a job stopped by ``signum``: 128 + its number, as a shell reports it."""
+    return 128 + signum
+
+
+def signal_name(signum: int) -> str:
+    """``SIGTERM`` for 15, and so on."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class StopRequest:
+    """Which signal asked this process to stop; 0 while none did.
+
+    The spawned ranks and their supervisor also share ``shared`` (a ``multiprocessing``
+    ``RawValue('i')``): whoever receives a signal writes it there and every process of
+    the job reads it at its next step. Plain shared memory, no lock and no signal, so a
+    request can neither be missed nor kill a rank that is still starting.
+    """
+
+    def __init__(self, shared: Any | None = None) -> None:
+        self.shared = shared
+        self.local = 0
+        self.count = 0
+        """Signals this process received itself (a second one kills)."""
+
+    def request(self, signum: int) -> None:
+        """Record a stop signal (called from a signal handler: only plain assignments)."""
+        self.count += 1
+        self.local = self.local or signum
+        if self.shared is not None and not self.shared.value:
+            self.shared.value = signum
+
+    def signal(self) -> int:
+        """The signal that asked to stop, received here or by another process of the job; 0: none."""
+        return self.local or (int(self.shared.value) if self.shared is not None else 0)
+
+
+def handle_in_supervisor(stop: StopRequest) -> None:
+    """Make every stop signal a request that the supervising loop acts on (no exception, no exit)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, lambda s, frame: stop.request(s))
+
+
+def handle_in_rank(stop: StopRequest, grace_s: float | None = None) -> None:
+    """Make the first stop signal a request, and any later one the default action (death, even mid-collective).
+
+    With ``grace_s`` (a rank that no supervisor watches), the rank also exits on its
+    own when it has not stopped that many seconds after the request.
+    """
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.request(signum)
+        for other in STOP_SIGNALS:
+            signal.signal(other, signal.SIG_DFL)
+        if grace_s is not None:
+            threading.Thread(target=_exit_after, args=(grace_s, signum), daemon=True).start()
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, on_signal)
+
+
+def _exit_after(grace_s: float, signum: int) -> None:
+    threading.Event().wait(grace_s)
+    sys.stderr.write(f"[distcomp] {signal_name(signum)}: this rank did not stop within dist.stop_grace_s = "
+                     f"{grace_s:g} s; exiting without a checkpoint\n")
+    sys.stderr.flush()
+    os._exit(exit_code(signum))
+
+
+@contextlib.contextmanager
+def signals_blocked() -> Iterator[None]:
+    """Hold stop signals pending here, and in processes started meanwhile (the mask survives fork and exec).
+
+    A spawned rank starts with them blocked and unblocks them (:func:`unblock`) once its
+    handlers are in: a Ctrl-C during its start-up is then a stop request, not a
+    KeyboardInterrupt traceback.
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def unblock() -> None:
+    """Deliver the stop signals held since start-up (to the handlers now installed)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
