@@ -1,6 +1,6 @@
 """The ``distcomp`` command.
 
-    distcomp train configs/quickstart.yaml [--set KEY=VALUE ...] [--resume PATH] [--device cpu] [--quiet]
+    distcomp train configs/quickstart.yaml [--set KEY=VALUE ...] [--resume PATH | --overwrite] [--device cpu] [--quiet]
     distcomp launch [--hostfile H | --nproc-per-node N | --launcher mpich|openmpi|slurm] [--dry-run] SCRIPT [ARGS...]
     distcomp info
 
@@ -34,10 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field (repeatable): --set compression.rank=8 --set steps=200. "
                             "Setting compression.compressor drops the file's options for the old compressor.")
-    train.add_argument("--resume", metavar="PATH",
+    start = train.add_mutually_exclusive_group()
+    start.add_argument("--resume", metavar="PATH",
                        help="continue from a checkpoint directory (or the newest one in a checkpoints folder); "
                             "'auto': from this run's newest checkpoint if it has one, else from the start "
-                            "(what a restarted job wants: distcomp launch --max-restarts)")
+                            "(what a restarted job wants: distcomp launch --max-restarts); a folder or 'auto' "
+                            "skips damaged checkpoints with a warning")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start over even though the run's folder holds an earlier run's checkpoints: its files "
+                            "are moved to <log.dir>/<name>/previous/<time>/, nothing is deleted")
     train.add_argument("--device", choices=("auto", "cpu", "cuda"),
                        help="where ranks run (default: the config's dist.device, auto = CUDA when available)")
     train.add_argument("--quiet", action="store_true", help="no progress bar; log lines every log.every steps")
@@ -64,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _train(args: argparse.Namespace) -> int:
     from distcomp.train.config import load_train_config
     from distcomp.train.launch import launch
+    from distcomp.train.rundir import JobScope
 
     console_logging()
     overrides = list(args.overrides)
@@ -73,7 +79,8 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append("log.progress=false")
     try:
         cfg = load_train_config(args.config, overrides)
-        return launch(cfg, args.resume)
+        with JobScope(overwrite=args.overwrite):  # the run directory's lock is held until the job ends
+            return launch(cfg, args.resume)
     except (ConfigError, CheckpointError) as exc:
         sys.stderr.write(f"distcomp train: error: {exc}\n")
         return EXIT_USAGE

@@ -103,7 +103,7 @@ def checkpointed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_resumed_run_continues_the_same_loss_curve_bit_for_bit(checkpointed: tuple[Path, Path]) -> None:
     tmp, cfg = checkpointed
     first = tmp / "runs" / "whole" / "powersgd" / "checkpoints" / "step_000004"
-    assert sorted(p.name for p in first.iterdir()) == ["meta.json", "model.pt", "rank0.pt", "rank1.pt"]
+    assert sorted(p.name for p in first.iterdir()) == ["manifest.json", "meta.json", "model.pt", "rank0.pt", "rank1.pt"]
     resumed = train(tmp, str(cfg), extra={"name": "resumed"}, flags=("--quiet", "--resume", str(first)))
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr

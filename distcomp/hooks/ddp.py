@@ -63,13 +63,17 @@ class CompressionState:
         self._restored: dict[tuple[str, ...], None] = {}
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self._executor: InlineExecutor | WorkerExecutor = InlineExecutor()
-        self._comm_group = group
+        self._executor: InlineExecutor | WorkerExecutor = InlineExecutor(group)
         if overlap:
             ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
             # The worker's own group must time out like the job's, not after torch's 30-minute default.
-            self._comm_group = dist.new_group(ranks=ranks, timeout=timeout or group_timeout(group))
-            self._executor = WorkerExecutor()
+            # Only the worker holds it, so that shutting the worker down destroys it (see executor.py).
+            self._executor = WorkerExecutor(dist.new_group(ranks=ranks, timeout=timeout or group_timeout(group)))
+
+    @property
+    def _comm_group(self) -> dist.ProcessGroup | None:
+        """The group the compressor's collectives run on: the worker's own, or ``group`` inline."""
+        return self._executor.group
 
     # -- the hook ---------------------------------------------------------------
 
@@ -184,11 +188,12 @@ class CompressionState:
         self._restored = dict.fromkeys(self._layouts)
 
     def close(self) -> None:
-        """Stop the communication worker (pending buckets finish first) and release its process group."""
+        """Stop the communication worker (pending buckets finish first), then destroy its process group.
+
+        Idempotent, and safe after ``dist.destroy_process_group()``. A worker
+        left running is shut down at interpreter exit, so a script need not call this.
+        """
         self._executor.shutdown()
-        if self._comm_group is not self.group and self._comm_group is not None:
-            dist.destroy_process_group(self._comm_group)
-            self._comm_group = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

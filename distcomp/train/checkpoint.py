@@ -9,8 +9,15 @@ Layout of ``<dir>/step_000050/``:
 * ``rank<r>.pt``: rank r's optimizer state, compression state (error residuals
   differ per rank), RNG states and the step records so far.
 
-Files are written into ``step_000050.tmp`` and renamed when every rank is done,
-so a directory without the suffix is always complete. Loading uses
+* ``manifest.json``: written last, the size and sha256 of every other file
+  (:mod:`distcomp.train.manifest`).
+
+Files are written into ``step_000050.tmp``, ``fsync``-ed, and renamed when every
+rank is done, so a directory without the suffix was complete when written; the
+manifest tells whether it still is. A damaged checkpoint is never loaded:
+``--resume auto`` and ``--resume FOLDER`` fall back to the newest complete one.
+Each checkpoint carries its run's id (``meta.json`` ``run_id``, kept by a resume),
+and pruning removes only checkpoints of the run that prunes. Loading uses
 ``torch.load(weights_only=True)``: tensors and plain containers only, no code.
 """
 
@@ -20,6 +27,7 @@ import dataclasses
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +36,7 @@ import torch.distributed as dist
 
 from distcomp.config import config_to_dict
 from distcomp.errors import CheckpointError
+from distcomp.train import manifest
 from distcomp.train.config import COMPRESSED_OPTIMIZERS, RunSpec, TrainConfig
 
 FORMAT = "distcomp.train/1"
@@ -58,37 +67,83 @@ def trajectory_config(cfg: TrainConfig, spec: RunSpec) -> dict[str, Any]:
 
 
 def step_dir(root: Path, step: int) -> Path:
+    """Where the checkpoint after ``step`` steps goes."""
     return root / f"step_{step:06d}"
 
 
 def save(root: Path, step: int, *, rank: int, meta: dict[str, Any], model: torch.nn.Module,
          rank_state: dict[str, Any], keep: int) -> Path:
-    """Write this rank's part of the checkpoint after ``step`` steps; collective (every rank calls it)."""
+    """Write this rank's part of the checkpoint after ``step`` steps; collective (every rank calls it).
+
+    ``meta`` holds ``run_id``: pruning keeps the newest ``keep`` checkpoints of that
+    run and never touches another run's. A failed write raises :class:`CheckpointError`
+    naming the file.
+    """
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        _empty_dir(tmp)
     dist.barrier()
-    torch.save(rank_state, tmp / f"rank{rank}.pt")
+    manifest.write_state(tmp / f"rank{rank}.pt", rank_state)
     if rank == 0:
-        torch.save(model.state_dict(), tmp / "model.pt")
-        (tmp / "meta.json").write_text(json.dumps({"format": FORMAT, "step": step, **meta}, indent=2) + "\n")
-    dist.barrier()
+        manifest.write_state(tmp / "model.pt", model.state_dict())
+        manifest.write_bytes(tmp / "meta.json", (json.dumps({"format": FORMAT, "step": step, **meta}, indent=2)
+                                                 + "\n").encode())
+    dist.barrier()  # every rank's file is written and fsync-ed
     if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        _prune(root, keep)
+        _publish(tmp, final, meta["run_id"])
+        _prune(root, keep, meta["run_id"])
         logger.info("checkpoint written: %s", final)
     return final
 
 
-def _prune(root: Path, keep: int) -> None:
+def _empty_dir(path: Path) -> None:
+    try:
+        shutil.rmtree(path, ignore_errors=True)  # a write cut short by a crash of this run
+        path.mkdir(parents=True)
+    except OSError as exc:
+        raise CheckpointError(f"cannot create checkpoint folder {path}: {manifest.write_problem(exc)}") from None
+
+
+def _publish(tmp: Path, final: Path, run_id: str) -> None:
+    """Seal ``tmp`` with its manifest and rename it to ``final``, durably."""
+    try:
+        manifest.write_manifest(tmp)
+        manifest.fsync_dir(tmp)
+        _make_room(final, run_id)
+        tmp.rename(final)
+        manifest.fsync_dir(final.parent)
+    except OSError as exc:
+        raise CheckpointError(f"cannot publish checkpoint {final}: {manifest.write_problem(exc)}") from None
+
+
+def _make_room(final: Path, run_id: str) -> None:
+    """A checkpoint of this run at the same step is replaced; another run's is moved aside, never deleted."""
+    if not final.exists():
+        return
+    if run_id_of(final) == run_id:
+        shutil.rmtree(final)
+        return
+    aside = final.parent / "previous" / f"{final.name}.{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    aside.parent.mkdir(exist_ok=True)
+    final.rename(aside)
+    logger.warning("%s belonged to another run: moved it to %s", final, aside)
+
+
+def _prune(root: Path, keep: int, run_id: str) -> None:
     if keep <= 0:
         return
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in done[:-keep]:
+    ours = [p for p in manifest.candidates(root) if run_id_of(p) == run_id]
+    for old in ours[keep:]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def run_id_of(path: Path) -> str | None:
+    """The id of the run that wrote checkpoint ``path`` (None: unreadable, or written before runs had ids)."""
+    try:
+        return json.loads((path / "meta.json").read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def run_root(cfg: TrainConfig, spec: RunSpec) -> Path:
@@ -96,23 +151,6 @@ def run_root(cfg: TrainConfig, spec: RunSpec) -> Path:
     if cfg.checkpoint.dir:
         return Path(cfg.checkpoint.dir) / spec.name
     return Path(cfg.log.dir) / cfg.name / spec.name / "checkpoints"
-
-
-def newest(folder: Path) -> Path | None:
-    """The newest complete checkpoint in ``folder`` (directories still being written end in ``.tmp``)."""
-    found = sorted(p for p in folder.glob("step_*") if (p / "meta.json").is_file() and not p.name.endswith(".tmp"))
-    return found[-1] if found else None
-
-
-def resolve(path: str | Path) -> Path:
-    """A checkpoint directory, or the newest complete one inside a folder of them."""
-    path = Path(path)
-    if (path / "meta.json").is_file():
-        return path
-    found = newest(path)
-    if found is None:
-        raise CheckpointError(f"--resume {path}: no checkpoint there (expected a step_NNNNNN directory with meta.json)")
-    return found
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -164,7 +202,7 @@ def load_rank(path: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
     for f in files:
         if not f.is_file():
             raise CheckpointError(f"--resume {path}: {f.name} is missing")
-    return tuple(torch.load(f, map_location="cpu", weights_only=True) for f in files)  # type: ignore[return-value]
+    return manifest.load(files[0]), manifest.load(files[1])
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -176,6 +214,7 @@ def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Restore the states :func:`rng_state` saved."""
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)

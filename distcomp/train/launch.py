@@ -41,7 +41,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from distcomp.errors import ConfigError
-from distcomp.train import checkpoint
+from distcomp.train import checkpoint, manifest, rundir
 from distcomp.train import stop as stopping
 from distcomp.train.config import DistConfig, TrainConfig
 from distcomp.train.data import check_batches, load_corpus
@@ -90,7 +90,11 @@ def launch(cfg: TrainConfig, resume: str | Path | None) -> int:
 
 
 def preflight(cfg: TrainConfig, resume: str | Path | None, world_size: int, local_world_size: int) -> Path | None:
-    """Every check that needs no process group; raises :class:`ConfigError`/:class:`CheckpointError`."""
+    """Every check that needs no process group, then claim the run directory (:func:`rundir.prepare`).
+
+    Raises :class:`ConfigError`/:class:`CheckpointError`. The checkpoint to resume
+    from is verified against its manifest here, before any rank starts.
+    """
     device, _ = select_device(cfg.dist, 0)
     if device.type == "cuda" and local_world_size > torch.cuda.device_count():
         raise ConfigError(f"dist.nproc: {local_world_size} ranks on this machine but only "
@@ -108,8 +112,9 @@ def preflight(cfg: TrainConfig, resume: str | Path | None, world_size: int, loca
     if resume == RESUME_AUTO:
         resume = _newest_checkpoint(cfg)
     if resume is None:
+        rundir.prepare(cfg, fresh=True)
         return None
-    path = checkpoint.resolve(resume)
+    path = manifest.resolve(resume)
     meta = checkpoint.read_meta(path)
     if len(runs) != 1:
         raise ConfigError(
@@ -127,12 +132,16 @@ def preflight(cfg: TrainConfig, resume: str | Path | None, world_size: int, loca
         logger.warning("the learning-rate schedule was %s steps long and is now %s: the curve will not match an "
                        "uninterrupted run (set optimizer.decay_steps to keep it)", meta.get("schedule_steps"),
                        cfg.optimizer.decay_steps or cfg.steps)
+    rundir.prepare(cfg, fresh=False)
     return path
 
 
 def _newest_checkpoint(cfg: TrainConfig) -> Path | None:
-    """What ``--resume auto`` continues from: the newest checkpoint of the config's runs, or None (a fresh start)."""
-    found = [p for spec in cfg.runs() if (p := checkpoint.newest(checkpoint.run_root(cfg, spec))) is not None]
+    """What ``--resume auto`` continues from: the newest intact checkpoint of the config's runs, or None (fresh).
+
+    Damaged checkpoints are skipped with a warning saying what is wrong with them.
+    """
+    found = [p for spec in cfg.runs() if (p := manifest.newest(checkpoint.run_root(cfg, spec))) is not None]
     if not found:
         logger.info("--resume auto: no checkpoint yet under %s; starting from step 0",
                     ", ".join(str(checkpoint.run_root(cfg, spec)) for spec in cfg.runs()))

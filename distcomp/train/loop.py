@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -107,7 +108,7 @@ def train_run(cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: Corpus,
         _restore(run, resume, ctx)
     monitor = RunMonitor(run_dir=run_dir, label=spec.name, steps=cfg.steps, start=run.start, progress=cfg.log.progress,
                          tensorboard=cfg.log.tensorboard, log_every=cfg.log.every, fresh=resume is None) if show else None
-    saver = _Saver(cfg, spec, ctx, corpus)
+    saver = _Saver(cfg, spec, ctx, corpus, resume)
     try:
         loop_s, stopped = _loop(run, cfg, ctx, monitor, saver)
         if monitor:
@@ -158,16 +159,24 @@ def _loop(run: Run, cfg: TrainConfig, ctx: RankContext, monitor: RunMonitor | No
 class _Saver:
     """Writes this run's checkpoints (collective: every rank calls :meth:`save` at the same step)."""
 
-    def __init__(self, cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: Corpus) -> None:
+    def __init__(self, cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: Corpus,
+                 resume: Path | None) -> None:
         self.ctx, self.keep = ctx, cfg.checkpoint.keep
         self.root = checkpoint.run_root(cfg, spec)
-        self.meta = {"world_size": ctx.world_size, "compressor": spec.name,
+        # Pruning removes only checkpoints with this id; rank 0's is the one written.
+        self.meta = {"run_id": _run_id(resume), "world_size": ctx.world_size, "compressor": spec.name,
                      "config": checkpoint.trajectory_config(cfg, spec), "data": corpus.fingerprint,
                      "schedule_steps": cfg.optimizer.decay_steps or cfg.steps}
 
     def save(self, run: Run, step: int) -> None:
         checkpoint.save(self.root, step, rank=self.ctx.rank, meta=self.meta, model=run.model,
                         rank_state=_rank_state(run, self.ctx, step), keep=self.keep)
+
+
+def _run_id(resume: Path | None) -> str:
+    """The id of the run a checkpoint resumes (a resume continues that run), else a new one."""
+    resumed = checkpoint.run_id_of(resume) if resume is not None else None
+    return resumed or uuid.uuid4().hex[:16]
 
 
 def _step(run: Run, cfg: TrainConfig, ctx: RankContext, step: int) -> tuple[StepRecord, int]:

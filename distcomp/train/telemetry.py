@@ -9,6 +9,7 @@ are the steady state, the steps after the compressor's uncompressed warm-up
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import math
 import sys
@@ -170,17 +171,47 @@ class RunMonitor:
 
 
 def _writer(run_dir: Path, start: int, fresh: bool) -> Any:
+    """A TensorBoard writer for ``run_dir``; a failed write (a full disk) raises an OSError naming the folder.
+
+    Nothing is deleted: a fresh run's folder was cleared before the job started (an
+    earlier run's events moved to ``previous/``). On resume, ``purge_step`` hides
+    the events this same run wrote after the checkpoint it resumes from.
+    """
     from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only where it is used
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if fresh:
-        stale = list(run_dir.glob("events.out.tfevents.*"))
-        for path in stale:
-            path.unlink()
-        if stale:
-            logger.info("replaced the TensorBoard events of an earlier run in %s", run_dir)
-    # purge_step hides events an interrupted run wrote after the checkpoint we resume from.
-    return SummaryWriter(str(run_dir), purge_step=None if fresh else start, flush_secs=10)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        writer = SummaryWriter(str(run_dir), purge_step=None if fresh else start, flush_secs=10)
+    except OSError as exc:
+        raise _events_error(run_dir, exc) from None
+    return _Events(writer, run_dir)
+
+
+class _Events:
+    """A SummaryWriter whose write errors name the folder (its writer thread raises them on a later call)."""
+
+    def __init__(self, writer: Any, run_dir: Path) -> None:
+        self.writer, self.run_dir = writer, run_dir
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        """Record one scalar."""
+        self._guarded(self.writer.add_scalar, tag, value, step)
+
+    def close(self) -> None:
+        """Flush and close the events file."""
+        self._guarded(self.writer.close)
+
+    def _guarded(self, call: Any, *args: Any) -> None:
+        try:
+            call(*args)
+        except OSError as exc:
+            raise _events_error(self.run_dir, exc) from None
+
+
+def _events_error(run_dir: Path, exc: OSError) -> OSError:
+    fix = (" (the disk is full: free space there, set log.dir to another disk, or log.tensorboard=false)"
+           if exc.errno == errno.ENOSPC else "")
+    return OSError(exc.errno, f"cannot write TensorBoard events to {run_dir}: {exc.strerror or exc}{fix}")
 
 
 # -- the summary table ---------------------------------------------------------------
