@@ -204,11 +204,13 @@ def _state(pid: int) -> str:
         return "Z"
 
 
-def _launcher_rank(tmp_path: Path, rank: int, port: int, extra: dict[str, object] | None = None) -> Job:
+def _launcher_rank(tmp_path: Path, rank: int, port: int, extra: dict[str, object] | None = None,
+                   **extra_env: str) -> Job:
     args = [sys.executable, "-m", "distcomp", "train", QUICKSTART, "--quiet",
             *sets({**LONG, "log.dir": tmp_path / "runs", **(extra or {})})]
     return Job(args, tmp_path / f"stdout{rank}.txt", RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-               LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+               LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
+               **extra_env)
 
 
 @pytest.mark.timeout(150)
@@ -224,6 +226,24 @@ def test_under_a_launcher_a_signal_to_one_rank_stops_every_rank_at_the_same_step
     assert_clean_stop(tmp_path, *results[0], 143)
     stopped = {re.search(r"stopped at step (\d+) on SIGTERM", r[2])[1] for r in results}
     assert len(stopped) == 1  # both ranks at the same step
+
+
+@pytest.mark.timeout(150)
+def test_under_a_launcher_a_rank_stuck_in_a_collective_exits_after_the_grace_period(tmp_path: Path) -> None:
+    from test_train import _free_port
+
+    port = _free_port()
+    extra = {"dist.stop_grace_s": 2, "dist.timeout_s": 90, "dist.overlap": "false"}  # blocked in C++, not Python
+    jobs = [_launcher_rank(tmp_path, r, port, extra, DISTCOMP_TEST_FAULT="1:3:hang") for r in range(2)]
+    jobs[1].wait_for(r"injected hang")
+    start = time.monotonic()
+    for job in jobs:  # as SLURM does: rank 0 is blocked in the step's all-reduce, waiting for rank 1
+        os.kill(job.proc.pid, signal.SIGTERM)
+    results = [j.finish() for j in jobs]
+    assert time.monotonic() - start < 30  # the grace period, not the 90 s collective timeout
+    for code, _, stderr in results:
+        assert code == 143, stderr
+        assert "SIGTERM: this rank did not stop within dist.stop_grace_s = 2 s" in stderr
 
 
 @pytest.mark.timeout(150)

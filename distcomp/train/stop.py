@@ -14,9 +14,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -83,19 +85,44 @@ def handle_in_rank(stop: StopRequest, grace_s: float | None = None) -> None:
         stop.request(signum)
         for other in STOP_SIGNALS:
             signal.signal(other, signal.SIG_DFL)
-        if grace_s is not None:
-            threading.Thread(target=_exit_after, args=(grace_s, signum), daemon=True).start()
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, on_signal)
+    if grace_s is not None:
+        _start_watchdog(grace_s)
 
 
-def _exit_after(grace_s: float, signum: int) -> None:
-    threading.Event().wait(grace_s)
-    sys.stderr.write(f"[distcomp] {signal_name(signum)}: this rank did not stop within dist.stop_grace_s = "
-                     f"{grace_s:g} s; exiting without a checkpoint\n")
+def _start_watchdog(grace_s: float) -> None:
+    """Bound the stop by ``grace_s`` from a thread that learns of signals through the wakeup fd.
+
+    A Python signal handler runs only when the main thread runs Python: a rank blocked
+    in a collective (its peer hung) would never get to start a timer itself.
+    """
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    threading.Thread(target=_watchdog, args=(read, grace_s), name="distcomp-stop-watchdog", daemon=True).start()
+
+
+def _watchdog(read: int, grace_s: float) -> None:
+    signum = _next_stop_signal(read, None)
+    again = _next_stop_signal(read, grace_s)
+    why = "a second signal" if again else f"this rank did not stop within dist.stop_grace_s = {grace_s:g} s"
+    sys.stderr.write(f"[distcomp] {signal_name(signum)}: {why}; exiting without a checkpoint\n")
     sys.stderr.flush()
     os._exit(exit_code(signum))
+
+
+def _next_stop_signal(read: int, timeout_s: float | None) -> int:
+    """The next stop signal the wakeup fd reports within ``timeout_s`` (None: however long it takes); 0: none."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if not select.select([read], [], [], left)[0]:
+            return 0
+        signum = os.read(read, 1)[0]
+        if signum in STOP_SIGNALS:
+            return signum
 
 
 @contextlib.contextmanager
