@@ -21,7 +21,8 @@ import torch.distributed as dist
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
 print(f"READY rank={os.environ['RANK']}", flush=True)
 for step in range(int(sys.argv[1])):
-    print(f"STEP rank={os.environ['RANK']} step={step}", flush=True)
+    if step < 5:  # then quiet: a job that writes to a closed pipe would die of SIGPIPE, hiding what is tested
+        print(f"STEP rank={os.environ['RANK']} step={step}", flush=True)
     time.sleep(0.2)
 dist.barrier()
 dist.destroy_process_group()
@@ -29,7 +30,7 @@ dist.destroy_process_group()
 
 
 def write_job(folder: Path) -> Path:
-    """A job script whose ranks join, print ``READY rank=R`` and then one line per 0.2 s step; a unique path."""
+    """A job script whose ranks join, print ``READY rank=R``, five ``STEP`` lines, then sleep; a unique path."""
     path = folder / f"job_{uuid.uuid4().hex[:12]}.py"
     path.write_text(JOB)
     return path

@@ -38,7 +38,7 @@ def kill_launcher_mid_run(launcher: Launcher, job: Path, signum: int) -> None:
     """Wait for both ranks, check the job's processes exist, send ``signum`` to the launcher alone; assert all gone."""
     marker = job.name
     try:
-        launcher.wait_for_output(["READY rank=0", "READY rank=1", "step=3"], timeout=120)
+        launcher.wait_for_output(["STEP rank=0 step=4", "STEP rank=1 step=4"], timeout=120)  # the last lines
         assert len(job_processes(marker)) >= 5  # launcher, watchdog(s), agent(s), two ranks
         os.kill(launcher.proc.pid, signum)
         left = wait_until_gone(marker, GONE_WITHIN_S)
