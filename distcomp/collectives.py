@@ -312,15 +312,17 @@ def two_phase_mean(
     *,
     residual: torch.Tensor | None = None,
     residual_out: torch.Tensor | None = None,
+    server_out: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> TwoPhaseResult:
     """Compressed all-reduce (mean) of flat ``x`` with server-side error feedback.
 
     ``server_error`` (fp32, one chunk) is added to this rank's chunk before it is
-    re-encoded, and the new server residual is written over it in place when
-    every rank's input was finite (a non-finite step leaves it untouched); it
-    is returned as ``result.server_error``. With ``None`` no residual is added
-    and the new one lives in ``ws``. ``residual`` / ``residual_out`` fuse the
+    re-encoded, and the new server residual is written into ``server_out`` if
+    given, else over ``server_error`` in place when every rank's input was
+    finite (a non-finite step leaves it untouched); it is returned as
+    ``result.server_error``. With ``None`` no residual is added and the new one
+    lives in ``ws``. ``residual`` / ``residual_out`` fuse the
     worker's error feedback into phase 1 (see :func:`compressed_reduce_scatter`).
     The mean goes to ``out`` (flat fp32, ``x``'s size) if given. Other returned
     tensors may live in ``ws`` and are valid until its next use.
@@ -334,9 +336,13 @@ def two_phase_mean(
     nbytes = codec.payload_bytes(c)
     payload = ws.get("send2", nbytes + HEALTH_BYTES, torch.uint8, dev).view(1, nbytes + HEALTH_BYTES)
     # Every rank knows after phase 1 whether any input was non-finite: then keep the old residual.
-    spare = ws.get("server_spare", c, torch.float32, dev) if not bool(torch.isfinite(chunk_health).all()) else None
+    finite = bool(torch.isfinite(chunk_health).all())
+    new_server = server_out if server_out is not None else server_error
+    if not finite and new_server is server_error:
+        new_server = ws.get("server_spare", c, torch.float32, dev)
     dest = out if out is not None else ws.get("mean", n, torch.float32, dev)
     if is_fused(codec):
+        spare = None if new_server is server_error else new_server.view(1, c)
         codec.encode_ef(chunk.view(1, c), server_error.view(1, c), spare, payload[:, :nbytes])
         _with_health(payload, nbytes, chunk_health)
         body, healths = _split_health(comm.all_gather(payload.view(-1)).view(w, -1))
@@ -345,14 +351,14 @@ def two_phase_mean(
         chunk.add_(server_error)
         codec.encode(chunk.view(1, c), payload[:, :nbytes])
         own = codec.decode(payload[:, :nbytes], c, out=ws.get("own", c, torch.float32, dev)).view(-1)
-        torch.sub(chunk, own, out=server_error if spare is None else spare)
+        torch.sub(chunk, own, out=new_server)
         _with_health(payload, nbytes, chunk_health)
         body, healths = _split_health(comm.all_gather(payload.view(-1)).view(w, -1))
         decoded = codec.decode(body, c, out=ws.get("decoded", w * c, torch.float32, dev)).view(-1)
         dest.copy_(decoded[:n])
-    return TwoPhaseResult(
-        out=dest, server_error=server_error, nonfinite=not bool(torch.isfinite(healths.sum())), _local=local
-    )
+    nonfinite = not bool(torch.isfinite(healths.sum()))
+    server = new_server if finite else server_error
+    return TwoPhaseResult(out=dest, server_error=server, nonfinite=nonfinite, _local=local)
 
 
 def sparse_mean(

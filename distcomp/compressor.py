@@ -9,6 +9,7 @@ bucket order on every rank.
 from __future__ import annotations
 
 import abc
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -45,18 +46,49 @@ class Compressor(abc.ABC):
 
     def __init__(self, config: CompressorConfig | None = None) -> None:
         self.config = config if config is not None else type(self).Config()
+        # A step is open from its first compressed bucket to the one that ends it.
+        self._step_open = False
+        self._step_nonfinite = False
 
-    def reduce(self, bucket: Bucket, comm: Comm, step: int) -> torch.Tensor:
-        """The mean over ranks of ``bucket.buffer``, in its dtype; may overwrite the buffer."""
+    def reduce(self, bucket: Bucket, comm: Comm, step: int, *, ends_step: bool = True) -> torch.Tensor:
+        """The mean over ranks of ``bucket.buffer``, in its dtype; may overwrite the buffer.
+
+        A step may span several buckets: pass ``ends_step=False`` for all but the
+        last (a DDP backward pass calls the hook once per bucket). The state this
+        step's buckets computed is kept only when every bucket of the step was
+        finite on every rank (see :meth:`end_step`); by default each call is a step.
+        """
         start = time.perf_counter()
         rec = comm.record
-        if step < self.config.start_step or bucket.numel == 0:
-            out = exact_mean(bucket.buffer, comm)
-        else:
-            rec.compressed = True
-            out = self.compress(bucket, comm, step)
+        try:
+            if step < self.config.start_step or bucket.numel == 0:
+                out = exact_mean(bucket.buffer, comm)
+            else:
+                if not self._step_open:
+                    self._step_open = True
+                    self.begin_step()
+                rec.compressed = True
+                out = self.compress(bucket, comm, step)
+        except BaseException:
+            self._close_step(keep=False)
+            raise
+        self._step_nonfinite = self._step_nonfinite or rec.nonfinite
+        if ends_step:
+            self._close_step(keep=not self._step_nonfinite)
         rec.total_s = time.perf_counter() - start
         return out
+
+    def _close_step(self, keep: bool) -> None:
+        if self._step_open:
+            self.end_step(keep)
+        self._step_open = self._step_nonfinite = False
+
+    def begin_step(self) -> None:
+        """Called before the first compressed bucket of a step: remember what a dropped step restores (RNG states)."""
+
+    def end_step(self, keep: bool) -> None:
+        """Make the state this step's buckets staged current (``keep``), or drop it and restore what
+        :meth:`begin_step` remembered, so that a skipped step leaves no trace."""
 
     @abc.abstractmethod
     def compress(self, bucket: Bucket, comm: Comm, step: int) -> torch.Tensor:
@@ -64,7 +96,8 @@ class Compressor(abc.ABC):
 
         Sets ``comm.record.residual_norm`` and ``comm.record.nonfinite``. When any
         rank's input is non-finite the result must be non-finite too (so an AMP
-        scaler skips the step) and no state may be updated from it.
+        scaler skips the step). New state (residuals, Q) is staged, and becomes
+        current only at :meth:`end_step`.
         """
 
     def state_dict(self) -> dict[str, Any]:
@@ -81,8 +114,7 @@ def exact_mean(buffer: torch.Tensor, comm: Comm) -> torch.Tensor:
     """DDP's own reduction: divide first (keeps fp16 from overflowing), then sum over ranks."""
     buffer.div_(comm.world_size)
     comm.all_reduce(buffer)
-    # inf + -inf is NaN, so one sum tells whether any element is non-finite.
-    comm.record.nonfinite = not bool(torch.isfinite(buffer.sum(dtype=torch.float32)))
+    comm.record.nonfinite = bool(local_health(buffer).isnan())
     return buffer
 
 
@@ -92,4 +124,29 @@ def local_health(x: torch.Tensor) -> torch.Tensor:
     Compressors append it to their first payload; summed or gathered over ranks it
     tells every rank whether any rank saw a non-finite gradient, at no extra collective.
     """
-    return x.sum(dtype=torch.float32).reshape(1).mul_(0.0)
+    if x.numel() == 0:
+        return torch.zeros(1, dtype=torch.float32, device=x.device)
+    # min * 0 + max * 0 is NaN exactly when x holds an inf or a NaN. Unlike a sum, which
+    # overflows for large finite gradients (a loss scaler's), it is 0 for every finite x.
+    low, high = torch.aminmax(x)
+    return low.float().mul_(0.0).add_(high.float().mul_(0.0)).reshape(1)
+
+
+_PLAIN_NORM_MIN = 2.0**-60
+"""Below this an fp32 sum of squares may have lost values to underflow."""
+
+
+def l2_norm(x: torch.Tensor) -> float:
+    """The L2 norm of ``x``, finite whenever ``x`` is.
+
+    An fp32 sum of squares overflows once values pass 2^64 (well inside the range
+    a loss scaler reaches) and underflows below 2^-75; such norms are recomputed
+    in float64, which covers every fp32 value.
+    """
+    norm = float(torch.linalg.vector_norm(x, dtype=torch.float32))
+    if _PLAIN_NORM_MIN < norm < math.inf or x.numel() == 0:
+        return norm
+    low, high = torch.aminmax(x)
+    if float(low) == 0.0 == float(high):
+        return 0.0
+    return float(torch.linalg.vector_norm(x, dtype=torch.float64))

@@ -9,12 +9,13 @@ Residuals live as one flat fp32 tensor per bucket layout (fast to add to a
 flat bucket), and are saved and loaded per parameter name, so a checkpoint does
 not depend on how DDP happened to bucket the parameters.
 
-Compressors whose kernels fuse error feedback into the encode (sign, int8,
-int4) never form ``corrected``: the kernel reads the gradient and the residual
-and writes the new residual into a spare buffer (:meth:`ErrorFeedback.spare`),
-which becomes the residual once the step is known to be finite
-(:meth:`ErrorFeedback.commit_spare`), so a non-finite step leaves the old one
-untouched without a copy.
+New residuals are staged, never written over the current ones: each layout
+has a second buffer (:meth:`ErrorFeedback.next_residual`) that the step writes
+into (a fused encode, for sign, int8 and int4, writes there directly), and
+:meth:`ErrorFeedback.end_step` swaps the two buffers of every staged layout at
+once, or drops them all. A step that is non-finite in any bucket on any rank
+therefore leaves every residual untouched, without a copy; the price is a
+second buffer as large as the residuals.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from distcomp.bucket import Bucket
+from distcomp.compressor import l2_norm
 from distcomp.errors import CheckpointError
 
 
@@ -36,13 +38,12 @@ class ErrorFeedback:
         self.enabled = enabled
         self._flat: dict[tuple[str, ...], tuple[torch.Tensor, tuple[torch.Size, ...], tuple[int, ...]]] = {}
         self._loose: dict[str, torch.Tensor] = {}
-        # The buffers that residuals swapped in by commit_spare are prefixes of, and the spare:
-        # one extra buffer per ErrorFeedback, as large as its largest bucket.
-        self._owners: dict[tuple[str, ...], torch.Tensor] = {}
-        self._spare: torch.Tensor | None = None
+        # Per layout, the buffer the step's new residual is written into, and the layouts written this step.
+        self._back: dict[tuple[str, ...], torch.Tensor] = {}
+        self._staged: set[tuple[str, ...]] = set()
 
     def corrected(self, bucket: Bucket) -> torch.Tensor:
-        """The bucket's gradients plus the stored residual, in fp32.
+        """The bucket's gradients plus the current residual, in fp32.
 
         An fp32 buffer is updated in place and returned (no copy: the buffer is
         the compressor's to overwrite); other dtypes get a new fp32 tensor.
@@ -54,46 +55,48 @@ class ErrorFeedback:
         return out
 
     def residual(self, bucket: Bucket) -> torch.Tensor:
-        """The bucket's flat fp32 residual, for compressors that write it piece by piece.
-
-        Callers must write it only from a finite step (see :meth:`commit`).
-        """
+        """The bucket's current flat fp32 residual (read it; new values go to :meth:`next_residual`)."""
         return self._residual(bucket)
 
-    def commit(self, bucket: Bucket, corrected: torch.Tensor, decoded: torch.Tensor) -> float:
-        """Store ``corrected - decoded`` as the bucket's residual; return its L2 norm."""
-        if not self.enabled:
-            return 0.0
-        residual = self._residual(bucket)
-        torch.sub(corrected, decoded, out=residual)
-        return float(torch.linalg.vector_norm(residual))
+    def next_residual(self, bucket: Bucket) -> torch.Tensor:
+        """The flat fp32 buffer that this step's new residual of the bucket is written into.
 
-    def spare(self, bucket: Bucket) -> torch.Tensor:
-        """A flat fp32 scratch of the bucket's size for a fused encode to write the new residual into.
-
-        Its content becomes the residual at :meth:`commit_spare`; until then the
-        residual is untouched.
+        It becomes the residual at :meth:`end_step` if the bucket was staged
+        (:meth:`stage`) and the step is kept; until then the residual is untouched.
         """
-        n, device = bucket.numel, bucket.buffer.device
-        if self._spare is None or self._spare.numel() < n or self._spare.device != device:
-            self._spare = torch.empty(n, dtype=torch.float32, device=device)
-        return self._spare[:n]
+        self._residual(bucket)
+        back = self._back.get(bucket.key)
+        if back is None or back.device != bucket.buffer.device:
+            back = self._back[bucket.key] = torch.empty(bucket.numel, dtype=torch.float32, device=bucket.buffer.device)
+        return back
 
-    def commit_spare(self, bucket: Bucket) -> float:
-        """Make what was written into :meth:`spare` the bucket's residual (a finite step only); return its L2 norm.
+    def stage(
+        self, bucket: Bucket, corrected: torch.Tensor | None = None, decoded: torch.Tensor | None = None
+    ) -> float:
+        """Stage the bucket's new residual for :meth:`end_step`; return its L2 norm.
 
-        The buffers swap roles: the old residual's becomes the spare, so nothing is copied.
+        With ``corrected`` and ``decoded`` the new residual is their difference;
+        without, it is what the caller wrote into :meth:`next_residual`.
         """
         if not self.enabled:
             return 0.0
-        residual, shapes, offsets = self._flat[bucket.key]
-        if self._spare is None:
-            raise RuntimeError("commit_spare without spare(): nothing was written to commit")
-        new_owner, old_owner = self._spare, self._owners.get(bucket.key, residual)
-        self._owners[bucket.key] = new_owner
-        self._flat[bucket.key] = (new_owner[: bucket.numel], shapes, offsets)
-        self._spare = old_owner
-        return float(torch.linalg.vector_norm(self._flat[bucket.key][0]))
+        new = self.next_residual(bucket)
+        if corrected is not None and decoded is not None:
+            torch.sub(corrected, decoded, out=new)
+        self._staged.add(bucket.key)
+        return l2_norm(new)
+
+    def end_step(self, keep: bool) -> None:
+        """Make every staged residual current (``keep``: the step was finite everywhere), or drop them all.
+
+        The buffers swap roles, so nothing is copied.
+        """
+        if keep:
+            for key in self._staged:
+                residual, shapes, offsets = self._flat[key]
+                self._flat[key] = (self._back[key], shapes, offsets)
+                self._back[key] = residual
+        self._staged.clear()
 
     def _residual(self, bucket: Bucket) -> torch.Tensor:
         entry = self._flat.get(bucket.key)
@@ -107,7 +110,8 @@ class ErrorFeedback:
         wanted = set(bucket.names)
         for key in [k for k in self._flat if wanted.intersection(k)]:
             self._loose.update(_split(key, *self._flat.pop(key)))
-            self._owners.pop(key, None)
+            self._back.pop(key, None)
+            self._staged.discard(key)
         flat = torch.zeros(bucket.numel, dtype=torch.float32, device=bucket.buffer.device)
         for (name, view), shape in zip(bucket.views(flat), bucket.shapes):
             piece = self._loose.pop(name, None)
@@ -138,7 +142,8 @@ class ErrorFeedback:
                     "the checkpoint is from a different model"
                 )
         self._flat.clear()
-        self._owners.clear()
+        self._back.clear()
+        self._staged.clear()
         self._loose = {name: t.detach().to(torch.float32).clone() for name, t in state.items()}
 
 

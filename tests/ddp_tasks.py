@@ -132,6 +132,40 @@ def train_many(rank: int, world_size: int, runs: list[Run]) -> list[dict[str, An
     return [train(rank, world_size, run) for run in runs]
 
 
+def one_bad_bucket(rank: int, world_size: int, run: Run, param: str) -> dict[str, Any]:
+    """Train ``run`` with rank 1's gradient of ``param`` alone (one bucket) made non-finite at step ``run.inf_at``.
+
+    Returns the compressor state before each step and after the last, and which steps the scaler skipped.
+    """
+    data = corpus()
+    model, ddp, state = build(run)
+    opt = torch.optim.AdamW(ddp.parameters(), lr=run.lr)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=10**6)
+    target = dict(model.named_parameters())[param]
+    states, skipped = [state.state_dict()["compressor"]], []
+    for step in range(run.steps):
+        bad = target.register_hook(lambda g: g * float("inf")) if step == run.inf_at and rank == 1 else None
+        opt.zero_grad(set_to_none=True)
+        x, y = batch(data, rank, step)
+        scaler.scale(ddp(x, y)[1]).backward()
+        if bad is not None:
+            bad.remove()
+        before = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        skipped.append(scaler.get_scale() < before)
+        states.append(state.state_dict()["compressor"])
+    stats = state.stats()
+    state.close()
+    return {"states": states, "skipped": skipped, "buckets": stats["step"]["buckets"],
+            "nonfinite_steps": stats["total"]["nonfinite_steps"]}
+
+
+def one_bad_bucket_many(rank: int, world_size: int, runs: list[Run], param: str) -> list[dict[str, Any]]:
+    """:func:`one_bad_bucket` for several runs in the same ranks."""
+    return [one_bad_bucket(rank, world_size, run, param) for run in runs]
+
+
 def mismatched_register(rank: int, world_size: int) -> str:
     """Rank 1 asks for another PowerSGD rank than the others; every rank must raise."""
     torch.manual_seed(0)

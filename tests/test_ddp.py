@@ -7,10 +7,14 @@ start-up dominates on small models); the tests then assert on its results.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
+import torch
 
-from ddp_tasks import Run, dead_peer, dtype_run, mismatched_register, train_many, worker_group_timeout
+from ddp_tasks import (
+    Run, dead_peer, dtype_run, mismatched_register, one_bad_bucket_many, train_many, worker_group_timeout,
+)
 from distcomp.testing import run_ranks
 
 STEPS = 40
@@ -158,6 +162,37 @@ def test_nonfinite_gradient_is_skipped_and_residuals_survive(tmp_path) -> None:
             assert r["stats"]["total"]["nonfinite_steps"] == 1
             assert all(l == l for l in r["losses"][6:]), "training continues with finite losses"
         assert results[0][i]["digests"] == results[1][i]["digests"]
+
+
+def _same_state(a: Any, b: Any) -> bool:
+    """Whether two compressor states hold the same keys, tensors (bit for bit) and values."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same_state, a, b))
+    return a == b
+
+
+@pytest.mark.timeout(300)
+def test_step_skipped_for_one_bad_bucket_leaves_every_buckets_state_as_it_was() -> None:
+    """A non-finite gradient in one bucket of one rank: every bucket's residuals, server residuals,
+    Q matrices and random streams, on both ranks, are exactly what they were before that step."""
+    names = ["powersgd", "sign", "int8", "int4", "topk", "randomk"]
+    runs = [Run(compressor=n, options=OPTIONS.get(n, {}), steps=8, inf_at=5, overlap=overlap)
+            for overlap in (True, False) for n in names]
+    results = run_ranks(one_bad_bucket_many, 2, args=(runs, "blocks.0.out.weight"), timeout=280)
+    for i, run in enumerate(runs):
+        for rank in range(2):
+            r, where = results[rank][i], f"{run.compressor} overlap={run.overlap} rank {rank}"
+            assert r["buckets"] >= 4, "the tiny model must be spread over several buckets"
+            assert r["skipped"] == [False] * 5 + [True, False, False], (where, r["skipped"])
+            assert r["nonfinite_steps"] == 1, where
+            states = r["states"]  # states[s]: before step s
+            assert _same_state(states[6], states[5]), f"{where}: the skipped step changed the compressor state"
+            assert not _same_state(states[5], states[4]), f"{where}: a finite step must change the state"
+            assert not _same_state(states[7], states[6]), f"{where}: training must go on after the skipped step"
 
 
 def test_config_mismatch_raises_on_every_rank() -> None:

@@ -33,7 +33,8 @@ def _lossy(x: torch.Tensor) -> torch.Tensor:
 def _step(ef: ErrorFeedback, bucket: Bucket) -> tuple[torch.Tensor, torch.Tensor, float]:
     corrected = ef.corrected(bucket).clone()
     decoded = _lossy(corrected)
-    norm = ef.commit(bucket, corrected, decoded)
+    norm = ef.stage(bucket, corrected, decoded)
+    ef.end_step(keep=True)
     return corrected, decoded, norm
 
 
@@ -184,20 +185,21 @@ def test_disabled_keeps_nothing(gen: torch.Generator) -> None:
         before = bucket.buffer.clone()
         corrected = ef.corrected(bucket)
         assert torch.equal(corrected, before)
-        assert ef.commit(bucket, corrected, _lossy(corrected)) == 0.0
+        assert ef.stage(bucket, corrected, _lossy(corrected)) == 0.0
+        ef.end_step(keep=True)
     assert ef.state_dict() == {}
 
 
-# -- the spare buffer of fused encodes ---------------------------------------------------------
+# -- staged residuals: fused encodes and whole steps kept or dropped ------------------------------
 
 
-def _fused_step(ef: ErrorFeedback, bucket: Bucket, commit: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """What a fused encode does: read grad + residual, write the new residual into the spare; commit if finite."""
+def _fused_step(ef: ErrorFeedback, bucket: Bucket, keep: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a fused encode does: read grad + residual, write the new residual into next_residual; keep if finite."""
     corrected = bucket.buffer.float() + ef.residual(bucket)
     decoded = _lossy(corrected)
-    torch.sub(corrected, decoded, out=ef.spare(bucket))
-    if commit:
-        ef.commit_spare(bucket)
+    torch.sub(corrected, decoded, out=ef.next_residual(bucket))
+    ef.stage(bucket)
+    ef.end_step(keep)
     return corrected, decoded
 
 
@@ -209,26 +211,51 @@ def test_fused_steps_keep_the_invariant_across_buckets_of_different_sizes(gen: t
         for bucket in _buckets(layout, grads):
             corrected, decoded = _fused_step(ef, bucket)
             torch.testing.assert_close(decoded + ef.residual(bucket), corrected, rtol=0, atol=1e-6)
-    # Buffers swap roles: no two buckets' residuals share memory, and the spare is none of them.
+    # Buffers swap roles: no two buckets' residuals or next residuals share memory.
     buckets = _buckets(LAYOUT_B, _grads(gen))
-    residuals = [ef.residual(b) for b in buckets]
-    spare = ef.spare(buckets[0])
-    for i, r in enumerate(residuals):
-        assert r.untyped_storage().data_ptr() != spare.untyped_storage().data_ptr()
-        for other in residuals[i + 1 :]:
-            assert r.untyped_storage().data_ptr() != other.untyped_storage().data_ptr()
+    buffers = [ef.residual(b) for b in buckets] + [ef.next_residual(b) for b in buckets]
+    ptrs = [t.untyped_storage().data_ptr() for t in buffers]
+    assert len(set(ptrs)) == len(ptrs)
 
 
-def test_uncommitted_spare_leaves_the_residual_untouched(gen: torch.Generator) -> None:
+def test_dropped_step_leaves_the_residual_untouched(gen: torch.Generator) -> None:
     ef = ErrorFeedback()
     (bucket,) = _buckets(LAYOUT_A, _grads(gen))
     _fused_step(ef, bucket)
     before = {n: t.clone() for n, t in ef.state_dict().items()}
     (bad,) = _buckets(LAYOUT_A, _grads(gen))
     bad.buffer[3] = float("nan")
-    _fused_step(ef, bad, commit=False)  # a non-finite step: the spare holds NaN, nothing is committed
+    _fused_step(ef, bad, keep=False)  # a non-finite step: next_residual holds NaN, nothing is kept
     for name, t in ef.state_dict().items():
         assert torch.equal(t, before[name]), name
+
+
+def _stage_lossy(ef: ErrorFeedback, bucket: Bucket) -> float:
+    corrected = ef.corrected(bucket).clone()
+    return ef.stage(bucket, corrected, _lossy(corrected))
+
+
+def test_a_step_of_several_buckets_is_kept_or_dropped_as_a_whole(gen: torch.Generator) -> None:
+    """Buckets staged earlier in a step that is dropped leave no trace; a kept step updates every bucket."""
+    ef = ErrorFeedback()
+    for bucket in _buckets(LAYOUT_B, _grads(gen)):
+        _stage_lossy(ef, bucket)
+    ef.end_step(keep=True)
+    before = {n: t.clone() for n, t in ef.state_dict().items()}
+    first, _ = _buckets(LAYOUT_B, _grads(gen, scale=3.0))
+    _stage_lossy(ef, first)  # a finite bucket...
+    for name, t in ef.state_dict().items():
+        assert torch.equal(t, before[name]), f"{name} changed before the step ended"
+    ef.end_step(keep=False)  # ...then a later bucket of the same step was non-finite on some rank
+    for name, t in ef.state_dict().items():
+        assert torch.equal(t, before[name]), name
+    buckets = _buckets(LAYOUT_B, _grads(gen, scale=3.0))
+    norms = [_stage_lossy(ef, b) for b in buckets]
+    ef.end_step(keep=True)
+    after = ef.state_dict()
+    assert all(not torch.equal(after[n], before[n]) for n in SHAPES)
+    for bucket, norm in zip(buckets, norms):
+        assert norm == pytest.approx(float(torch.cat([after[n].reshape(-1) for n in bucket.names]).norm()), rel=1e-6)
 
 
 def test_fused_and_unfused_steps_give_the_same_residuals(gen: torch.Generator) -> None:

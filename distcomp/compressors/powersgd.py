@@ -16,6 +16,7 @@ exactly, fused into the first all-reduce.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,8 @@ from distcomp.error_feedback import ErrorFeedback
 from distcomp.errors import CheckpointError
 from distcomp.registry import register_compressor
 from distcomp.workspace import Workspace
+
+logger = logging.getLogger("distcomp")
 
 
 @register_compressor("powersgd")
@@ -74,7 +77,12 @@ class PowerSGD(Compressor):
         super().__init__(config)
         self.ef = ErrorFeedback(self.config.error_feedback)
         self.q: dict[str, torch.Tensor] = {}
+        # This step's new Q matrices, made current at end_step (see Compressor.end_step).
+        self._next_q: dict[str, torch.Tensor] = {}
         self.generator = torch.Generator().manual_seed(self.config.seed)
+        self._generator_before = self.generator.get_state()
+        self._checked_rate = False
+        self._step_values = self._step_sent = self._step_matrices = self._step_compressed = 0
         self.ws = Workspace()
 
     def _gains(self, shape: torch.Size) -> bool:
@@ -96,18 +104,46 @@ class PowerSGD(Compressor):
         return q.to(device)
 
     def compress(self, bucket: Bucket, comm: Comm, step: int) -> torch.Tensor:
-        w, r = comm.world_size, self.config.rank
         corrected = self.ef.corrected(bucket)
-        device = corrected.device
         dense, groups = self._plan(bucket, corrected)
+        self._count(bucket, dense, groups)
         batched = self.config.batch_same_shape
-        batched = device.type == "cuda" if batched is None else batched
+        batched = corrected.device.type == "cuda" if batched is None else batched
+        stage1, ps = self._stage1(comm, bucket, dense, groups, batched)
+        # Any rank's inf or NaN reaches the summed P or the exact part: all ranks see it.
+        if not bool(torch.isfinite(stage1).all()):
+            comm.record.nonfinite = True
+            return bucket.buffer.fill_(float("nan"))
+        stage2, qs = self._stage2(comm, bucket, dense, groups, ps, batched)
+        # Finite inputs give a finite Q unless n max|M| passes fp32's range: never keep that step.
+        if not bool(torch.isfinite(stage2).all()):
+            comm.record.nonfinite = True
+            return bucket.buffer.fill_(float("nan"))
+        # Decode the means in place of the (no longer needed) corrected gradients.
+        _unpack(stage1[: sum(v.numel() for _, v in dense)], [v for _, v in dense])
+        for g, p, q in zip(groups, ps, qs):
+            for i, (name, mat) in enumerate(g):
+                torch.mm(p[i], q[i].T, out=mat)
+                # Q only steers the next power iteration, whose P is normalized: kept at unit
+                # scale, so that P = M Q scales like the gradient, not like its square.
+                self._next_q[name] = _unit_scale_(q[i].clone().unsqueeze(0)).squeeze(0)
+        if self.config.error_feedback:
+            comm.record.residual_norm = self.ef.stage(bucket)
+        if corrected is not bucket.buffer:
+            bucket.buffer.copy_(corrected)
+        return bucket.buffer
 
-        # Stage 1: P = M Q for every matrix, written straight into the all-reduce
-        # buffer behind the tensors that are sent exactly.
+    def _stage1(
+        self, comm: Comm, bucket: Bucket, dense: list[tuple[str, torch.Tensor]],
+        groups: list[list[tuple[str, torch.Tensor]]], batched: bool,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """All-reduce the mean of the exact tensors and the sum of P = M Q, in one buffer; returns it and the Ps."""
+        r, device = self.config.rank, bucket.buffer.device
         n_dense = sum(v.numel() for _, v in dense)
         stage1 = self.ws.get("p", n_dense + sum(len(g) * g[0][1].shape[0] * r for g in groups), torch.float32, device)
+        # Divide before summing, as a dense all-reduce does, so that the sum overflows no sooner than it would.
         _pack(stage1[:n_dense], [v for _, v in dense])
+        stage1[:n_dense].div_(comm.world_size)
         ps, pos = [], n_dense
         for g in groups:
             b, (n, m) = len(g), g[0][1].shape
@@ -117,12 +153,14 @@ class PowerSGD(Compressor):
             _matmul([mat for _, mat in g], q, p, transpose=False, batched=batched)
             ps.append(p)
         comm.all_reduce(stage1)
-        # Any rank's inf or NaN reaches the summed P or the exact part: all ranks see it.
-        if not bool(torch.isfinite(stage1).all()):
-            comm.record.nonfinite = True
-            return bucket.buffer.fill_(float("nan"))
+        return stage1, ps
 
-        # Stage 2: orthogonalize P, Q = M^T P, keep this rank's own error, all-reduce Q.
+    def _stage2(
+        self, comm: Comm, bucket: Bucket, dense: list[tuple[str, torch.Tensor]],
+        groups: list[list[tuple[str, torch.Tensor]]], ps: list[torch.Tensor], batched: bool,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Orthogonalize P, Q = M^T P, stage this rank's own error, all-reduce the mean of Q; returns it and the Qs."""
+        r, device = self.config.rank, bucket.buffer.device
         stage2 = self.ws.get("q", sum(len(g) * g[0][1].shape[1] * r for g in groups), torch.float32, device)
         qs, pos = [], 0
         for g, p in zip(groups, ps):
@@ -134,19 +172,51 @@ class PowerSGD(Compressor):
             qs.append(q)
         if self.config.error_feedback:
             self._store_residual(bucket, dense, groups, ps, qs)
-        comm.all_reduce(stage2).div_(w)
+        comm.all_reduce(stage2.div_(comm.world_size))
+        return stage2, qs
 
-        # Decode the means in place of the (no longer needed) corrected gradients.
-        _unpack(stage1[:n_dense].div_(w), [v for _, v in dense])
-        for g, p, q in zip(groups, ps, qs):
-            for i, (name, mat) in enumerate(g):
-                torch.mm(p[i], q[i].T, out=mat)
-                self.q[name] = q[i].clone()
-        if self.config.error_feedback:
-            comm.record.residual_norm = float(torch.linalg.vector_norm(self.ef.residual(bucket)))
-        if corrected is not bucket.buffer:
-            bucket.buffer.copy_(corrected)
-        return bucket.buffer
+    def begin_step(self) -> None:
+        self._generator_before = self.generator.get_state()
+        self._step_values = self._step_sent = self._step_matrices = self._step_compressed = 0
+
+    def end_step(self, keep: bool) -> None:
+        self.ef.end_step(keep)
+        if keep:
+            self.q.update(self._next_q)
+        else:
+            self.generator.set_state(self._generator_before)
+        self._next_q.clear()
+        if not self._checked_rate:
+            self._checked_rate = True
+            self._warn_if_nothing_shrinks()
+
+    def _count(
+        self, bucket: Bucket, dense: list[tuple[str, torch.Tensor]], groups: list[list[tuple[str, torch.Tensor]]]
+    ) -> None:
+        """Add the bucket to this step's tally of values a dense all-reduce sends and values sent instead."""
+        r = self.config.rank
+        self._step_values += bucket.numel
+        self._step_sent += sum(v.numel() for _, v in dense) + sum(len(g) * sum(g[0][1].shape) * r for g in groups)
+        self._step_matrices += sum(len(g) for g in groups) + sum(1 for _, v in dense if v.dim() >= 2)
+        self._step_compressed += sum(len(g) for g in groups)
+
+    def _warn_if_nothing_shrinks(self) -> None:
+        """Warn (once, after the first compressed step) when the settings send as much as a dense all-reduce."""
+        r, rate = self.config.rank, self.config.min_compression_rate
+        if self._step_sent < self._step_values:
+            return
+        if self._step_compressed == 0:
+            logger.warning(
+                "powersgd: rank %d compresses none of the %d matrices (each needs rank <= min(n, m) and "
+                "n m >= min_compression_rate=%s x (n + m) rank): every gradient is sent dense, as a plain "
+                "all-reduce would; lower rank", r, self._step_matrices, rate,
+            )
+        else:
+            logger.warning(
+                "powersgd: rank %d sends %.2fx the values of the dense gradient (P and Q take (n + m) rank values "
+                "per n x m matrix): lower rank, or raise min_compression_rate=%s to at least 1",
+                r, self._step_sent / self._step_values, rate,
+            )
 
     def _store_residual(
         self,
@@ -157,7 +227,7 @@ class PowerSGD(Compressor):
         qs: list[torch.Tensor],
     ) -> None:
         """residual = M - P Q^T with this rank's own Q; the exactly-sent tensors leave none."""
-        views = dict(bucket.views(self.ef.residual(bucket)))
+        views = dict(bucket.views(self.ef.next_residual(bucket)))
         for name, _ in dense:
             views[name].zero_()
         for g, p, q in zip(groups, ps, qs):
@@ -197,11 +267,19 @@ class PowerSGD(Compressor):
                 )
         self.ef.load_state_dict(state["residuals"])
         self.q = {name: q.clone() for name, q in state["q"].items()}
+        self._next_q.clear()
         self.generator.set_state(state["generator"])
 
 
 def orthogonalize_(p: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """Gram-Schmidt on the columns of each matrix of ``p [b, n, r]``, in place."""
+    """Gram-Schmidt on the columns of each matrix of ``p [b, n, r]``, in place.
+
+    Each matrix is first scaled by a power of two (exactly) to a largest value in
+    [0.5, 1): the result is then the same for ``p`` and ``2^k p`` bit for bit,
+    the squared norms cannot overflow or underflow, and ``epsilon`` is relative
+    to the matrix's scale.
+    """
+    _unit_scale_(p)
     r = p.shape[-1]
     for i in range(r):
         col = p[:, :, i : i + 1]
@@ -210,6 +288,17 @@ def orthogonalize_(p: torch.Tensor, epsilon: float) -> torch.Tensor:
             rest = p[:, :, i + 1 :]
             rest.sub_(col @ (col.transpose(1, 2) @ rest))
     return p
+
+
+def _unit_scale_(x: torch.Tensor) -> torch.Tensor:
+    """Scale each matrix of ``x [b, ...]`` in place by the power of two that brings its largest |value| into [0.5, 1).
+
+    Exact (only the exponents change); a zero matrix stays as it is. The exponent
+    is clamped so that the factor itself is a finite fp32 number (subnormal peaks are not fully normalized).
+    """
+    peak = torch.linalg.vector_norm(x, ord=float("inf"), dim=tuple(range(1, x.dim())), keepdim=True)
+    exponent = torch.frexp(peak).exponent.clamp_(min=-125)
+    return x.mul_(torch.ldexp(torch.ones_like(peak), exponent.neg_()))
 
 
 def _matmul(mats: list[torch.Tensor], rhs: torch.Tensor, out: torch.Tensor, *, transpose: bool, batched: bool) -> None:

@@ -82,6 +82,8 @@ class _Quant(TwoPhaseCompressor):
         super().__init__(config)
         self.generator: torch.Generator | None = None
         self._saved_generator: torch.Tensor | None = None
+        self._generator_before: tuple[torch.Generator | None, torch.Tensor | None, torch.Tensor | None] = (
+            None, None, None)
 
     def codec(self, comm: Comm, device: torch.device) -> IntCodec:
         if not self.config.stochastic_rounding:
@@ -94,6 +96,19 @@ class _Quant(TwoPhaseCompressor):
                 self.generator.set_state(self._saved_generator)
                 self._saved_generator = None
         return IntCodec(self.bits, self.config.block, self.generator)
+
+    def begin_step(self) -> None:
+        super().begin_step()
+        gen = self.generator
+        self._generator_before = (gen, None if gen is None else gen.get_state(), self._saved_generator)
+
+    def end_step(self, keep: bool) -> None:
+        super().end_step(keep)
+        if not keep:  # a skipped step rounds nothing: rewind the stream (or undo its creation)
+            gen, state, saved = self._generator_before
+            self.generator, self._saved_generator = gen, saved
+            if gen is not None and state is not None:
+                gen.set_state(state)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

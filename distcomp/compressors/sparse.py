@@ -9,6 +9,7 @@ and go through one all-reduce.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,12 +18,14 @@ import torch
 from distcomp.bucket import Bucket
 from distcomp.collectives import sparse_mean
 from distcomp.comm import Comm
-from distcomp.compressor import Compressor, CompressorConfig, local_health
+from distcomp.compressor import Compressor, CompressorConfig, exact_mean, local_health
 from distcomp.config import require
 from distcomp.error_feedback import ErrorFeedback
 from distcomp.errors import CheckpointError
 from distcomp.registry import register_compressor
 from distcomp.workspace import Workspace
+
+logger = logging.getLogger("distcomp")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -63,8 +66,11 @@ class _Sparse(Compressor):
         if nonfinite:
             comm.record.nonfinite = True
             return bucket.buffer.fill_(float("nan"))
-        comm.record.residual_norm = self.ef.commit(bucket, corrected, local)
+        comm.record.residual_norm = self.ef.stage(bucket, corrected, local)
         return bucket.buffer.copy_(mean)
+
+    def end_step(self, keep: bool) -> None:
+        self.ef.end_step(keep)
 
     def state_dict(self) -> dict[str, Any]:
         return {"residuals": self.ef.state_dict()}
@@ -79,6 +85,9 @@ class _Sparse(Compressor):
 class TopK(_Sparse):
     """Top-k sparsification with error feedback; values and int32 indices are all-gathered.
 
+    A bucket where ``k >= numel / world_size`` is averaged exactly instead (with one
+    warning): gathering that many values and indices would send more than a dense all-reduce.
+
     Checkpointing: :meth:`state_dict` holds this rank's residuals by parameter name.
     """
 
@@ -86,11 +95,39 @@ class TopK(_Sparse):
     class Config(SparseConfig):
         """Options of ``topk``."""
 
+    config: Config
+
+    def __init__(self, config: Config | None = None) -> None:
+        super().__init__(config)
+        self._warned_dense = False
+
     def compress(self, bucket: Bucket, comm: Comm, step: int) -> torch.Tensor:
         corrected = self.ef.corrected(bucket)
-        k = self.config.k_for(corrected.numel())
+        n, k = corrected.numel(), self.config.k_for(corrected.numel())
+        if k * comm.world_size >= n:
+            return self._dense(bucket, comm, corrected, k)
         mean, local, nonfinite = sparse_mean(comm, corrected, k, local_health(corrected), self.ws)
         return self._finish(bucket, comm, corrected, mean, local, nonfinite)
+
+    def _dense(self, bucket: Bucket, comm: Comm, corrected: torch.Tensor, k: int) -> torch.Tensor:
+        """Average the corrected bucket exactly: gathering k values and indices from every rank would send more.
+
+        All-gathering ``k`` (value, index) pairs sends ``8 k (w - 1)`` bytes, a dense
+        ring all-reduce ``8 n (w - 1) / w``: top-k pays only while ``k < n / w``.
+        """
+        if not self._warned_dense:
+            self._warned_dense = True
+            setting = f"k={self.config.k}" if self.config.k is not None else f"ratio={self.config.ratio}"
+            logger.warning(
+                "topk: %s keeps %d of a bucket's %d values; gathering them from %d ranks would send more than a "
+                "dense all-reduce (top-k pays only while k < numel / world_size = %d), so such buckets are "
+                "averaged exactly instead; lower %s",
+                setting, k, corrected.numel(), comm.world_size, corrected.numel() // comm.world_size,
+                setting.split("=")[0],
+            )
+        # Everything is sent, so the new residual is zero: the mean minus itself.
+        mean = exact_mean(corrected, comm)
+        return self._finish(bucket, comm, mean, mean, mean, comm.record.nonfinite)
 
 
 @register_compressor("randomk")
@@ -112,6 +149,15 @@ class RandomK(_Sparse):
     def __init__(self, config: Config | None = None) -> None:
         super().__init__(config)
         self.generator = torch.Generator().manual_seed(self.config.seed)
+        self._generator_before = self.generator.get_state()
+
+    def begin_step(self) -> None:
+        self._generator_before = self.generator.get_state()
+
+    def end_step(self, keep: bool) -> None:
+        super().end_step(keep)
+        if not keep:  # a skipped step draws nothing: every rank rewinds alike, so indices stay shared
+            self.generator.set_state(self._generator_before)
 
     def compress(self, bucket: Bucket, comm: Comm, step: int) -> torch.Tensor:
         corrected = self.ef.corrected(bucket)

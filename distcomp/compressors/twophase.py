@@ -107,7 +107,11 @@ class TwoPhaseCompressor(Compressor):
         super().__init__(config)
         self.ef = ErrorFeedback(self.config.error_feedback)
         self.server: dict[tuple[str, ...], torch.Tensor] = {}
+        # The server residuals this step wrote, made current at end_step (see ErrorFeedback).
+        self._next_server: dict[tuple[str, ...], torch.Tensor] = {}
+        self._spare_server: dict[tuple[str, ...], torch.Tensor] = {}
         self.world_size: int | None = None
+        self._world_before: int | None = None
         self.ws = Workspace()
 
     def codec(self, comm: Comm, device: torch.device) -> ChunkCodec:
@@ -118,21 +122,40 @@ class TwoPhaseCompressor(Compressor):
         self._check_world(comm.world_size)
         buf = bucket.buffer
         codec = self.codec(comm, buf.device)
-        server_error = self._server_error(bucket, chunk_length(bucket.numel, comm.world_size, codec.align))
+        chunk = chunk_length(bucket.numel, comm.world_size, codec.align)
+        server_error = self._server_error(bucket, chunk)
         ef = self.config.error_feedback
+        server_out = self._server_out(bucket, chunk) if ef else None
         res = two_phase_mean(
             comm, codec, buf, server_error, None, self.ws,
             residual=self.ef.residual(bucket) if ef else None,
-            residual_out=self.ef.spare(bucket) if ef else None,
+            residual_out=self.ef.next_residual(bucket) if ef else None,
+            server_out=server_out,
             out=buf if buf.dtype == torch.float32 and buf.is_contiguous() else None,
         )
         if res.nonfinite:
             comm.record.nonfinite = True
             return buf.fill_(float("nan"))
         if ef:
-            self.server[bucket.key] = res.server_error
-            comm.record.residual_norm = self.ef.commit_spare(bucket)
+            self._next_server[bucket.key] = res.server_error
+            comm.record.residual_norm = self.ef.stage(bucket)
         return buf if res.out is buf else buf.copy_(res.out)
+
+    def begin_step(self) -> None:
+        self._world_before = self.world_size
+
+    def end_step(self, keep: bool) -> None:
+        self.ef.end_step(keep)
+        if keep:
+            for key, new in self._next_server.items():
+                old = self.server.get(key)
+                self.server[key] = new
+                if old is not None:
+                    self._spare_server[key] = old
+        else:
+            self.world_size = self._world_before
+            self._spare_server.update(self._next_server)
+        self._next_server.clear()
 
     def _check_world(self, world_size: int) -> None:
         if self.world_size is None:
@@ -148,7 +171,6 @@ class TwoPhaseCompressor(Compressor):
             return None
         err = self.server.get(bucket.key)
         if err is None:
-            # Updated in place by two_phase_mean, and kept only after a finite step.
             return torch.zeros(chunk, dtype=torch.float32, device=bucket.buffer.device)
         if err.numel() != chunk:
             raise CheckpointError(
@@ -156,6 +178,13 @@ class TwoPhaseCompressor(Compressor):
                 "the checkpoint is from a different model, bucket size or world size"
             )
         return err
+
+    def _server_out(self, bucket: Bucket, chunk: int) -> torch.Tensor:
+        """Where this step's new server residual goes: the buffer the current one replaced last time."""
+        spare = self._spare_server.pop(bucket.key, None)
+        if spare is None or spare.numel() != chunk or spare.device != bucket.buffer.device:
+            spare = torch.empty(chunk, dtype=torch.float32, device=bucket.buffer.device)
+        return spare
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -171,3 +200,5 @@ class TwoPhaseCompressor(Compressor):
         self.ef.load_state_dict(state["residuals"])
         self.world_size = None if state["world_size"] < 0 else int(state["world_size"])
         self.server = {tuple(e["names"]): e["residual"].clone() for e in state["server"]}
+        self._next_server.clear()
+        self._spare_server.clear()

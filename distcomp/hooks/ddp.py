@@ -91,8 +91,10 @@ class CompressionState:
             out = bucket.buffer
             for unit in units:
                 comm = Comm(self._comm_group, BucketRecord(index=unit.index, numel=unit.numel))
+                # The step's state is kept or dropped as a whole after its last bucket (see Compressor.reduce).
+                ends_step = last and unit is units[-1]
                 try:
-                    out = self.compressor.reduce(unit, comm, step)
+                    out = self.compressor.reduce(unit, comm, step, ends_step=ends_step)
                 finally:
                     self.telemetry.add(step, comm.record)
                 if unit is not bucket:
