@@ -165,3 +165,37 @@ def test_topk_larger_than_a_bucket_allows_averages_exactly_and_warns_once(
 def test_topk_that_compresses_does_not_warn(pg1: None, gen: torch.Generator, distcomp_warnings) -> None:
     reduce(make("topk", ratio=0.1), grads(gen), 0)
     assert _messages(distcomp_warnings) == []
+
+
+# -- the same over real ranks -----------------------------------------------------------
+
+RANK_SCALES = [0, -100, 100]
+# fp16 cannot hold 2^100 g: out of its range only the non-finite report is promised.
+WIDE_RANGE = [n for n in OPTIONS if n != "fp16"]
+
+
+def _scaled_job(rank: int, world: int) -> dict[str, list[torch.Tensor]]:
+    """Every compressor over ``STEPS`` steps at each scale of ``RANK_SCALES``; the outputs by name and scale."""
+    out: dict[str, list[torch.Tensor]] = {}
+    for name in WIDE_RANGE:
+        for k in RANK_SCALES:
+            gen, comp = torch.Generator().manual_seed(100 + rank), make(name)
+            outs = []
+            for step in range(STEPS):
+                got, rec = reduce(comp, grads(gen), step, k)
+                assert not rec.nonfinite and math.isfinite(rec.residual_norm), (name, k, step)
+                outs.append(got)
+            out[f"{name}/{k}"] = outs
+    return out
+
+
+@pytest.mark.timeout(180)
+def test_results_over_two_ranks_are_equivariant_to_the_scale() -> None:
+    """Sums over ranks (the exact part, P, Q, the server's chunk mean) stay exact at 2^-100 and 2^100."""
+    ranks = run_ranks(_scaled_job, 2, timeout=150)
+    for name in WIDE_RANGE:
+        for k in RANK_SCALES[1:]:
+            for step, (base, scaled) in enumerate(zip(ranks[0][f"{name}/0"], ranks[0][f"{name}/{k}"])):
+                want = torch.ldexp(base, torch.tensor(k))
+                assert torch.equal(scaled, want), f"{name} step {step}: out(2^{k} g) != 2^{k} out(g) on 2 ranks"
+        assert all(torch.equal(a, b) for a, b in zip(ranks[0][f"{name}/0"], ranks[1][f"{name}/0"])), name
