@@ -31,7 +31,7 @@ CASES = [
     ("powersgd", "close", ("--global",)),
     ("sign", "destroy", ("--no-overlap",)),
 ]
-REPEATS = 3
+REPEATS = 2
 PARALLEL = 3
 
 
