@@ -99,6 +99,15 @@ def test_residual_norm_of_huge_residuals_is_finite(pg1: None, gen: torch.Generat
     assert rec.residual_norm == pytest.approx(float(residual.norm()), rel=1e-5)
 
 
+@pytest.mark.parametrize("name", [n for n in OPTIONS if n != "fp16"])
+def test_large_finite_bucket_is_not_reported_non_finite(pg1: None, gen: torch.Generator, name: str) -> None:
+    """A million gradients of one sign near 2^108: their sum passes fp32's range, each value is far inside it."""
+    named = [("w", torch.rand(1024, 1024, generator=gen).add_(1.0).mul_(2.0**108))]
+    out, rec = reduce(make(name), named, 0)
+    assert not rec.nonfinite, "a finite bucket was reported non-finite: the loss scaler would skip every step"
+    assert bool(torch.isfinite(out).all())
+
+
 # -- settings that compress nothing ------------------------------------------------------
 
 
