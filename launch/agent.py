@@ -28,6 +28,7 @@ and runs unchanged (with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` for restarts).
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
@@ -42,7 +43,6 @@ from typing import Any, Callable, Sequence, TextIO
 import torch.distributed as dist
 
 logger = logging.getLogger("distcomp.launch.agent")
-MODULE = "distcomp.launch.agent"
 
 
 def bound_listener(host: str, port: int) -> socket.socket | None:
@@ -62,7 +62,7 @@ def bound_listener(host: str, port: int) -> socket.socket | None:
         sock.bind(addr)
     except OSError as exc:
         sock.close()
-        if exc.errno == 99:  # EADDRNOTAVAIL: the address is another machine's
+        if exc.errno == errno.EADDRNOTAVAIL:  # the address is another machine's
             return None
         raise
     sock.listen(4096)
@@ -140,12 +140,13 @@ def patch_torch() -> None:
     if not _fresh_store_each_round(dynamic_rendezvous.DynamicRendezvousHandler):
         logger.warning("torch's rendezvous handler changed: restarted workers get a store of their own")
         os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    for module, name in ((dist, "TCPStore"), (c10d_rendezvous_backend, "TCPStore"), (tail_log, "tail_logfile")):
-        if not hasattr(module, name):
-            logger.warning("%s.%s is gone in this torch: not replaced", module.__name__, name)
-    dist.TCPStore = BoundTCPStore  # type: ignore[misc]
-    c10d_rendezvous_backend.TCPStore = BoundTCPStore  # type: ignore[misc]
-    tail_log.tail_logfile = tail_whole_lines
+    replacements = ((dist, "TCPStore", BoundTCPStore), (c10d_rendezvous_backend, "TCPStore", BoundTCPStore),
+                    (tail_log, "tail_logfile", tail_whole_lines))
+    for module, name, replacement in replacements:
+        if hasattr(module, name):
+            setattr(module, name, replacement)
+        else:
+            logger.warning("%s.%s is gone in this torch: left as it is", module.__name__, name)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
