@@ -74,6 +74,8 @@ def prepare(cfg: TrainConfig, *, fresh: bool) -> None:
     if os.environ.get("RANK", "0") != "0":
         return
     scope = _SCOPES[-1] if _SCOPES else _PROCESS_SCOPE
+    if scope is _PROCESS_SCOPE:
+        scope.locks.close()  # launch() is synchronous: an earlier job of this process without a scope has ended
     with contextlib.ExitStack() as taken:
         for folder, key in folders(cfg):
             taken.enter_context(_lock(folder, key))
