@@ -89,3 +89,17 @@ def test_the_command_refuses_before_any_rank_starts(tmp_path: Path, override: st
     assert "Traceback" not in proc.stderr
     for word in words:
         assert word in proc.stderr
+
+
+def test_a_summary_that_cannot_be_written_names_the_file_and_leaves_no_half_file(tmp_path: Path) -> None:
+    from distcomp.train.telemetry import write_summary
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    with pytest.raises(OSError, match=r"cannot write the summary .*not-a-folder/run/summary\.json"):
+        write_summary(blocker / "run" / "summary.json", {"a": 1})
+    target = tmp_path / "summary.json"
+    write_summary(target, {"a": 1})
+    with pytest.raises(TypeError):
+        write_summary(target, {"a": object()})  # not JSON: the earlier summary stays whole
+    assert target.read_text() == '{\n  "a": 1\n}\n'

@@ -130,3 +130,17 @@ def test_loading_a_damaged_file_names_it(tmp_path: Path) -> None:
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match=f"checkpoint file {path} is damaged"):
         manifest.load(path)
+
+
+@pytest.mark.timeout(120)
+def test_resume_auto_with_every_checkpoint_damaged_does_not_send_the_user_round_again(
+        copy: Path, capsys: pytest.CaptureFixture) -> None:
+    for step in copy.iterdir():
+        (step / "rank0.pt").unlink()
+    args = ["train", QUICKSTART, "--resume", "auto", *sets({**TINY, **RUN, "log.dir": copy.parents[2]})]
+    assert cli.main(args) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "none of them is complete (see the warnings above), so --resume auto cannot continue that run" in err
+    assert "To continue that run: --resume auto" not in err
+    assert "--overwrite" in err
+    assert sorted(p.name for p in copy.iterdir()) == ["step_000002", "step_000004", "step_000006"]  # nothing moved

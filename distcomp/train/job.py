@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -10,7 +9,7 @@ from distcomp.train.config import TrainConfig, config_to_raw
 from distcomp.train.data import load_corpus
 from distcomp.train.loop import RankContext, train_run
 from distcomp.train.stop import exit_code
-from distcomp.train.telemetry import RunResult, format_table
+from distcomp.train.telemetry import RunResult, format_table, write_summary
 
 logger = logging.getLogger("distcomp.train")
 
@@ -37,9 +36,8 @@ def rank_job(cfg: TrainConfig, ctx: RankContext, resume: Path | None) -> int:
                   f"{cfg.model.context} bytes per rank, {corpus.source}")
         table = format_table(results, header)
         # The file first: after SIGHUP the terminal may be gone and printing fail.
-        root.mkdir(parents=True, exist_ok=True)
         summary = {"runs": [r.as_dict() for r in results], "table": table, "config": config_to_raw(cfg)}
-        (root / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_summary(root / "summary.json", summary)
         print("\n" + table + "\n", flush=True)
         logger.info("summary written to %s; TensorBoard: tensorboard --logdir %s", root / "summary.json", cfg.log.dir)
     return exit_code(stopped) if stopped else 0

@@ -109,10 +109,11 @@ def preflight(cfg: TrainConfig, resume: str | Path | None, world_size: int, loca
         if first >= cfg.steps:
             logger.warning("%s compresses from step %d (optimizer.%s.freeze_step) but the run has %d steps: "
                            "it will only run its exact warm-up", spec.optimizer, first, spec.optimizer, cfg.steps)
-    if resume == RESUME_AUTO:
+    auto = resume == RESUME_AUTO
+    if auto:
         resume = _newest_checkpoint(cfg)
     if resume is None:
-        rundir.prepare(cfg, fresh=True)
+        rundir.prepare(cfg, fresh=True, nothing_to_resume=auto)
         return None
     path = manifest.resolve(resume)
     meta = checkpoint.read_meta(path)

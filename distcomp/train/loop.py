@@ -8,7 +8,6 @@ or silent rank ends the whole job (the latter within ``dist.timeout_s``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -30,7 +29,7 @@ from distcomp.train.config import RunSpec, TrainConfig, config_to_raw
 from distcomp.train.data import Corpus, ShardedBatches, val_batches
 from distcomp.train.optim import build_optimizer, lr_at, set_lr
 from distcomp.train.stop import STOP_SIGNALS, signal_name
-from distcomp.train.telemetry import RunMonitor, RunResult, StepRecord, summarize
+from distcomp.train.telemetry import RunMonitor, RunResult, StepRecord, summarize, write_summary
 
 logger = logging.getLogger("distcomp.train")
 FAULT_ENV = "DISTCOMP_TEST_FAULT"
@@ -130,7 +129,7 @@ def train_run(cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: Corpus,
     result = summarize(spec.name, run.records, params=sum(p.numel() for p in run.model.parameters()),
                        val_losses=run.val_losses, loop_s=loop_s, steps_run=len(run.records) - run.start,
                        wall_s=time.perf_counter() - started, interrupted=stopped > 0)
-    _write_json(run_dir / "summary.json", {"run": result.as_dict(), "config": config_to_raw(cfg)})
+    write_summary(run_dir / "summary.json", {"run": result.as_dict(), "config": config_to_raw(cfg)})
     return result, stopped
 
 
@@ -282,8 +281,3 @@ def _maybe_fault(rank: int, step: int) -> None:
         logger.warning("injected hang (%s=%s): rank %d stops answering", FAULT_ENV, spec, rank)
         while True:
             time.sleep(60)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")

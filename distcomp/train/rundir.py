@@ -64,12 +64,13 @@ _SCOPES: list[JobScope] = []
 _PROCESS_SCOPE = JobScope()  # no scope open: locks live as long as this process
 
 
-def prepare(cfg: TrainConfig, *, fresh: bool) -> None:
+def prepare(cfg: TrainConfig, *, fresh: bool, nothing_to_resume: bool = False) -> None:
     """Lock the run's folders for this job; for a fresh run, move an earlier run's files aside.
 
     Raises :class:`ConfigError` (folder not writable, held by another job, or an
     earlier run's checkpoints without ``--overwrite``), releasing what it took.
     Under a launcher (RANK set) only rank 0 does this; the other ranks return at once.
+    ``nothing_to_resume``: ``--resume auto`` found no complete checkpoint (the refusal then says so).
     """
     if os.environ.get("RANK", "0") != "0":
         return
@@ -80,7 +81,7 @@ def prepare(cfg: TrainConfig, *, fresh: bool) -> None:
         for folder, key in folders(cfg):
             taken.enter_context(_lock(folder, key))
         if fresh:
-            _make_way(cfg, overwrite=scope.overwrite)
+            _make_way(cfg, overwrite=scope.overwrite, nothing_to_resume=nothing_to_resume)
         scope.locks.enter_context(taken.pop_all())
 
 
@@ -142,15 +143,18 @@ def _holder(path: Path) -> str:
         return f"its holder is not recorded in {path} yet"
 
 
-def _make_way(cfg: TrainConfig, *, overwrite: bool) -> None:
+def _make_way(cfg: TrainConfig, *, overwrite: bool, nothing_to_resume: bool) -> None:
     """Refuse to start over an earlier run's checkpoints unless asked; move its files aside."""
     run_dir = Path(cfg.log.dir) / cfg.name
     found = earlier_checkpoints(cfg)
     if found and not overwrite:
+        # After --resume auto found every checkpoint damaged, suggesting it again would send a restart loop round.
+        way_on = ("none of them is complete (see the warnings above), so --resume auto cannot continue that run"
+                  if nothing_to_resume else "To continue that run: --resume auto")
         raise ConfigError(
-            f"{run_dir} holds checkpoints of an earlier run ({_describe(found)}). To continue that run: --resume "
-            f"auto; to start over: --overwrite (its files are moved to {run_dir / PREVIOUS}/, nothing is deleted); "
-            f"to keep both: another name (--set name={cfg.name}-2)"
+            f"{run_dir} holds checkpoints of an earlier run ({_describe(found)}). {way_on}; to start over: "
+            f"--overwrite (its files are moved to {run_dir / PREVIOUS}/, nothing is deleted); to keep both: "
+            f"another name (--set name={cfg.name}-2)"
         )
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     for folder, key in folders(cfg):

@@ -8,10 +8,13 @@ are the steady state, the steps after the compressor's uncompressed warm-up
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
+import json
 import logging
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,6 +209,20 @@ class _Events:
             call(*args)
         except OSError as exc:
             raise _events_error(self.run_dir, exc) from None
+
+
+def write_summary(path: Path, data: dict[str, Any]) -> None:
+    """Write a summary JSON file whole or not at all; a failed write (a full disk) raises an OSError naming it."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)  # a reader never sees half a file, and a failed write leaves the old one
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # its folder may be what failed
+            tmp.unlink()
+        fix = " (the disk is full: free space there, or set log.dir to another disk)" if exc.errno == errno.ENOSPC else ""
+        raise OSError(exc.errno, f"cannot write the summary {path}: {exc.strerror or exc}{fix}") from None
 
 
 def _events_error(run_dir: Path, exc: OSError) -> OSError:
