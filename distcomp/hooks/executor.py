@@ -62,7 +62,11 @@ class WorkerExecutor:
 
     def __init__(self, group: dist.ProcessGroup, name: str = "distcomp-comm") -> None:
         self.group: dist.ProcessGroup | None = group
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        # torch's intra-op thread count is per thread: a fresh thread would use every core, so its first matrix
+        # products (PowerSGD's, right after a resume) would round differently from the caller's.
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name,
+                                                           initializer=torch.set_num_threads,
+                                                           initargs=(torch.get_num_threads(),))
         _OPEN.add(self)
 
     def submit(self, job: Callable[[], torch.Tensor]) -> torch.futures.Future:
