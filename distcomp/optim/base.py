@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from distcomp.collectives import chunk_length, two_phase_mean
 from distcomp.comm import BucketRecord, Comm
-from distcomp.compressor import local_health
+from distcomp.compressor import l2_norm, local_health
 from distcomp.compressors.sign import SignCodec
 from distcomp.errors import CheckpointError
 from distcomp.hooks.agreement import check_agreement
@@ -267,7 +267,7 @@ class CompressedOptimizer(StateMixin, torch.optim.Optimizer):
         else:
             torch.sub(x, res.local_decoded, out=werr)
             self._server[layout.index] = res.server_error
-            comm.record.residual_norm = float(torch.linalg.vector_norm(werr))
+            comm.record.residual_norm = l2_norm(werr)
         comm.record.total_s = time.perf_counter() - start
         self.telemetry.add(self._step, comm.record)
         return None if res.nonfinite else res.out
