@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -41,3 +42,15 @@ def pg1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def gen() -> torch.Generator:
     """A CPU generator with a fixed seed, so every test draws the same data on every run."""
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="module")
+def hosts() -> Iterator[tuple[Any, Any]]:
+    """Two "hosts": network namespaces joined by a veth pair (``tests/launch_netns.py``), for one test module."""
+    from launch_netns import cannot_create_reason, two_hosts
+
+    reason = cannot_create_reason()
+    if reason is not None:
+        pytest.skip(f"network namespaces cannot be created here: {reason}")
+    with two_hosts() as pair:
+        yield pair

@@ -12,12 +12,11 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from launch_jobs import Launcher, job_processes, kill_all, wait_until_gone, write_job
-from launch_netns import NetHost, cannot_create_reason, install_ssh_standin, two_hosts, write_hostfile
+from launch_netns import NetHost, install_ssh_standin, write_hostfile
 
 ROOT = Path(__file__).resolve().parents[1]
 GONE_WITHIN_S = 15.0
@@ -57,15 +56,6 @@ def test_a_local_job_dies_with_its_launcher(tmp_path: Path, signum: int) -> None
     kill_launcher_mid_run(launcher, job, signum)
     if signum == signal.SIGHUP:
         assert launcher.proc.returncode == 130, "".join(launcher.err)[-3000:]  # stopped like Ctrl-C
-
-
-@pytest.fixture(scope="module")
-def hosts() -> Iterator[tuple[NetHost, NetHost]]:
-    reason = cannot_create_reason()
-    if reason is not None:
-        pytest.skip(f"network namespaces cannot be created here: {reason}")
-    with two_hosts() as pair:
-        yield pair
 
 
 @pytest.mark.timeout(180)

@@ -12,12 +12,11 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from launch_jobs import Launcher, job_processes, kill_all, write_job
-from launch_netns import NetHost, cannot_create_reason, install_ssh_standin, two_hosts, write_hostfile
+from launch_netns import NetHost, install_ssh_standin, write_hostfile
 
 ROOT = Path(__file__).resolve().parents[1]
 LISTEN = "0A"
@@ -92,15 +91,6 @@ def test_a_single_node_job_listens_on_loopback_only(tmp_path: Path, restarts: st
     assert len(ours) >= 4, ours
     exposed = sorted(s for s in ours if not s.startswith("127.0.0.1:"))
     assert not exposed, f"listening beyond loopback: {exposed}"
-
-
-@pytest.fixture(scope="module")
-def hosts() -> Iterator[tuple[NetHost, NetHost]]:
-    reason = cannot_create_reason()
-    if reason is not None:
-        pytest.skip(f"network namespaces cannot be created here: {reason}")
-    with two_hosts() as pair:
-        yield pair
 
 
 @pytest.mark.timeout(150)

@@ -15,12 +15,11 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 
-from launch_netns import NetHost, cannot_create_reason, install_ssh_standin, two_hosts, write_hostfile
+from launch_netns import NetHost, install_ssh_standin, write_hostfile
 from test_train import QUICKSTART, sets
 from test_train import TINY as TRAIN_TINY
 
@@ -35,15 +34,6 @@ def standin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("bin")
     install_ssh_standin(folder)
     return folder
-
-
-@pytest.fixture(scope="module")
-def hosts() -> Iterator[tuple[NetHost, NetHost]]:
-    reason = cannot_create_reason()
-    if reason is not None:
-        pytest.skip(f"network namespaces cannot be created here: {reason}")
-    with two_hosts() as pair:
-        yield pair
 
 
 def launcher_env(standin: Path) -> dict[str, str]:

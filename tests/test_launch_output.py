@@ -13,11 +13,10 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from launch_netns import NetHost, cannot_create_reason, install_ssh_standin, two_hosts, write_hostfile
+from launch_netns import NetHost, install_ssh_standin, write_hostfile
 
 ROOT = Path(__file__).resolve().parents[1]
 LINES = 3000
@@ -74,15 +73,6 @@ def test_local_ranks_lines_arrive_whole_and_tagged(tmp_path: Path) -> None:
                              capture_output=True, text=True, timeout=70, env=env(), cwd=ROOT)
         assert out.returncode == 0, out.stderr[-3000:]
         check_whole(out.stdout, out.stderr)
-
-
-@pytest.fixture(scope="module")
-def hosts() -> Iterator[tuple[NetHost, NetHost]]:
-    reason = cannot_create_reason()
-    if reason is not None:
-        pytest.skip(f"network namespaces cannot be created here: {reason}")
-    with two_hosts() as pair:
-        yield pair
 
 
 @pytest.mark.timeout(150)

@@ -21,18 +21,10 @@ import distcomp
 from distcomp import Bucket
 from distcomp.comm import BucketRecord, Comm
 from distcomp.testing import run_ranks
+from test_compressors import OPTIONS as LOSSY
 
-OPTIONS: dict[str, dict[str, Any]] = {
-    "none": {},
-    "fp16": {},
-    "bf16": {},
-    "powersgd": {"rank": 2},
-    "topk": {"ratio": 0.1},
-    "randomk": {"ratio": 0.1},
-    "sign": {"block": 64},
-    "int8": {"block": 64},
-    "int4": {"block": 64},
-}
+# The lossy options of the compressor tests, with blocks of 64 for sign and int8 too.
+OPTIONS: dict[str, dict[str, Any]] = {**LOSSY, "sign": {"block": 64}, "int8": {"block": 64}}
 # Large enough for several sign/int blocks; PowerSGD batches the two same-shape matrices.
 SHAPES = {"a.weight": (40, 30), "b.weight": (40, 30), "c.weight": (24, 50), "bias": (40,), "odd": (13,)}
 SCALES = [-100, -60, -20, 20, 60, 100]
