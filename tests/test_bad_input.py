@@ -103,3 +103,20 @@ def test_a_summary_that_cannot_be_written_names_the_file_and_leaves_no_half_file
     with pytest.raises(TypeError):
         write_summary(target, {"a": object()})  # not JSON: the earlier summary stays whole
     assert target.read_text() == '{\n  "a": 1\n}\n'
+
+
+@pytest.mark.timeout(120)
+def test_the_bad_input_probe_runs_and_classifies(tmp_path: Path) -> None:
+    """``benchmarks/bad_inputs.py`` (the full probe, a few minutes) on a sample of its cases."""
+    sys.path.insert(0, str(ROOT))
+    try:
+        from benchmarks import bad_inputs
+    finally:
+        sys.path.remove(str(ROOT))
+    bad_inputs.write_files(tmp_path)
+    by_label = {c.label: c for c in bad_inputs.launch_cases(tmp_path) + bad_inputs.api_cases()}
+    sample = ["--master-port 70000 --dry-run", "host name starting with -", "non-UTF-8 hostfile", "unknown compressor"]
+    outcomes = [bad_inputs.run_case(by_label[label], tmp_path) for label in sample]
+    assert [o.verdict for o in outcomes] == ["clear error"] * len(sample), bad_inputs.report(outcomes)
+    assert "<tmp>" in outcomes[1].message and str(tmp_path) not in outcomes[1].message
+    assert bad_inputs.report(outcomes).startswith("4 bad inputs: 4 clear error\n")
