@@ -7,13 +7,11 @@ signalling every descendant of the process the launcher started.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 from typing import Callable
 
-PR_SET_PDEATHSIG = 1
-PR_SET_CHILD_SUBREAPER = 36
+from distcomp.linux import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, prctl
 
 
 def _parents() -> dict[int, int]:
@@ -57,15 +55,9 @@ def kill_tree(pid: int, signum: int = signal.SIGKILL, *, include_root: bool = Tr
     return pids
 
 
-def _prctl(option: int, value: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(option, value, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-
-
 def become_subreaper() -> None:
     """Adopt this process's orphaned descendants (so :func:`descendants` still finds a dead agent's workers)."""
-    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
 def die_with_parent(signum: int) -> Callable[[], None]:
@@ -73,7 +65,7 @@ def die_with_parent(signum: int) -> Callable[[], None]:
     parent = os.getpid()
 
     def preexec() -> None:
-        _prctl(PR_SET_PDEATHSIG, signum)
+        prctl(PR_SET_PDEATHSIG, signum)
         if os.getppid() != parent:  # the parent died before prctl took effect: nobody would signal us
             os.kill(os.getpid(), signum)
 

@@ -96,7 +96,11 @@ def windows(data: torch.Tensor, context: int) -> torch.Tensor:
 
 def check_batches(corpus: Corpus, context: int, batch_size: int, world_size: int) -> None:
     """Refuse a batch size the training text cannot fill on ``world_size`` ranks (before any rank starts)."""
-    count = len(windows(corpus.train, context))
+    _require_batches(len(windows(corpus.train, context)), context, batch_size, world_size)
+
+
+def _require_batches(count: int, context: int, batch_size: int, world_size: int) -> None:
+    """Refuse a batch that ``count`` training windows cannot fill on every one of ``world_size`` ranks."""
     if count // world_size < batch_size:
         raise ConfigError(
             f"data.batch_size: {count} training windows of {context + 1} bytes are too few for {world_size} "
@@ -114,12 +118,8 @@ class ShardedBatches:
         self.sampler = DistributedSampler(
             range(len(self.windows)), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
         )
+        _require_batches(len(self.windows), context, batch_size, world_size)
         self.steps_per_epoch = self.sampler.num_samples // batch_size
-        if self.steps_per_epoch < 1:
-            raise ConfigError(
-                f"data: {len(self.windows)} training windows are too few for {world_size} ranks x "
-                f"data.batch_size {batch_size}; use more text or a smaller batch"
-            )
         self._epoch = -1
         self._order: list[int] = []
 

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from distcomp import linux
 from distcomp.errors import ConfigError
 from distcomp.train import checkpoint, manifest, rundir
 from distcomp.train import stop as stopping
@@ -310,18 +311,16 @@ def _child(cfg: TrainConfig, resume: Path | None, place: Placement, port: int, s
 
 def _prctl(option: int, arg: int | bytes) -> None:
     try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(option, arg)
-    except (OSError, AttributeError):
+        linux.prctl(option, arg)
+    except OSError:
         pass  # not Linux: no such safety net, and no names in ps
 
 
 def _die_with_parent() -> None:
     """Ask Linux to kill this rank if the supervising process dies (so no rank is orphaned)."""
-    _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    _prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _name_process(name: str) -> None:
     """Show ``name`` for this process in ps, top and /proc/PID/comm (15 bytes at most)."""
-    _prctl(15, name.encode()[:15])  # PR_SET_NAME
+    _prctl(linux.PR_SET_NAME, name.encode()[:15])
