@@ -10,7 +10,7 @@
   all-gathered. Phase 1 alone (:func:`compressed_reduce_scatter`) is a
   compressed reduce-scatter.
 
-Every payload carries a health word (see :func:`~distcomp.compressor.local_health`)
+Every payload carries a health word (see :func:`~distcomp.numerics.local_health`)
 so that all ranks learn, without an extra collective, whether any rank's input
 held an inf or a NaN.
 """
@@ -25,11 +25,19 @@ from typing import Protocol
 import torch
 
 from distcomp.comm import Comm
-from distcomp.compressor import local_health
 from distcomp.kernels import topk_pack, topk_scatter_add
+from distcomp.numerics import local_health
 from distcomp.workspace import Workspace
 
 HEALTH_BYTES = 4
+
+
+def exact_mean(buffer: torch.Tensor, comm: Comm) -> torch.Tensor:
+    """DDP's own reduction: divide first (keeps fp16 from overflowing), then sum over ranks."""
+    buffer.div_(comm.world_size)
+    comm.all_reduce(buffer)
+    comm.record.nonfinite = bool(local_health(buffer).isnan())
+    return buffer
 
 
 class ChunkCodec(Protocol):
@@ -73,7 +81,7 @@ class FusedChunkCodec(ChunkCodec, Protocol):
         rows ``out`` holding ``length`` values each (default ``l``); the new
         residual ``grad + residual - decoded`` goes to ``residual_out`` (default:
         over ``residual``). Returns a health word (see
-        :func:`~distcomp.compressor.local_health`) that is NaN when any encoded
+        :func:`~distcomp.numerics.local_health`) that is NaN when any encoded
         block held an inf or a NaN.
         """
 

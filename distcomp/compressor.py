@@ -9,7 +9,6 @@ bucket order on every rank.
 from __future__ import annotations
 
 import abc
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -17,8 +16,9 @@ from typing import Any, ClassVar
 import torch
 
 from distcomp.bucket import Bucket
+from distcomp.collectives import exact_mean
 from distcomp.comm import Comm
-from distcomp.config import require
+from distcomp.validation import require
 from distcomp.errors import CheckpointError
 
 
@@ -108,45 +108,3 @@ class Compressor(abc.ABC):
         """Restore what :meth:`state_dict` returned; raise :class:`CheckpointError` on a mismatch."""
         if state:
             raise CheckpointError(f"compressor {self.name!r} keeps no state but the checkpoint has {sorted(state)}")
-
-
-def exact_mean(buffer: torch.Tensor, comm: Comm) -> torch.Tensor:
-    """DDP's own reduction: divide first (keeps fp16 from overflowing), then sum over ranks."""
-    buffer.div_(comm.world_size)
-    comm.all_reduce(buffer)
-    comm.record.nonfinite = bool(local_health(buffer).isnan())
-    return buffer
-
-
-def local_health(x: torch.Tensor) -> torch.Tensor:
-    """A 1-element fp32 tensor: 0 when ``x`` is finite, NaN when it holds an inf or a NaN.
-
-    Compressors append it to their first payload; summed or gathered over ranks it
-    tells every rank whether any rank saw a non-finite gradient, at no extra collective.
-    """
-    if x.numel() == 0:
-        return torch.zeros(1, dtype=torch.float32, device=x.device)
-    # min * 0 + max * 0 is NaN exactly when x holds an inf or a NaN. Unlike a sum, which
-    # overflows for large finite gradients (a loss scaler's), it is 0 for every finite x.
-    low, high = torch.aminmax(x)
-    return low.float().mul_(0.0).add_(high.float().mul_(0.0)).reshape(1)
-
-
-_PLAIN_NORM_MIN = 2.0**-60
-"""Below this an fp32 sum of squares may have lost values to underflow."""
-
-
-def l2_norm(x: torch.Tensor) -> float:
-    """The L2 norm of ``x``, finite whenever ``x`` is.
-
-    An fp32 sum of squares overflows once values pass 2^64 (well inside the range
-    a loss scaler reaches) and underflows below 2^-75; such norms are recomputed
-    in float64, which covers every fp32 value.
-    """
-    norm = float(torch.linalg.vector_norm(x, dtype=torch.float32))
-    if _PLAIN_NORM_MIN < norm < math.inf or x.numel() == 0:
-        return norm
-    low, high = torch.aminmax(x)
-    if float(low) == 0.0 == float(high):
-        return 0.0
-    return float(torch.linalg.vector_norm(x, dtype=torch.float64))

@@ -25,9 +25,9 @@ import yaml
 
 from distcomp.errors import ConfigError
 from distcomp.registry import build_config, compressor_for_config
-from distcomp.validation import read_text_file, require
+from distcomp.validation import read_text_file
 
-__all__ = ["config_digest", "config_from_dict", "config_to_dict", "load_config", "require"]
+__all__ = ["config_digest", "config_from_dict", "config_to_dict", "load_config"]
 
 CONFIG_VERSION = 1
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from distcomp.bucket import Bucket
-from distcomp.compressor import l2_norm
+from distcomp.numerics import l2_norm
 from distcomp.errors import CheckpointError
 
 

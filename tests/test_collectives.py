@@ -16,7 +16,7 @@ import distcomp
 from distcomp import Bucket
 from distcomp.collectives import _pieces, chunk_length, compressed_reduce_scatter, sparse_mean, two_phase_mean
 from distcomp.comm import BucketRecord, Comm
-from distcomp.compressor import local_health
+from distcomp.numerics import local_health
 from distcomp.compressors.quant import IntCodec
 from distcomp.compressors.sign import SignCodec
 from distcomp.testing import run_ranks

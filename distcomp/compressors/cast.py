@@ -14,7 +14,8 @@ import torch
 
 from distcomp.bucket import Bucket
 from distcomp.comm import Comm
-from distcomp.compressor import Compressor, CompressorConfig, local_health
+from distcomp.compressor import Compressor, CompressorConfig
+from distcomp.numerics import local_health
 from distcomp.registry import register_compressor
 from distcomp.workspace import Workspace
 

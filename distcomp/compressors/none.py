@@ -8,7 +8,8 @@ import torch
 
 from distcomp.bucket import Bucket
 from distcomp.comm import Comm
-from distcomp.compressor import Compressor, CompressorConfig, exact_mean
+from distcomp.collectives import exact_mean
+from distcomp.compressor import Compressor, CompressorConfig
 from distcomp.registry import register_compressor
 
 

@@ -17,7 +17,7 @@ import torch
 from distcomp.comm import Comm
 from distcomp.compressor import CompressorConfig
 from distcomp.compressors.twophase import BlockCodec, TwoPhaseCompressor
-from distcomp.config import require
+from distcomp.validation import require
 from distcomp.errors import CheckpointError
 from distcomp.kernels import dequantize_codes, dequantize_codes_add, quantize_codes, quantize_codes_ef
 from distcomp.registry import register_compressor

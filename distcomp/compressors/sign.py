@@ -15,7 +15,7 @@ import torch
 from distcomp.comm import Comm
 from distcomp.compressor import CompressorConfig
 from distcomp.compressors.twophase import BlockCodec, TwoPhaseCompressor
-from distcomp.config import require
+from distcomp.validation import require
 from distcomp.kernels import sign_decode, sign_decode_add, sign_encode, sign_encode_ef
 from distcomp.registry import register_compressor
 

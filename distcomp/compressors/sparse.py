@@ -18,8 +18,10 @@ import torch
 from distcomp.bucket import Bucket
 from distcomp.collectives import sparse_mean
 from distcomp.comm import Comm
-from distcomp.compressor import Compressor, CompressorConfig, exact_mean, local_health
-from distcomp.config import require
+from distcomp.collectives import exact_mean
+from distcomp.compressor import Compressor, CompressorConfig
+from distcomp.numerics import local_health
+from distcomp.validation import require
 from distcomp.error_feedback import ErrorFeedback
 from distcomp.errors import CheckpointError
 from distcomp.registry import register_compressor

@@ -17,7 +17,8 @@ import torch
 from distcomp.bucket import Bucket
 from distcomp.collectives import ChunkCodec, chunk_length, two_phase_mean
 from distcomp.comm import Comm
-from distcomp.compressor import Compressor, local_health
+from distcomp.compressor import Compressor
+from distcomp.numerics import local_health
 from distcomp.error_feedback import ErrorFeedback
 from distcomp.errors import CheckpointError
 from distcomp.workspace import Workspace

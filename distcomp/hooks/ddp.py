@@ -23,7 +23,7 @@ from distcomp.comm import BucketRecord, Comm
 from distcomp.compressor import Compressor
 from distcomp.config import config_to_dict
 from distcomp.errors import CheckpointError
-from distcomp.hooks.agreement import check_agreement
+from distcomp.agreement import check_agreement
 from distcomp.hooks.executor import InlineExecutor, WorkerExecutor
 from distcomp.registry import build_config, compressor_for_config, get_compressor
 from distcomp.telemetry import Telemetry

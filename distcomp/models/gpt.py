@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from distcomp.config import require
+from distcomp.validation import require
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from distcomp.config import require
+from distcomp.validation import require
 from distcomp.optim.base import CompressedOptimizer, GradientMode
 from distcomp.optim.config import OptimizerConfig
 from distcomp.optim.functional import adam_apply_, adam_moments_, bias_correction, decay_

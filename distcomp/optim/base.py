@@ -19,10 +19,10 @@ import torch.distributed as dist
 
 from distcomp.collectives import chunk_length, two_phase_mean
 from distcomp.comm import BucketRecord, Comm
-from distcomp.compressor import l2_norm, local_health
+from distcomp.numerics import l2_norm, local_health
 from distcomp.compressors.sign import SignCodec
 from distcomp.errors import CheckpointError
-from distcomp.hooks.agreement import check_agreement
+from distcomp.agreement import check_agreement
 from distcomp.optim.config import OptimizerConfig, build, check_group
 from distcomp.optim.functional import adam_denominator, bias_correction
 from distcomp.optim.layout import FlatLayout, build_layouts

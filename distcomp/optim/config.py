@@ -7,7 +7,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from distcomp.config import require
+from distcomp.validation import require
 from distcomp.errors import ConfigError
 
 

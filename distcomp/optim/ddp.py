@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from distcomp.comm import BucketRecord, Comm
-from distcomp.compressor import local_health
+from distcomp.numerics import local_health
 from distcomp.hooks.ddp import annotate_hook
 from distcomp.optim.base import CompressedOptimizer
 

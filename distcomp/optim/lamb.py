@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from distcomp.config import require
+from distcomp.validation import require
 from distcomp.optim.base import CompressedOptimizer, GradientMode
 from distcomp.optim.config import OptimizerConfig
 from distcomp.optim.functional import (

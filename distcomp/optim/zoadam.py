@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from distcomp.config import require
+from distcomp.validation import require
 from distcomp.errors import CheckpointError
 from distcomp.optim.adam import AdamSteps
 from distcomp.optim.base import GradientMode

@@ -27,9 +27,9 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from distcomp.config import CONFIG_VERSION, config_from_dict, config_to_dict, require
+from distcomp.config import CONFIG_VERSION, config_from_dict, config_to_dict
 from distcomp.errors import ConfigError
-from distcomp.validation import check_types, read_text_file, value_problem
+from distcomp.validation import check_types, read_text_file, require, value_problem
 from distcomp.models.gpt import GPTConfig
 from distcomp.optim import CompressedOptimizer, OneBitAdam, OneBitLamb, ZeroOneAdam
 from distcomp.optim.config import OptimizerConfig as OptimizerSettings
