@@ -3,6 +3,7 @@
 ``pg1`` gives a test a real 1-rank gloo process group in this process, so that
 compressors and :class:`~distcomp.comm.Comm` run their actual collectives
 without spawning anything. Multi-rank tests use :func:`distcomp.testing.run_ranks`.
+The launcher's ``hosts`` fixture lives in ``tests/launch/conftest.py``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import os
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -42,15 +42,3 @@ def pg1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def gen() -> torch.Generator:
     """A CPU generator with a fixed seed, so every test draws the same data on every run."""
     return torch.Generator().manual_seed(1234)
-
-
-@pytest.fixture(scope="module")
-def hosts() -> Iterator[tuple[Any, Any]]:
-    """Two "hosts": network namespaces joined by a veth pair (``tests/launch_netns.py``), for one test module."""
-    from launch_netns import cannot_create_reason, two_hosts
-
-    reason = cannot_create_reason()
-    if reason is not None:
-        pytest.skip(f"network namespaces cannot be created here: {reason}")
-    with two_hosts() as pair:
-        yield pair

@@ -18,8 +18,8 @@ import pytest
 
 from test_train import QUICKSTART, TINY, sets
 
-ROOT = Path(__file__).resolve().parents[1]
-ALLREDUCE = str(ROOT / "tests" / "launch_allreduce.py")
+ROOT = Path(__file__).resolve().parents[2]
+ALLREDUCE = str(Path(__file__).with_name("launch_allreduce.py"))
 BIN = Path(sys.executable).parent
 MPIEXEC = shutil.which("mpiexec", path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
 

@@ -14,7 +14,7 @@ import torch
 from distcomp import cli
 from distcomp.train import launch as launch_mod
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 
 

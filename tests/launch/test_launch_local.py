@@ -14,8 +14,8 @@ import pytest
 
 from distcomp import cli
 
-ROOT = Path(__file__).resolve().parents[1]
-ALLREDUCE = str(ROOT / "tests" / "launch_allreduce.py")
+ROOT = Path(__file__).resolve().parents[2]
+ALLREDUCE = str(Path(__file__).with_name("launch_allreduce.py"))
 
 
 def launch(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:

@@ -27,7 +27,7 @@ from distcomp.train.config import (
 from distcomp.train.data import ShardedBatches, load_corpus, read_text, val_batches
 from distcomp.train.optim import build_optimizer, lr_at
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 

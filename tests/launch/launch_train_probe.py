@@ -1,6 +1,6 @@
 """``distcomp train`` as the launcher tests run it, plus what they read back afterwards.
 
-    python tests/launch_train_probe.py OUT_DIR train CONFIG --set ...
+    python tests/launch/launch_train_probe.py OUT_DIR train CONFIG --set ...
 
 Runs ``distcomp.cli.main`` unchanged and, around it: writes ``OUT_DIR/pid-rank<R>-try<T>.json``
 (pid, launch node, rank, elastic restart) when the rank starts, so a test can

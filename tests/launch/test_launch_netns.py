@@ -23,8 +23,8 @@ from launch_netns import NetHost, install_ssh_standin, write_hostfile
 from test_train import QUICKSTART, sets
 from test_train import TINY as TRAIN_TINY
 
-ROOT = Path(__file__).resolve().parents[1]
-PROBE = str(ROOT / "tests" / "launch_train_probe.py")
+ROOT = Path(__file__).resolve().parents[2]
+PROBE = str(Path(__file__).with_name("launch_train_probe.py"))
 TINY = {**TRAIN_TINY, "dist.timeout_s": 20, "compare": "[]"}
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from launch_netns import NetHost, install_ssh_standin, write_hostfile
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LINES = 3000
 # The barrier makes both ranks write at once; flushing every 400 lines leaves block-sized writes that end mid-line.
 CHATTER = f"""\

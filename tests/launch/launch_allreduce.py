@@ -1,6 +1,6 @@
 """A rank of the MPI launcher test: join torch.distributed from the environment, all-reduce, report.
 
-    python tests/launch_allreduce.py OUT_DIR
+    python tests/launch/launch_allreduce.py OUT_DIR
 
 Each rank writes ``OUT_DIR/rank<R>.json`` with the variables it was given and
 the result of all-reducing ``rank + 1`` (every rank must see ``n(n+1)/2``).

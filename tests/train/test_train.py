@@ -20,7 +20,7 @@ import torch
 
 from distcomp import cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 TINY = {"model.d_model": 32, "model.n_layer": 1, "model.n_head": 2, "model.context": 32, "eval.batches": 2,
         "eval.every": 0, "log.every": 1, "dist.timeout_s": 30}

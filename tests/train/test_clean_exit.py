@@ -1,6 +1,6 @@
 """A finished job exits cleanly whether or not the user calls ``state.close()``.
 
-Each case runs ``tests/clean_exit_job.py`` (a user's script: DDP, one distcomp
+Each case runs ``tests/train/clean_exit_job.py`` (a user's script: DDP, one distcomp
 line, a few steps) under torchrun, several jobs at once and several times over,
 and checks that every job exits with status 0, that no rank printed "terminate
 called", and that distcomp's worker thread and the gloo threads of its process
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-JOB = str(ROOT / "tests" / "clean_exit_job.py")
+ROOT = Path(__file__).resolve().parents[2]
+JOB = str(Path(__file__).with_name("clean_exit_job.py"))
 THREADS = re.compile(r"threads at exit: (\d+) of (\d+)")
 
 # (compressor, how the script ends, extra arguments): every way a user's script leaves.

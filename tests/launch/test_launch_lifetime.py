@@ -18,7 +18,7 @@ import pytest
 from launch_jobs import Launcher, job_processes, kill_all, wait_until_gone, write_job
 from launch_netns import NetHost, install_ssh_standin, write_hostfile
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GONE_WITHIN_S = 15.0
 """Stop timeout (5 s) plus the time torch's agent takes to stop its workers, with room for a busy machine."""
 SIGNALS = [pytest.param(signal.SIGKILL, id="SIGKILL"), pytest.param(signal.SIGHUP, id="SIGHUP")]

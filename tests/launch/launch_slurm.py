@@ -41,7 +41,7 @@ STARTUP_S = 40.0
 """How long the controller and both slurmd get to report the nodes idle."""
 CTL_PORT, NODE_PORT = 6817, 6818
 SLURM_CONF = """\
-# A two-node cluster in network namespaces, written by tests/launch_slurm.py.
+# A two-node cluster in network namespaces, written by tests/launch/launch_slurm.py.
 ClusterName=distcomp-test
 SlurmctldHost={ctl}({ctl_addr})
 SlurmctldPort={ctl_port}

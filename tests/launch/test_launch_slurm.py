@@ -30,9 +30,9 @@ from launch_slurm import JobEnd, SlurmCluster, missing_reason, slurm_cluster
 from test_train import QUICKSTART, sets
 from test_train import TINY as TRAIN_TINY
 
-ROOT = Path(__file__).resolve().parents[1]
-PROBE = str(ROOT / "tests" / "launch_train_probe.py")
-ALLREDUCE = str(ROOT / "tests" / "launch_allreduce.py")
+ROOT = Path(__file__).resolve().parents[2]
+PROBE = str(Path(__file__).with_name("launch_train_probe.py"))
+ALLREDUCE = str(Path(__file__).with_name("launch_allreduce.py"))
 TINY = {**TRAIN_TINY, "dist.timeout_s": 20, "compare": "[]"}
 
 

@@ -20,7 +20,7 @@ from distcomp.errors import ConfigError
 from distcomp.train.config import load_train_config
 from distcomp.train.data import check_batches, load_corpus
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 
 

@@ -1,6 +1,6 @@
 """A user's training script, as torchrun runs it: DDP, one distcomp line, a few steps, then exit.
 
-    python -m torch.distributed.run --nproc-per-node 2 tests/clean_exit_job.py COMPRESSOR ENDING [--no-overlap]
+    python -m torch.distributed.run --nproc-per-node 2 tests/train/clean_exit_job.py COMPRESSOR ENDING [--no-overlap]
 
 ``ENDING`` is how the script leaves:
 

@@ -13,7 +13,7 @@ import distcomp
 from distcomp import ConfigError
 from distcomp.config import config_digest
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 BUILT_IN = ["bf16", "fp16", "int4", "int8", "none", "powersgd", "randomk", "sign", "topk"]
 
 # A non-default value for some fields of each compressor, for round trips.

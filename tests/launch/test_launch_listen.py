@@ -18,7 +18,7 @@ import pytest
 from launch_jobs import Launcher, job_processes, kill_all, write_job
 from launch_netns import NetHost, install_ssh_standin, write_hostfile
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LISTEN = "0A"
 """TCP state LISTEN in /proc/net/tcp*."""
 
