@@ -1,16 +1,20 @@
 """The configuration reference, generated from the ``Config`` dataclasses and their field docstrings.
 
-README.md embeds the output of ``python -m distcomp.docs`` between
-``<!-- config-reference:start -->`` and ``<!-- config-reference:end -->``; a test
-keeps the two identical.
+``docs/config.md`` holds the output of :func:`reference` between
+``<!-- config-reference:start -->`` and ``<!-- config-reference:end -->``.
+``python -m distcomp.docs`` rewrites that part of the page, ``--check`` only
+compares it, and a test keeps the two identical.
 """
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import inspect
+import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 from distcomp.registry import available_compressors, get_compressor
@@ -103,10 +107,63 @@ def train_reference() -> str:
 
 
 def reference() -> str:
-    """The whole configuration reference, as embedded in README.md."""
+    """The whole configuration reference, as embedded in docs/config.md."""
     return ("### Training config\n\n" + train_reference() + "\n\n### Compressors\n\n" + compression_reference()
             + "\n\n### Compressed optimizers\n\n" + optimizer_reference() + "\n")
 
 
+CONFIG_PAGE = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+"""The page that embeds the reference: ``docs/config.md`` of a source checkout."""
+START, END = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
+
+
+def embedded(text: str, where: Path | str = CONFIG_PAGE) -> tuple[int, int]:
+    """Start and end offsets of the generated part of ``text`` (between the markers)."""
+    start, end = text.find(START), text.find(END)
+    if start < 0 or end < start:
+        raise ValueError(f"{where}: no '{START.strip()}' ... '{END}' markers; put them back around the reference")
+    return start + len(START), end
+
+
+def write_reference(page: Path = CONFIG_PAGE) -> bool:
+    """Replace the generated part of ``page`` with :func:`reference`; True when the file changed."""
+    text = page.read_text(encoding="utf-8")
+    start, end = embedded(text, page)
+    new = text[:start] + reference() + text[end:]
+    if new == text:
+        return False
+    page.write_text(new, encoding="utf-8")
+    return True
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m distcomp.docs",
+        description="Regenerate the configuration reference in docs/config.md from the config dataclasses.",
+    )
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 when the page is out of date")
+    parser.add_argument("--stdout", action="store_true", help="print the reference instead of writing the page")
+    parser.add_argument("--page", type=Path, default=CONFIG_PAGE, help="the page to update (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.stdout:
+        print(reference(), end="")
+        return 0
+    if not args.page.is_file():
+        parser.error(f"{args.page} does not exist; run this from a source checkout or pass --page")
+    try:
+        if args.check:
+            text = args.page.read_text(encoding="utf-8")
+            start, end = embedded(text, args.page)
+            if text[start:end] != reference():
+                print(f"{args.page} is out of date: run `python -m distcomp.docs`", file=sys.stderr)
+                return 1
+            return 0
+        changed = write_reference(args.page)
+    except ValueError as exc:
+        parser.error(str(exc))
+    print(f"{args.page}: {'updated' if changed else 'already up to date'}")
+    return 0
+
+
 if __name__ == "__main__":
-    print(reference(), end="")
+    sys.exit(_main())
