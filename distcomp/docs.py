@@ -40,12 +40,20 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _default(f: dataclasses.Field) -> Any:
+def _default(f: dataclasses.Field[Any]) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
     return "(required)"
+
+
+def summary(cls: type) -> str:
+    """The first line of ``cls``'s docstring: the one-line description under each heading of the reference."""
+    doc = inspect.getdoc(cls)
+    if not doc:
+        raise ValueError(f"{cls.__qualname__} has no docstring; its first line heads its section of the reference")
+    return doc.splitlines()[0]
 
 
 def _fmt(value: Any) -> str:
@@ -70,8 +78,7 @@ def compression_reference() -> str:
     parts = []
     for name in available_compressors():
         cls = get_compressor(name)
-        summary = inspect.getdoc(cls).splitlines()[0]
-        parts.append(f"#### `compressor: {name}`\n\n{summary}\n\n{table(cls.Config)}")
+        parts.append(f"#### `compressor: {name}`\n\n{summary(cls)}\n\n{table(cls.Config)}")
     return "\n\n".join(parts)
 
 
@@ -83,8 +90,7 @@ def optimizer_reference() -> str:
              "config (`optimizer.onebit_adam:` ...). There, `lr`, `betas`, `eps` and `weight_decay` default to "
              "the `optimizer:` section's values."]
     for name, cls in COMPRESSED_OPTIMIZERS.items():
-        summary = inspect.getdoc(cls).splitlines()[0]
-        parts.append(f"#### `distcomp.optim.{cls.__name__}` (`optimizer.name: {name}`)\n\n{summary}\n\n"
+        parts.append(f"#### `distcomp.optim.{cls.__name__}` (`optimizer.name: {name}`)\n\n{summary(cls)}\n\n"
                      f"{table(cls.Config)}")
     return "\n\n".join(parts)
 
