@@ -15,39 +15,44 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from distcomp.telemetry import Counters
 
 DENSE_BYTES_PER_ELEMENT = 4
 
 
 @dataclass(kw_only=True)
-class BucketRecord:
-    """What one bucket cost in one step."""
+class BucketRecord(Counters):
+    """What one bucket cost in one step: its :class:`~distcomp.telemetry.Counters` and its place in the step."""
 
     index: int
     """Position of the bucket in this step's hook calls."""
-    numel: int
-    """Gradient elements in the bucket."""
-    dense_bytes: float = 0.0
-    """Bytes an fp32 ring all-reduce of the bucket would send from this rank."""
-    payload_bytes: int = 0
-    """Bytes of the tensors handed to collectives."""
-    sent_bytes: float = 0.0
-    """Bytes this rank sends under the bandwidth-optimal algorithm of each collective."""
-    collectives: int = 0
-    """Number of collectives issued for this bucket."""
-    comm_s: float = 0.0
-    """Seconds spent waiting in collectives."""
-    total_s: float = 0.0
-    """Seconds for the whole bucket (encode + communication + decode)."""
-    residual_norm: float = 0.0
-    """L2 norm of the error-feedback residual after this step (0 without error feedback)."""
-    nonfinite: bool = False
-    """True when some rank's gradient in this bucket held an inf or a NaN."""
-    compressed: bool = False
-    """False while the compressor is still in its uncompressed warm-up."""
+
+    @property
+    def total_s(self) -> float:
+        """Seconds for the whole bucket (encode + communication + decode).
+
+        Set it once the bucket is done, after its last collective: what is not
+        ``comm_s`` becomes ``codec_s``.
+        """
+        return self.comm_s + self.codec_s
+
+    @total_s.setter
+    def total_s(self, seconds: float) -> None:
+        self.codec_s = max(seconds - self.comm_s, 0.0)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values: the index, then the counters with ``total_s`` in place of ``codec_s``."""
+        out: dict[str, Any] = {"index": self.index}
+        for name, value in self.counters().items():
+            if name == "codec_s":
+                name, value = "total_s", self.total_s  # a bucket reports its whole time; a step, the codec part
+            out[name] = value
+        return out
 
 
 @dataclass
@@ -81,7 +86,10 @@ class Comm:
         return out.view(self.world_size, *tensor.shape)
 
     def all_to_all(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Row ``i`` of ``tensor`` (shape ``[world, ...]``) goes to rank ``i``; row ``j`` of the result came from rank ``j``."""
+        """Row ``i`` of ``tensor`` (shape ``[world, ...]``) goes to rank ``i``.
+
+        Row ``j`` of the result came from rank ``j``.
+        """
         out = torch.empty_like(tensor)
         w = self.world_size
         self._timed(

@@ -12,9 +12,10 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,7 @@ import distcomp
 import distcomp.optim
 from distcomp.errors import CheckpointError
 from distcomp.models.gpt import GPT
+from distcomp.telemetry import Counters
 from distcomp.train import checkpoint
 from distcomp.train.config import RunSpec, TrainConfig, config_to_raw
 from distcomp.train.data import Corpus, ShardedBatches, val_batches
@@ -66,10 +68,10 @@ class Run:
     peak_lr: float | None = None
     """Peak of the learning-rate schedule; None: ``optimizer.lr``."""
 
-    def stats(self) -> dict[str, Any]:
-        """Bytes and times of the last step, from the hook or from the compressed optimizer."""
+    def counters(self) -> Counters:
+        """Bytes and times of the last step, from the hook or from the compressed optimizer (zeros before any)."""
         source = self.state if self.state is not None else self.optimizer
-        return source.stats()["step"] or {}  # type: ignore[union-attr]
+        return source.telemetry.last or Counters()  # type: ignore[union-attr]
 
     def close(self) -> None:
         if self.state is not None:
@@ -105,8 +107,9 @@ def train_run(cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: Corpus,
     run = build_run(cfg, spec, ctx, corpus)
     if resume is not None:
         _restore(run, resume, ctx)
-    monitor = RunMonitor(run_dir=run_dir, label=spec.name, steps=cfg.steps, start=run.start, progress=cfg.log.progress,
-                         tensorboard=cfg.log.tensorboard, log_every=cfg.log.every, fresh=resume is None) if show else None
+    monitor = RunMonitor(run_dir=run_dir, label=spec.name, steps=cfg.steps, start=run.start,
+                         progress=cfg.log.progress, tensorboard=cfg.log.tensorboard, log_every=cfg.log.every,
+                         fresh=resume is None) if show else None
     saver = _Saver(cfg, spec, ctx, corpus, resume)
     try:
         loop_s, stopped = _loop(run, cfg, ctx, monitor, saver)
@@ -199,13 +202,8 @@ def _step(run: Run, cfg: TrainConfig, ctx: RankContext, step: int) -> tuple[Step
     flags = torch.tensor([float(asked == s) for s in STOP_SIGNALS], device=ctx.device)
     shared = torch.cat([loss.detach().float().reshape(1), flags])
     dist.all_reduce(shared)
-    stats = run.stats()
-    rec = StepRecord(
-        step=step, loss=shared[0].item() / ctx.world_size, lr=lr, step_s=step_s,
-        dense_bytes=stats.get("dense_bytes", 0.0), sent_bytes=stats.get("sent_bytes", 0.0),
-        codec_s=stats.get("codec_s", 0.0), comm_s=stats.get("comm_s", 0.0),
-        residual_norm=stats.get("residual_norm", 0.0), compressed=bool(stats.get("compressed", False)),
-    )
+    rec = StepRecord(step=step, loss=shared[0].item() / ctx.world_size, lr=lr, step_s=step_s)
+    rec.add(run.counters())
     # Every rank sees the same sums, so every rank picks the same signal (and exit code).
     return rec, max((s for s, n in zip(STOP_SIGNALS, shared[1:].tolist()) if n > 0), default=0)
 

@@ -22,6 +22,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from distcomp.telemetry import Counters
+
 logger = logging.getLogger("distcomp.train")
 
 TIMING_SKIP = 2
@@ -29,24 +31,13 @@ TIMING_SKIP = 2
 
 
 @dataclass(kw_only=True)
-class StepRecord:
-    """One optimizer step as rank 0 saw it (the loss is the mean over ranks)."""
+class StepRecord(Counters):
+    """One optimizer step as rank 0 saw it: this rank's :class:`Counters` and the loss (mean over ranks)."""
 
     step: int
     loss: float
     lr: float
     step_s: float
-    dense_bytes: float
-    sent_bytes: float
-    codec_s: float
-    comm_s: float
-    residual_norm: float
-    compressed: bool
-
-    @property
-    def ratio(self) -> float:
-        """Dense fp32 all-reduce bytes over bytes sent; NaN when nothing is sent (one rank)."""
-        return self.dense_bytes / self.sent_bytes if self.sent_bytes else math.nan
 
 
 @dataclass(kw_only=True)
@@ -73,7 +64,8 @@ class RunResult:
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values for JSON (NaN becomes null)."""
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in dataclasses.asdict(self).items()}
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                for k, v in dataclasses.asdict(self).items()}
 
 
 def summarize(
@@ -84,9 +76,9 @@ def summarize(
     steady = [r for r in records if r.compressed] or records
     timed = [r for r in records if r.step >= TIMING_SKIP] or records
     tail = records[-10:]
-    dense, sent = sum(r.dense_bytes for r in steady), sum(r.sent_bytes for r in steady)
-    all_dense, all_sent = sum(r.dense_bytes for r in records), sum(r.sent_bytes for r in records)
+    steady_sum, whole = sum(steady, Counters()), sum(records, Counters())
     mean = lambda xs: sum(xs) / len(xs) if xs else math.nan  # noqa: E731
+    per = lambda total: total / len(steady) if steady else math.nan  # noqa: E731 - a steady step's mean
     return RunResult(
         compressor=compressor,
         steps=records[-1].step + 1 if records else 0,
@@ -95,17 +87,22 @@ def summarize(
         val_loss=val_losses[-1][1] if val_losses else math.nan,
         steps_per_s=steps_run / loop_s if loop_s > 0 else math.nan,
         step_ms=1e3 * mean([r.step_s for r in timed]),
-        sent_bytes=mean([r.sent_bytes for r in steady]),
-        dense_bytes=mean([r.dense_bytes for r in steady]),
-        ratio=dense / sent if sent else math.nan,
-        ratio_whole_run=all_dense / all_sent if all_sent else math.nan,
-        codec_ms=1e3 * mean([r.codec_s for r in steady]),
-        comm_ms=1e3 * mean([r.comm_s for r in steady]),
+        sent_bytes=per(steady_sum.sent_bytes),
+        dense_bytes=per(steady_sum.dense_bytes),
+        ratio=_ratio(steady_sum),
+        ratio_whole_run=_ratio(whole),
+        codec_ms=1e3 * per(steady_sum.codec_s),
+        comm_ms=1e3 * per(steady_sum.comm_s),
         wall_s=wall_s,
         interrupted=interrupted,
         losses=[r.loss for r in records],
         val_losses=list(val_losses),
     )
+
+
+def _ratio(counts: Counters) -> float:
+    """Like :attr:`Counters.ratio`, but NaN (``null`` in summary.json) when nothing was sent (one rank)."""
+    return counts.ratio if counts.sent_bytes else math.nan
 
 
 class TqdmHandler(logging.StreamHandler):
@@ -131,7 +128,7 @@ class RunMonitor:
     def step(self, rec: StepRecord) -> None:
         """Report one finished step."""
         if self.writer is not None:
-            self._scalars(rec)
+            self._scalars(self.writer, rec)
         if self.bar is not None:
             post = {"loss": f"{rec.loss:.3f}", "ms/step": f"{1e3 * rec.step_s:.0f}"}
             if math.isfinite(rec.ratio):
@@ -142,8 +139,9 @@ class RunMonitor:
             logger.info("%s step %d/%d: loss %.4f, lr %.2e, %.0f ms/step, sent %s (%s)", self.label, rec.step + 1,
                         self.steps, rec.loss, rec.lr, 1e3 * rec.step_s, fmt_bytes(rec.sent_bytes), fmt_ratio(rec.ratio))
 
-    def _scalars(self, rec: StepRecord) -> None:
-        w, s = self.writer, rec.step
+    @staticmethod
+    def _scalars(w: _Events, rec: StepRecord) -> None:
+        s = rec.step
         w.add_scalar("loss/train", rec.loss, s)
         w.add_scalar("opt/lr", rec.lr, s)
         w.add_scalar("time/step_ms", 1e3 * rec.step_s, s)
@@ -221,7 +219,8 @@ def write_summary(path: Path, data: dict[str, Any]) -> None:
     except OSError as exc:
         with contextlib.suppress(OSError):  # its folder may be what failed
             tmp.unlink()
-        fix = " (the disk is full: free space there, or set log.dir to another disk)" if exc.errno == errno.ENOSPC else ""
+        full = exc.errno == errno.ENOSPC
+        fix = " (the disk is full: free space there, or set log.dir to another disk)" if full else ""
         raise OSError(exc.errno, f"cannot write the summary {path}: {exc.strerror or exc}{fix}") from None
 
 
