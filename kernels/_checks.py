@@ -22,13 +22,17 @@ def check_dtype(x: torch.Tensor, dtype: torch.dtype, op: str, what: str) -> None
 def check_block(length: int, block: int, op: str) -> None:
     """``length`` is a multiple of the positive ``block``."""
     if block <= 0 or length % block:
-        raise ValueError(f"{op}: the last dimension ({length}) must be a positive multiple of block={block}; pad the input")
+        raise ValueError(
+            f"{op}: the last dimension ({length}) must be a positive multiple of block={block}; pad the input"
+        )
 
 
 def check_contiguous(t: torch.Tensor, op: str, what: str) -> None:
     """Launchers and in-place outputs take contiguous tensors; refuse others with the fix in the message."""
     if not t.is_contiguous():
-        raise ValueError(f"{op}: {what} must be contiguous (got strides {t.stride()} for shape {tuple(t.shape)}); call .contiguous()")
+        raise ValueError(
+            f"{op}: {what} must be contiguous (got strides {t.stride()} for shape {tuple(t.shape)}); call .contiguous()"
+        )
 
 
 def check_same_device(op: str, *tensors: torch.Tensor) -> None:
@@ -78,7 +82,9 @@ def decode_layout(out_numel: int, rows: int, length: int, op: str) -> tuple[int,
 def check_accumulate_out(out: torch.Tensor, rows: int, length: int, op: str) -> None:
     """``out`` of a decode-and-add: contiguous fp32 with ``rows * length`` or ``length`` values."""
     if out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError(f"{op}: out must be a contiguous float32 tensor, got {out.dtype} (contiguous={out.is_contiguous()})")
+        raise ValueError(
+            f"{op}: out must be a contiguous float32 tensor, got {out.dtype} (contiguous={out.is_contiguous()})"
+        )
     decode_layout(out.numel(), rows, length, op)
 
 
@@ -91,9 +97,14 @@ def check_encode_out(
         raise TypeError(f"{op}: out must be a (codes, scales) pair of tensors")
     codes, scales = out
     rows, length = x.shape
-    for what, t, dtype, cols in (("codes", codes, torch.uint8, code_bytes), ("scales", scales, torch.float32, length // block)):
+    for what, t, dtype, cols in (
+        ("codes", codes, torch.uint8, code_bytes),
+        ("scales", scales, torch.float32, length // block),
+    ):
         if t.dtype != dtype or tuple(t.shape) != (rows, cols):
-            raise ValueError(f"{op}: out {what} must be {dtype} of shape {(rows, cols)}, got {t.dtype} {tuple(t.shape)}")
+            raise ValueError(
+                f"{op}: out {what} must be {dtype} of shape {(rows, cols)}, got {t.dtype} {tuple(t.shape)}"
+            )
         if cols > 1 and t.stride(-1) != 1:
             raise ValueError(f"{op}: out {what} rows must be contiguous (got strides {t.stride()})")
     check_same_device(op, x, codes, scales)
@@ -125,6 +136,8 @@ def row_column_chunks(rows: int, nblocks: int, block: int, align: int = 1) -> li
     """
     per_row = max(nblocks * block, 1)
     if per_row >= CHUNK_VALUES:
-        return [(slice(r, r + 1), lo, hi) for r in range(rows) for lo, hi in column_chunks(nblocks, block, 1, align=align)]
+        return [
+            (slice(r, r + 1), lo, hi) for r in range(rows) for lo, hi in column_chunks(nblocks, block, 1, align=align)
+        ]
     step = max(1, CHUNK_VALUES // per_row)
     return [(slice(r, min(r + step, rows)), 0, nblocks) for r in range(0, rows, step)]

@@ -31,54 +31,157 @@ def _variants() -> Iterator[tuple[str, Any, dict[str, str], dict[str, Any]]]:
 
     i32, p = "i32", lambda ty: f"*{ty}"
     for f in FLOATS:
-        yield f"pack_signs[{f}]", s._pack_signs_kernel, {"x_ptr": p(f), "bits_ptr": "*u8", "n": i32, "nbytes": i32,
-                                                          "BYTES": "constexpr"}, {"BYTES": 512}
-        yield f"unpack_signs[{f}]", s._unpack_signs_kernel, {"bits_ptr": "*u8", "out_ptr": p(f), "numel": i32,
-                                                              "nbytes": i32, "BYTES": "constexpr"}, {"BYTES": 512}
+        yield (
+            f"pack_signs[{f}]",
+            s._pack_signs_kernel,
+            {"x_ptr": p(f), "bits_ptr": "*u8", "n": i32, "nbytes": i32, "BYTES": "constexpr"},
+            {"BYTES": 512},
+        )
+        yield (
+            f"unpack_signs[{f}]",
+            s._unpack_signs_kernel,
+            {"bits_ptr": "*u8", "out_ptr": p(f), "numel": i32, "nbytes": i32, "BYTES": "constexpr"},
+            {"BYTES": 512},
+        )
         for ef in (False, True):
             for one_tile, group, tile_bytes in ((True, 2, 256), (False, 1, 1024)):
-                sig = {"x_ptr": p(f), "res_ptr": "*fp32" if ef else p(f), "res_out_ptr": "*fp32" if ef else p(f),
-                       "bits_ptr": "*u8", "scales_ptr": "*fp32", "nblocks": i32, "block": i32, "num_tiles": i32,
-                       "row_blocks": i32, "bits_stride": i32, "scales_stride": i32,
-                       "GROUP": "constexpr", "TILE_BYTES": "constexpr", "EF": "constexpr", "ONE_TILE": "constexpr"}
-                yield (f"sign_encode[{f}, ef={ef}, one_tile={one_tile}]", s._sign_encode_kernel, sig,
-                       {"GROUP": group, "TILE_BYTES": tile_bytes, "EF": ef, "ONE_TILE": one_tile})
+                sig = {
+                    "x_ptr": p(f),
+                    "res_ptr": "*fp32" if ef else p(f),
+                    "res_out_ptr": "*fp32" if ef else p(f),
+                    "bits_ptr": "*u8",
+                    "scales_ptr": "*fp32",
+                    "nblocks": i32,
+                    "block": i32,
+                    "num_tiles": i32,
+                    "row_blocks": i32,
+                    "bits_stride": i32,
+                    "scales_stride": i32,
+                    "GROUP": "constexpr",
+                    "TILE_BYTES": "constexpr",
+                    "EF": "constexpr",
+                    "ONE_TILE": "constexpr",
+                }
+                yield (
+                    f"sign_encode[{f}, ef={ef}, one_tile={one_tile}]",
+                    s._sign_encode_kernel,
+                    sig,
+                    {"GROUP": group, "TILE_BYTES": tile_bytes, "EF": ef, "ONE_TILE": one_tile},
+                )
         for bits in (8, 4):
             for stochastic in (False, True):
                 # The fused error feedback only adds fp32 loads and stores: one input dtype covers it.
                 for ef in (False, True) if f == "fp32" else (False,):
                     for one_tile, group, pairs in ((True, 16, 128), (False, 1, 4096)):
-                        sig = {"x_ptr": p(f), "res_ptr": "*fp32" if ef else p(f), "res_out_ptr": "*fp32" if ef else p(f),
-                               "q_ptr": "*i8" if bits == 8 else "*u8", "scales_ptr": "*fp32",
-                               "seed_ptr": "*i64" if stochastic else "*fp32", "nblocks": i32, "block": i32,
-                               "num_tiles": i32, "row_blocks": i32, "q_stride": i32, "scales_stride": i32,
-                               "QMAX": "constexpr", "GROUP": "constexpr", "TILE_PAIRS": "constexpr",
-                               "STOCHASTIC": "constexpr", "PACKED": "constexpr", "ONE_TILE": "constexpr", "EF": "constexpr"}
-                        yield (f"quantize[{f}, int{bits}, stochastic={stochastic}, ef={ef}, one_tile={one_tile}]",
-                               q._quantize_kernel, sig,
-                               {"QMAX": q.QMAX[bits], "GROUP": group, "TILE_PAIRS": pairs, "STOCHASTIC": stochastic,
-                                "PACKED": bits == 4, "ONE_TILE": one_tile, "EF": ef})
-        yield f"topk_select[{f}]", t._select_kernel, {"x_ptr": p(f), "threshold_ptr": "*fp32", "cand_ptr": "*i64",
-                                                       "count_ptr": "*i32", "n": i32, "capacity": i32,
-                                                       "BLOCK": "constexpr"}, {"BLOCK": t.SELECT_BLOCK}
-        yield f"topk_pack[{f}]", t._topk_pack_kernel, {"x_ptr": p(f), "idx_ptr": "*i64", "payload_ptr": "*i32",
-                                                        "k": i32, "BLOCK": "constexpr"}, {"BLOCK": t.PACK_BLOCK}
+                        sig = {
+                            "x_ptr": p(f),
+                            "res_ptr": "*fp32" if ef else p(f),
+                            "res_out_ptr": "*fp32" if ef else p(f),
+                            "q_ptr": "*i8" if bits == 8 else "*u8",
+                            "scales_ptr": "*fp32",
+                            "seed_ptr": "*i64" if stochastic else "*fp32",
+                            "nblocks": i32,
+                            "block": i32,
+                            "num_tiles": i32,
+                            "row_blocks": i32,
+                            "q_stride": i32,
+                            "scales_stride": i32,
+                            "QMAX": "constexpr",
+                            "GROUP": "constexpr",
+                            "TILE_PAIRS": "constexpr",
+                            "STOCHASTIC": "constexpr",
+                            "PACKED": "constexpr",
+                            "ONE_TILE": "constexpr",
+                            "EF": "constexpr",
+                        }
+                        yield (
+                            f"quantize[{f}, int{bits}, stochastic={stochastic}, ef={ef}, one_tile={one_tile}]",
+                            q._quantize_kernel,
+                            sig,
+                            {
+                                "QMAX": q.QMAX[bits],
+                                "GROUP": group,
+                                "TILE_PAIRS": pairs,
+                                "STOCHASTIC": stochastic,
+                                "PACKED": bits == 4,
+                                "ONE_TILE": one_tile,
+                                "EF": ef,
+                            },
+                        )
+        yield (
+            f"topk_select[{f}]",
+            t._select_kernel,
+            {
+                "x_ptr": p(f),
+                "threshold_ptr": "*fp32",
+                "cand_ptr": "*i64",
+                "count_ptr": "*i32",
+                "n": i32,
+                "capacity": i32,
+                "BLOCK": "constexpr",
+            },
+            {"BLOCK": t.SELECT_BLOCK},
+        )
+        yield (
+            f"topk_pack[{f}]",
+            t._topk_pack_kernel,
+            {"x_ptr": p(f), "idx_ptr": "*i64", "payload_ptr": "*i32", "k": i32, "BLOCK": "constexpr"},
+            {"BLOCK": t.PACK_BLOCK},
+        )
     for acc in (False, True):
-        sig = {"bits_ptr": "*u8", "bits_stride": i32, "scales_ptr": "*fp32", "scales_stride": i32, "out_ptr": "*fp32",
-               "sum_rows": i32, "row_bytes": i32, "block": i32, "alpha": "fp32", "BYTES": "constexpr",
-               "ACCUMULATE": "constexpr"}
+        sig = {
+            "bits_ptr": "*u8",
+            "bits_stride": i32,
+            "scales_ptr": "*fp32",
+            "scales_stride": i32,
+            "out_ptr": "*fp32",
+            "sum_rows": i32,
+            "row_bytes": i32,
+            "block": i32,
+            "alpha": "fp32",
+            "BYTES": "constexpr",
+            "ACCUMULATE": "constexpr",
+        }
         yield f"sign_decode[accumulate={acc}]", s._sign_decode_kernel, sig, {"BYTES": 512, "ACCUMULATE": acc}
         for bits in (8, 4):
-            sig = {"q_ptr": "*i8" if bits == 8 else "*u8", "q_stride": i32, "scales_ptr": "*fp32", "scales_stride": i32,
-                   "out_ptr": "*fp32", "sum_rows": i32, "row_len": i32, "block": i32, "alpha": "fp32",
-                   "PAIRS": "constexpr", "BITS": "constexpr", "ACCUMULATE": "constexpr"}
-            yield (f"dequantize[int{bits}, accumulate={acc}]", q._dequantize_kernel, sig,
-                   {"PAIRS": 2048, "BITS": bits, "ACCUMULATE": acc})
-    yield "pack_int4", q._pack_int4_kernel, {"q_ptr": "*i8", "out_ptr": "*u8", "npairs": i32, "PAIRS": "constexpr"}, {"PAIRS": 4096}
-    yield ("unpack_int4", q._unpack_int4_kernel, {"packed_ptr": "*u8", "out_ptr": "*i8", "nbytes": i32, "PAIRS": "constexpr"},
-           {"PAIRS": 4096})
-    yield ("topk_scatter_add", t._scatter_add_kernel, {"out_ptr": "*fp32", "payload_ptr": "*i32", "n": i32, "k": i32,
-                                                       "row_stride": i32, "BLOCK": "constexpr"}, {"BLOCK": t.PACK_BLOCK})
+            sig = {
+                "q_ptr": "*i8" if bits == 8 else "*u8",
+                "q_stride": i32,
+                "scales_ptr": "*fp32",
+                "scales_stride": i32,
+                "out_ptr": "*fp32",
+                "sum_rows": i32,
+                "row_len": i32,
+                "block": i32,
+                "alpha": "fp32",
+                "PAIRS": "constexpr",
+                "BITS": "constexpr",
+                "ACCUMULATE": "constexpr",
+            }
+            yield (
+                f"dequantize[int{bits}, accumulate={acc}]",
+                q._dequantize_kernel,
+                sig,
+                {"PAIRS": 2048, "BITS": bits, "ACCUMULATE": acc},
+            )
+    yield (
+        "pack_int4",
+        q._pack_int4_kernel,
+        {"q_ptr": "*i8", "out_ptr": "*u8", "npairs": i32, "PAIRS": "constexpr"},
+        {"PAIRS": 4096},
+    )
+    yield (
+        "unpack_int4",
+        q._unpack_int4_kernel,
+        {"packed_ptr": "*u8", "out_ptr": "*i8", "nbytes": i32, "PAIRS": "constexpr"},
+        {"PAIRS": 4096},
+    )
+    yield (
+        "topk_scatter_add",
+        t._scatter_add_kernel,
+        {"out_ptr": "*fp32", "payload_ptr": "*i32", "n": i32, "k": i32, "row_stride": i32, "BLOCK": "constexpr"},
+        {"BLOCK": t.PACK_BLOCK},
+    )
 
 
 def compile_all(arch: int = 90, only: str = "") -> list[str]:

@@ -20,7 +20,6 @@ pass each, and a dequantize-and-add for the two-phase schedule.
 from __future__ import annotations
 
 import torch
-
 from distcomp.kernels._backend import use_triton
 from distcomp.kernels._checks import (
     CHUNK_VALUES,
@@ -67,6 +66,7 @@ def quantize_blockwise_ref(
         if noise is None:
             v.round_()
         else:
+            assert u_buf is not None  # allocated whenever there is noise
             # A uint8 operand in a float add is several times slower than a cast copy then a float add.
             u = u_buf[: b - a].copy_(noise[a:b])
             v.add_(u, alpha=1 / 256).add_(0.5 / 256).floor_()
@@ -156,7 +156,10 @@ def quantize_blockwise(
 def dequantize_blockwise(
     q: torch.Tensor, scales: torch.Tensor, block: int, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Public op of :func:`dequantize_blockwise_ref`; ``out``, if given, is a contiguous fp32 tensor of the result's size."""
+    """Public op of :func:`dequantize_blockwise_ref`.
+
+    ``out``, if given, is a contiguous fp32 tensor of the result's size.
+    """
     check_dtype(q, torch.int8, "dequantize_blockwise", "q")
     check_dtype(scales, torch.float32, "dequantize_blockwise", "scales")
     if q.numel() != scales.numel() * block:
@@ -198,7 +201,10 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_codes_ref(
-    x: torch.Tensor, bits: int, block: int, generator: torch.Generator | None = None,
+    x: torch.Tensor,
+    bits: int,
+    block: int,
+    generator: torch.Generator | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows ``x [r, L]`` to ``(codes uint8 [r, L * bits / 8], scales fp32 [r, L/block])`` (into ``out`` if given)."""
@@ -270,8 +276,10 @@ def quantize_codes_ef_ref(
     """
     rows, length = grad.shape
     if out is None:
-        out = (torch.empty(rows, length * bits // 8, dtype=torch.uint8, device=grad.device),
-               torch.empty(rows, length // block, dtype=torch.float32, device=grad.device))
+        out = (
+            torch.empty(rows, length * bits // 8, dtype=torch.uint8, device=grad.device),
+            torch.empty(rows, length // block, dtype=torch.float32, device=grad.device),
+        )
     target = (residual if residual_out is None else residual_out).view(rows, length)
     residual = residual.view(rows, length)
     for r, lo, hi in row_column_chunks(rows, length // block, block):
@@ -285,7 +293,10 @@ def quantize_codes_ef_ref(
 
 
 def quantize_codes(
-    x: torch.Tensor, bits: int, block: int, generator: torch.Generator | None = None,
+    x: torch.Tensor,
+    bits: int,
+    block: int,
+    generator: torch.Generator | None = None,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`quantize_blockwise` then, for 4 bits, :func:`pack_int4`, in one pass: ``(codes uint8, scales)``.
@@ -341,7 +352,9 @@ def quantize_codes_ef(
     _check_quantize(grad, bits, block, out, op)
     check_dtype(residual, torch.float32, op, "residual")
     if residual.shape != grad.shape:
-        raise ValueError(f"{op}: the residual must have the gradient's shape {tuple(grad.shape)}, got {tuple(residual.shape)}")
+        raise ValueError(
+            f"{op}: the residual must have the gradient's shape {tuple(grad.shape)}, got {tuple(residual.shape)}"
+        )
     check_contiguous(residual, op, "residual")
     if residual_out is not None:
         check_dtype(residual_out, torch.float32, op, "residual_out")
@@ -353,7 +366,14 @@ def quantize_codes_ef(
         from distcomp.kernels.quant_triton import quantize_blockwise_triton
 
         return quantize_blockwise_triton(
-            grad.contiguous(), bits, block, generator, packed=True, out=out, residual=residual, residual_out=residual_out
+            grad.contiguous(),
+            bits,
+            block,
+            generator,
+            packed=True,
+            out=out,
+            residual=residual,
+            residual_out=residual_out,
         )
     return quantize_codes_ef_ref(grad, residual, bits, block, generator, residual_out, out)
 
@@ -371,7 +391,9 @@ def _check_codes(codes: torch.Tensor, scales: torch.Tensor, bits: int, block: in
         raise ValueError(f"{op}: scales must be 2-D [rows, blocks], got shape {tuple(scales.shape)}")
     rows, length = scales.shape[0], scales.shape[1] * block
     if block <= 0 or block % 2 or codes.numel() * 8 != rows * length * bits:
-        raise ValueError(f"{op}: {codes.numel()} bytes of {bits}-bit codes do not match {scales.numel()} blocks of {block}")
+        raise ValueError(
+            f"{op}: {codes.numel()} bytes of {bits}-bit codes do not match {scales.numel()} blocks of {block}"
+        )
     check_same_device(op, codes, scales)
     return rows, length
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from distcomp.kernels._checks import as_rows, check_contiguous, check_pow2, decode_layout, next_pow2, row_major
 
 VALUES_PER_PROGRAM = 4096
@@ -55,8 +54,19 @@ def _load_tile(x_ptr, res_ptr, blk, blk_ok, t, block, TILE_PAIRS: tl.constexpr, 
 
 @triton.jit
 def _store_codes(
-    x, offs, pair_ok, col_pair, q_base, scale, seed, q_ptr, res_out_ptr,
-    QMAX: tl.constexpr, STOCHASTIC: tl.constexpr, PACKED: tl.constexpr, EF: tl.constexpr,
+    x,
+    offs,
+    pair_ok,
+    col_pair,
+    q_base,
+    scale,
+    seed,
+    q_ptr,
+    res_out_ptr,
+    QMAX: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    PACKED: tl.constexpr,
+    EF: tl.constexpr,
 ):
     # Divide (not multiply by a reciprocal): 1/scale overflows for blocks of tiny values.
     divisor = tl.where(scale > 0, scale, 1.0)[:, None, None]
@@ -87,10 +97,25 @@ def _block_scale(amax, bad, QMAX: tl.constexpr):
 
 @triton.jit
 def _quantize_kernel(
-    x_ptr, res_ptr, res_out_ptr, q_ptr, scales_ptr, seed_ptr, nblocks, block, num_tiles, row_blocks, q_stride,
+    x_ptr,
+    res_ptr,
+    res_out_ptr,
+    q_ptr,
+    scales_ptr,
+    seed_ptr,
+    nblocks,
+    block,
+    num_tiles,
+    row_blocks,
+    q_stride,
     scales_stride,
-    QMAX: tl.constexpr, GROUP: tl.constexpr, TILE_PAIRS: tl.constexpr,
-    STOCHASTIC: tl.constexpr, PACKED: tl.constexpr, ONE_TILE: tl.constexpr, EF: tl.constexpr,
+    QMAX: tl.constexpr,
+    GROUP: tl.constexpr,
+    TILE_PAIRS: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    PACKED: tl.constexpr,
+    ONE_TILE: tl.constexpr,
+    EF: tl.constexpr,
 ):
     # GROUP blocks per program in tiles of [TILE_PAIRS, 2] values (pairs make int4 bytes);
     # a block of one tile is read once, a longer one twice (absmax, then codes). Inputs
@@ -122,13 +147,25 @@ def _quantize_kernel(
         tl.store(scale_at, scale, mask=blk_ok)
         for t in range(num_tiles):
             x, offs, pair_ok, col_pair = _load_tile(x_ptr, res_ptr, blk, blk_ok, t, block, TILE_PAIRS, EF)
-            _store_codes(x, offs, pair_ok, col_pair, q_base, scale, seed, q_ptr, res_out_ptr, QMAX, STOCHASTIC, PACKED, EF)
+            _store_codes(
+                x, offs, pair_ok, col_pair, q_base, scale, seed, q_ptr, res_out_ptr, QMAX, STOCHASTIC, PACKED, EF
+            )
 
 
 @triton.jit
 def _dequantize_kernel(
-    q_ptr, q_stride, scales_ptr, scales_stride, out_ptr, sum_rows, row_len, block, alpha,
-    PAIRS: tl.constexpr, BITS: tl.constexpr, ACCUMULATE: tl.constexpr,
+    q_ptr,
+    q_stride,
+    scales_ptr,
+    scales_stride,
+    out_ptr,
+    sum_rows,
+    row_len,
+    block,
+    alpha,
+    PAIRS: tl.constexpr,
+    BITS: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
 ):
     # Output row o (+)= alpha * the sum of input rows o * sum_rows ... (o + 1) * sum_rows - 1
     # of q * scale; int4 codes come packed, two per byte; input rows may be strided.
@@ -196,10 +233,16 @@ def _tiling(block: int, values_per_program: int, max_tile: int) -> tuple[int, in
 
 
 def quantize_blockwise_triton(
-    x: torch.Tensor, bits: int, block: int, generator: torch.Generator | None = None, packed: bool = False,
-    values_per_program: int = VALUES_PER_PROGRAM, max_tile: int = MAX_TILE,
+    x: torch.Tensor,
+    bits: int,
+    block: int,
+    generator: torch.Generator | None = None,
+    packed: bool = False,
+    values_per_program: int = VALUES_PER_PROGRAM,
+    max_tile: int = MAX_TILE,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
-    residual: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton quantization of contiguous rows ``x [r, L]`` (``L`` a multiple of the even ``block``).
 
@@ -232,17 +275,38 @@ def quantize_blockwise_triton(
         ef = residual is not None
         res_out = residual if residual_out is None else residual_out
         _quantize_kernel[(triton.cdiv(nblocks, group),)](
-            x, residual if ef else x, res_out if ef else x, q.view(torch.int8) if bits == 8 else q, scales, seed,
-            nblocks, block, num_tiles, length // block, q.stride(0), scales.stride(0),
-            QMAX=QMAX[bits], GROUP=group, TILE_PAIRS=tile_pairs, STOCHASTIC=generator is not None,
-            PACKED=packed and bits == 4, ONE_TILE=num_tiles == 1, EF=ef,
+            x,
+            residual if ef else x,
+            res_out if ef else x,
+            q.view(torch.int8) if bits == 8 else q,
+            scales,
+            seed,
+            nblocks,
+            block,
+            num_tiles,
+            length // block,
+            q.stride(0),
+            scales.stride(0),
+            QMAX=QMAX[bits],
+            GROUP=group,
+            TILE_PAIRS=tile_pairs,
+            STOCHASTIC=generator is not None,
+            PACKED=packed and bits == 4,
+            ONE_TILE=num_tiles == 1,
+            EF=ef,
         )
     return q, scales
 
 
 def dequantize_blockwise_triton(
-    q: torch.Tensor, scales: torch.Tensor, block: int, out: torch.Tensor | None = None, bits: int = 8,
-    accumulate: bool = False, alpha: float = 1.0, pairs_per_program: int = 2048,
+    q: torch.Tensor,
+    scales: torch.Tensor,
+    block: int,
+    out: torch.Tensor | None = None,
+    bits: int = 8,
+    accumulate: bool = False,
+    alpha: float = 1.0,
+    pairs_per_program: int = 2048,
 ) -> torch.Tensor:
     """Triton dequantization of codes ``q`` (int8 ``[r, L]``, or int4 packed ``[r, L/2]`` uint8).
 
@@ -262,12 +326,24 @@ def dequantize_blockwise_triton(
     check_contiguous(out, "dequantize_blockwise_triton", "out")
     out_rows, shape = decode_layout(out.numel(), rows, length, "dequantize_blockwise_triton")
     if length >= 2**31:
-        raise ValueError(f"dequantize_blockwise_triton: rows of {length} values are too long for int32 columns; split them")
+        raise ValueError(
+            f"dequantize_blockwise_triton: rows of {length} values are too long for int32 columns; split them"
+        )
     if length and rows:
         grid = (triton.cdiv(length, 2 * pairs_per_program), out_rows)
         _dequantize_kernel[grid](
-            q.view(torch.int8) if bits == 8 else q, q.stride(0), scales, scales.stride(0), out, rows // out_rows,
-            length, block, float(alpha), PAIRS=pairs_per_program, BITS=bits, ACCUMULATE=accumulate,
+            q.view(torch.int8) if bits == 8 else q,
+            q.stride(0),
+            scales,
+            scales.stride(0),
+            out,
+            rows // out_rows,
+            length,
+            block,
+            float(alpha),
+            PAIRS=pairs_per_program,
+            BITS=bits,
+            ACCUMULATE=accumulate,
         )
     elif not accumulate:
         out.zero_()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 
 import torch
-
 from distcomp.kernels._backend import use_triton
 from distcomp.kernels._checks import (
     as_rows,
@@ -142,9 +141,7 @@ def sign_encode(
     return sign_encode_ref(x, block, out)
 
 
-def sign_decode(
-    bits: torch.Tensor, scales: torch.Tensor, block: int, out: torch.Tensor | None = None
-) -> torch.Tensor:
+def sign_decode(bits: torch.Tensor, scales: torch.Tensor, block: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Public op of :func:`sign_decode_ref`; ``out``, if given, is a contiguous fp32 tensor of the result's size."""
     _check_decode(bits, scales, block, "sign_decode")
     if out is not None and (out.dtype != torch.float32 or out.numel() != bits.numel() * 8 or not out.is_contiguous()):
@@ -233,8 +230,10 @@ def sign_encode_ef_ref(
     """
     rows, length = grad.shape
     if out is None:
-        out = (torch.empty(rows, length // 8, dtype=torch.uint8, device=grad.device),
-               torch.empty(rows, length // block, dtype=torch.float32, device=grad.device))
+        out = (
+            torch.empty(rows, length // 8, dtype=torch.uint8, device=grad.device),
+            torch.empty(rows, length // block, dtype=torch.float32, device=grad.device),
+        )
     target = (residual if residual_out is None else residual_out).view(rows, length)
     residual = residual.view(rows, length)
     for r, lo, hi in row_column_chunks(rows, length // block, block, align=_bits_align(block)):
@@ -267,7 +266,8 @@ def sign_encode_ef(
     check_dtype(residual, torch.float32, "sign_encode_ef", "residual")
     if grad.dim() != 2 or residual.shape != grad.shape:
         raise ValueError(
-            f"sign_encode_ef: expected 2-D rows and a residual of the same shape, got {tuple(grad.shape)} and {tuple(residual.shape)}"
+            "sign_encode_ef: expected 2-D rows and a residual of the same shape, "
+            f"got {tuple(grad.shape)} and {tuple(residual.shape)}"
         )
     check_block(grad.shape[1], block, "sign_encode_ef")
     check_block(grad.shape[1], 8, "sign_encode_ef")
@@ -276,7 +276,9 @@ def sign_encode_ef(
         check_dtype(residual_out, torch.float32, "sign_encode_ef", "residual_out")
         check_contiguous(residual_out, "sign_encode_ef", "residual_out")
         if residual_out.numel() != residual.numel():
-            raise ValueError(f"sign_encode_ef: residual_out has {residual_out.numel()} values, expected {residual.numel()}")
+            raise ValueError(
+                f"sign_encode_ef: residual_out has {residual_out.numel()} values, expected {residual.numel()}"
+            )
     if out is not None:
         check_encode_out(out, grad, grad.shape[1] // 8, block, "sign_encode_ef")
     check_same_device("sign_encode_ef", grad, residual, *([residual_out] if residual_out is not None else []))

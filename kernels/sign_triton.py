@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from distcomp.kernels._checks import check_contiguous, check_pow2, decode_layout, next_pow2, row_major
 
 BYTES_PER_PROGRAM = 512
@@ -73,8 +72,21 @@ def _store_residual(x, scale, res_out_ptr, offs, byte_ok):
 
 @triton.jit
 def _sign_encode_kernel(
-    x_ptr, res_ptr, res_out_ptr, bits_ptr, scales_ptr, nblocks, block, num_tiles, row_blocks, bits_stride, scales_stride,
-    GROUP: tl.constexpr, TILE_BYTES: tl.constexpr, EF: tl.constexpr, ONE_TILE: tl.constexpr,
+    x_ptr,
+    res_ptr,
+    res_out_ptr,
+    bits_ptr,
+    scales_ptr,
+    nblocks,
+    block,
+    num_tiles,
+    row_blocks,
+    bits_stride,
+    scales_stride,
+    GROUP: tl.constexpr,
+    TILE_BYTES: tl.constexpr,
+    EF: tl.constexpr,
+    ONE_TILE: tl.constexpr,
 ):
     # GROUP blocks per program. Bits do not depend on the scale, so they are stored as
     # tiles go by; the new residual does: a block of one tile is corrected from
@@ -110,8 +122,17 @@ def _sign_encode_kernel(
 
 @triton.jit
 def _sign_decode_kernel(
-    bits_ptr, bits_stride, scales_ptr, scales_stride, out_ptr, sum_rows, row_bytes, block, alpha,
-    BYTES: tl.constexpr, ACCUMULATE: tl.constexpr,
+    bits_ptr,
+    bits_stride,
+    scales_ptr,
+    scales_stride,
+    out_ptr,
+    sum_rows,
+    row_bytes,
+    block,
+    alpha,
+    BYTES: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
 ):
     # Output row o (+)= alpha * the sum of input rows o * sum_rows ... (o + 1) * sum_rows - 1,
     # one tile of columns per program; input rows may be strided (payload views).
@@ -172,8 +193,13 @@ def _block_tiling(block: int, values_per_program: int, max_tile: int) -> tuple[i
 
 
 def _encode(
-    x: torch.Tensor, residual: torch.Tensor | None, residual_out: torch.Tensor | None, block: int,
-    values_per_program: int, max_tile: int, out: tuple[torch.Tensor, torch.Tensor] | None,
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    residual_out: torch.Tensor | None,
+    block: int,
+    values_per_program: int,
+    max_tile: int,
+    out: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the encode kernel (with error feedback when ``residual`` is given); returns ``(bits, scales)``."""
     rows, length = x.shape
@@ -182,35 +208,63 @@ def _encode(
         bits = torch.empty(rows, length // 8, dtype=torch.uint8, device=x.device)
         scales = torch.empty(rows, length // block, dtype=torch.float32, device=x.device)
     else:
-        bits, scales = row_major(out[0], "sign_encode_triton", "bits out"), row_major(out[1], "sign_encode_triton", "scales out")
+        bits, scales = (
+            row_major(out[0], "sign_encode_triton", "bits out"),
+            row_major(out[1], "sign_encode_triton", "scales out"),
+        )
         if bits is not out[0] or scales is not out[1]:
             raise ValueError("sign_encode_triton: out rows must be contiguous")
     nblocks = rows * (length // block)
     if nblocks:
         ef = residual is not None
         _sign_encode_kernel[(triton.cdiv(nblocks, group),)](
-            x, residual if ef else x, residual_out if ef else x, bits, scales, nblocks, block, num_tiles,
-            length // block, bits.stride(0), scales.stride(0),
-            GROUP=group, TILE_BYTES=tile_bytes, EF=ef, ONE_TILE=num_tiles == 1,
+            x,
+            residual if ef else x,
+            residual_out if ef else x,
+            bits,
+            scales,
+            nblocks,
+            block,
+            num_tiles,
+            length // block,
+            bits.stride(0),
+            scales.stride(0),
+            GROUP=group,
+            TILE_BYTES=tile_bytes,
+            EF=ef,
+            ONE_TILE=num_tiles == 1,
         )
     return bits, scales
 
 
 def sign_encode_triton(
-    x: torch.Tensor, block: int, values_per_program: int = VALUES_PER_PROGRAM, max_tile: int = MAX_TILE,
+    x: torch.Tensor,
+    block: int,
+    values_per_program: int = VALUES_PER_PROGRAM,
+    max_tile: int = MAX_TILE,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton :func:`~distcomp.kernels.sign.sign_encode_ref` of contiguous rows ``x [r, L]`` (into ``out``'s row views if given)."""
+    """Triton :func:`~distcomp.kernels.sign.sign_encode_ref` of contiguous rows ``x [r, L]``.
+
+    The results go into ``out``'s row views if given.
+    """
     check_contiguous(x, "sign_encode_triton", "x")
     return _encode(x, None, None, block, values_per_program, max_tile, out)
 
 
 def sign_encode_ef_triton(
-    grad: torch.Tensor, residual: torch.Tensor, block: int, residual_out: torch.Tensor | None = None,
-    values_per_program: int = VALUES_PER_PROGRAM, max_tile: int = MAX_TILE,
+    grad: torch.Tensor,
+    residual: torch.Tensor,
+    block: int,
+    residual_out: torch.Tensor | None = None,
+    values_per_program: int = VALUES_PER_PROGRAM,
+    max_tile: int = MAX_TILE,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton :func:`~distcomp.kernels.sign.sign_encode_ef_ref`: one pass over memory (two for blocks over ``max_tile``)."""
+    """Triton :func:`~distcomp.kernels.sign.sign_encode_ef_ref`.
+
+    One pass over memory (two for blocks over ``max_tile``).
+    """
     for name, t in (("grad", grad), ("residual", residual), ("residual_out", residual_out)):
         if t is not None:
             check_contiguous(t, "sign_encode_ef_triton", name)
@@ -219,8 +273,13 @@ def sign_encode_ef_triton(
 
 
 def sign_decode_triton(
-    bits: torch.Tensor, scales: torch.Tensor, block: int, out: torch.Tensor | None = None,
-    accumulate: bool = False, alpha: float = 1.0, bytes_per_program: int = BYTES_PER_PROGRAM,
+    bits: torch.Tensor,
+    scales: torch.Tensor,
+    block: int,
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
+    alpha: float = 1.0,
+    bytes_per_program: int = BYTES_PER_PROGRAM,
 ) -> torch.Tensor:
     """Triton decode of ``bits [r, L/8]`` with ``scales [r, L/block]`` into contiguous fp32 ``out``.
 
@@ -242,8 +301,17 @@ def sign_decode_triton(
     if length and rows:
         grid = (triton.cdiv(length // 8, bytes_per_program), out_rows)
         _sign_decode_kernel[grid](
-            bits, bits.stride(0), scales, scales.stride(0), out, rows // out_rows, length // 8, block, float(alpha),
-            BYTES=bytes_per_program, ACCUMULATE=accumulate,
+            bits,
+            bits.stride(0),
+            scales,
+            scales.stride(0),
+            out,
+            rows // out_rows,
+            length // 8,
+            block,
+            float(alpha),
+            BYTES=bytes_per_program,
+            ACCUMULATE=accumulate,
         )
     elif not accumulate:
         out.zero_()

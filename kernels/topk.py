@@ -12,7 +12,6 @@ kept, and the order of entries in a payload, are unspecified.
 from __future__ import annotations
 
 import torch
-
 from distcomp.kernels._backend import use_triton
 from distcomp.kernels._checks import CHUNK_VALUES, check_dtype, check_float, check_same_device
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from distcomp.kernels._checks import check_contiguous, check_pow2
 
 SELECT_BLOCK = 4096
@@ -79,7 +78,9 @@ def topk_indices_triton(flat: torch.Tensor, k: int, select_block: int = SELECT_B
     return cand[flat[cand].abs().topk(k, sorted=False).indices]
 
 
-def topk_pack_triton(x: torch.Tensor, k: int, block: int = PACK_BLOCK, select_block: int = SELECT_BLOCK) -> torch.Tensor:
+def topk_pack_triton(
+    x: torch.Tensor, k: int, block: int = PACK_BLOCK, select_block: int = SELECT_BLOCK
+) -> torch.Tensor:
     """Triton :func:`~distcomp.kernels.topk.topk_pack_ref` of contiguous ``x``: ``[values as int32 | indices]``."""
     check_contiguous(x, "topk_pack_triton", "x")
     check_pow2(block, "topk_pack_triton", "block")

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from distcomp.launch.errors import LaunchConfigError
 from distcomp.launch.hostfile import read_utf8
@@ -29,7 +29,7 @@ def parse_assignment(text: str, where: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     key = key.strip()
     if key.startswith("export "):
-        key = key[len("export "):].strip()
+        key = key[len("export ") :].strip()
     if not sep or not _KEY.match(key):
         raise LaunchConfigError(f"{where}: {text!r} is not KEY=VALUE")
     if "\0" in value:

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 from distcomp.launch.errors import LaunchConfigError
 
@@ -58,8 +58,10 @@ def host_name_problem(text: str) -> str | None:
     if text.startswith("-"):
         return "starts with '-' (ssh would read it as an option)"
     if not is_host_name(text):
-        return ("is not a host name (letters, digits, '-' inside dot-separated labels of at most 63 characters) "
-                "nor an IPv4/IPv6 address")
+        return (
+            "is not a host name (letters, digits, '-' inside dot-separated labels of at most 63 characters) "
+            "nor an IPv4/IPv6 address"
+        )
     return None
 
 
@@ -112,7 +114,10 @@ def parse_hostfile(path: str | Path) -> list[Host]:
 
 
 def read_utf8(path: Path, what: str) -> str:
-    """The text of ``path``; :class:`LaunchConfigError` naming ``what``, the file and the line when it cannot be read."""
+    """The text of ``path``.
+
+    Raises :class:`LaunchConfigError` naming ``what``, the file and the line when it cannot be read.
+    """
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -121,8 +126,9 @@ def read_utf8(path: Path, what: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
-        raise LaunchConfigError(f"{what} {path}, line {line}: byte 0x{data[exc.start]:02x} is not UTF-8 "
-                                "(save the file as UTF-8)") from None
+        raise LaunchConfigError(
+            f"{what} {path}, line {line}: byte 0x{data[exc.start]:02x} is not UTF-8 (save the file as UTF-8)"
+        ) from None
 
 
 def _parse_line(line: str, where: str) -> Host:
@@ -143,8 +149,10 @@ def _parse_line(line: str, where: str) -> Host:
     if "slots" not in values:
         raise LaunchConfigError(f"{where}: host {name!r} has no slots=N")
     if not values["slots"].isdigit() or not 1 <= int(values["slots"]) <= MAX_SLOTS:
-        raise LaunchConfigError(f"{where}: slots={values['slots']!r} must be a whole number from 1 to {MAX_SLOTS} "
-                                "(ranks on this host: one process each)")
+        raise LaunchConfigError(
+            f"{where}: slots={values['slots']!r} must be a whole number from 1 to {MAX_SLOTS} "
+            "(ranks on this host: one process each)"
+        )
     _check_value(values, "addr", host_name_problem, where)
     _check_value(values, "ifname", ifname_problem, where)
     return Host(name, int(values["slots"]), values.get("addr"), values.get("ifname"))
@@ -156,8 +164,14 @@ def _check_value(values: dict[str, str], key: str, problem_of: Callable[[str], s
         raise LaunchConfigError(f"{where}: {key}={values[key]!r}: {problem}")
 
 
-def select_hosts(hosts: list[Host], *, include: str = "", exclude: str = "", num_nodes: int | None = None,
-                 nproc_per_node: int | None = None) -> list[Host]:
+def select_hosts(
+    hosts: list[Host],
+    *,
+    include: str = "",
+    exclude: str = "",
+    num_nodes: int | None = None,
+    nproc_per_node: int | None = None,
+) -> list[Host]:
     """Apply ``--include`` or ``--exclude``, then ``--num-nodes`` (the first N), then ``--nproc-per-node``."""
     if include and exclude:
         raise LaunchConfigError("--include and --exclude cannot be used together")
@@ -182,8 +196,9 @@ def _parse_selection(text: str, hosts: list[Host], flag: str) -> dict[str, tuple
     for part in text.split("@"):
         name, sep, slots = part.strip().partition(":")
         if name not in known:
-            raise LaunchConfigError(f"{flag} {text!r}: host {name!r} is not in the hostfile "
-                                    f"(hosts: {', '.join(known)})")
+            raise LaunchConfigError(
+                f"{flag} {text!r}: host {name!r} is not in the hostfile (hosts: {', '.join(known)})"
+            )
         if not sep:
             chosen[name] = None
             continue
@@ -212,8 +227,8 @@ def _exclude(hosts: list[Host], chosen: dict[str, tuple[int, ...] | None]) -> li
     for h in hosts:
         if h.name not in chosen:
             out.append(h)
-        elif chosen[h.name] is not None:
-            kept = tuple(s for s in range(h.slots) if s not in chosen[h.name])
+        elif (dropped := chosen[h.name]) is not None:
+            kept = tuple(s for s in range(h.slots) if s not in dropped)
             if kept:
                 out.append(replace(h, slots=len(kept), devices=kept))
     return out

@@ -57,8 +57,11 @@ def check_mpi_executable(flavor: Flavor) -> str:
     name = EXECUTABLE[flavor]
     found = shutil.which(name)
     if found is None:
-        hint = ("pip install mpich (puts mpiexec next to Python) or apt-get install mpich" if flavor == "mpich"
-                else "apt-get install openmpi-bin")
+        hint = (
+            "pip install mpich (puts mpiexec next to Python) or apt-get install mpich"
+            if flavor == "mpich"
+            else "apt-get install openmpi-bin"
+        )
         beside = Path(sys.executable).parent / name
         if beside.exists():
             hint = f"{beside} exists: put {beside.parent} on PATH"
@@ -66,6 +69,8 @@ def check_mpi_executable(flavor: Flavor) -> str:
     if flavor == "openmpi":
         out = subprocess.run([found, "--version"], capture_output=True, text=True, timeout=30)
         if "Open MPI" not in out.stdout + out.stderr and "open-mpi" not in out.stdout + out.stderr:
-            raise LaunchError(f"--launcher openmpi: {found} is not Open MPI's mpirun "
-                              f"({(out.stdout or out.stderr).strip().splitlines()[:1]}); use --launcher mpich")
+            raise LaunchError(
+                f"--launcher openmpi: {found} is not Open MPI's mpirun "
+                f"({(out.stdout or out.stderr).strip().splitlines()[:1]}); use --launcher mpich"
+            )
     return found

@@ -23,8 +23,8 @@ import os
 import runpy
 import socket
 import sys
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import MutableMapping, Sequence
 
 from distcomp.launch.errors import LaunchError
 
@@ -47,14 +47,23 @@ class RankEnv:
 
     def as_env(self) -> dict[str, str]:
         """The torch.distributed variables."""
-        return {"RANK": str(self.rank), "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(self.local_rank),
-                "LOCAL_WORLD_SIZE": str(self.local_world_size), "MASTER_ADDR": self.master_addr,
-                "MASTER_PORT": str(self.master_port)}
+        return {
+            "RANK": str(self.rank),
+            "WORLD_SIZE": str(self.world_size),
+            "LOCAL_RANK": str(self.local_rank),
+            "LOCAL_WORLD_SIZE": str(self.local_world_size),
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": str(self.master_port),
+        }
 
 
 _VARIABLES = {  # source: (rank, size, local rank, local size)
-    "openmpi": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
-                "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    "openmpi": (
+        "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_SIZE",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "OMPI_COMM_WORLD_LOCAL_SIZE",
+    ),
     "mpich": ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
 }
 
@@ -66,12 +75,22 @@ def rank_env_from_variables(environ: MutableMapping[str, str] | dict[str, str]) 
             r, n = int(environ[rank]), int(environ[size])
             local_n = int(environ.get(local_size, n))
             if "MASTER_ADDR" not in environ and local_n != n:
-                raise LaunchError(f"rank {r}: MASTER_ADDR is not set and the job spans several hosts "
-                                  "(install mpi4py, or pass MASTER_ADDR to every rank)")
-            return RankEnv(r, n, int(environ.get(local_rank, r)), local_n, environ.get("MASTER_ADDR", "127.0.0.1"),
-                           int(environ.get("MASTER_PORT", DEFAULT_PORT)), source)
-    raise LaunchError("no MPI rank variables (PMI_RANK/PMI_SIZE or OMPI_COMM_WORLD_RANK/SIZE): "
-                      "start this under mpiexec/mpirun")
+                raise LaunchError(
+                    f"rank {r}: MASTER_ADDR is not set and the job spans several hosts "
+                    "(install mpi4py, or pass MASTER_ADDR to every rank)"
+                )
+            return RankEnv(
+                r,
+                n,
+                int(environ.get(local_rank, r)),
+                local_n,
+                environ.get("MASTER_ADDR", "127.0.0.1"),
+                int(environ.get("MASTER_PORT", DEFAULT_PORT)),
+                source,
+            )
+    raise LaunchError(
+        "no MPI rank variables (PMI_RANK/PMI_SIZE or OMPI_COMM_WORLD_RANK/SIZE): start this under mpiexec/mpirun"
+    )
 
 
 def rank_env_from_mpi4py(environ: MutableMapping[str, str] | dict[str, str]) -> RankEnv:
@@ -110,12 +129,23 @@ def _mpi4py_wanted(environ: MutableMapping[str, str]) -> bool:
 
 
 def bootstrap_from_mpi(environ: MutableMapping[str, str] | None = None) -> RankEnv:
-    """Set RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT in ``environ`` (default ``os.environ``)."""
+    """Set RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT in ``environ``.
+
+    ``environ`` defaults to ``os.environ``.
+    """
     environ = os.environ if environ is None else environ
     found = rank_env_from_mpi4py(environ) if _mpi4py_wanted(environ) else rank_env_from_variables(environ)
     environ.update(found.as_env())
-    logger.debug("MPI rank %d/%d (local %d/%d) from %s, master %s:%d", found.rank, found.world_size,
-                 found.local_rank, found.local_world_size, found.source, found.master_addr, found.master_port)
+    logger.debug(
+        "MPI rank %d/%d (local %d/%d) from %s, master %s:%d",
+        found.rank,
+        found.world_size,
+        found.local_rank,
+        found.local_world_size,
+        found.source,
+        found.master_addr,
+        found.master_port,
+    )
     return found
 
 

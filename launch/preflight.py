@@ -11,8 +11,8 @@ import errno
 import shlex
 import socket
 import subprocess
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 from distcomp.launch.errors import LaunchError
 from distcomp.launch.spec import Job
@@ -41,8 +41,10 @@ RemoteArgv = Callable[[str, str], list[str]]
 
 
 def port_in_use_message(where: str, port: int) -> str:
-    return (f"port {port} is already in use on {where}: give another --master-port, "
-            "or leave it out and a free one is picked")
+    return (
+        f"port {port} is already in use on {where}: give another --master-port, "
+        "or leave it out and a free one is picked"
+    )
 
 
 def local_port(port: int | None) -> int:
@@ -60,6 +62,7 @@ def local_port(port: int | None) -> int:
 
 def probe_hosts(job: Job, remote: RemoteArgv, port: int | None) -> int:
     """Check every host of ``job``; the master port (``port``, or a free one found on host 0)."""
+
     def probe(index: int) -> str:
         host = job.hosts[index]
         check_port = (port or 0) if index == 0 else -1
@@ -67,20 +70,24 @@ def probe_hosts(job: Job, remote: RemoteArgv, port: int | None) -> int:
         line = f"cd {shlex.quote(job.cwd)} && {shlex.join([job.python, '-c', _PROBE, str(check_port)])}"
         argv = remote(host.name, line)
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
-                                  stdin=subprocess.DEVNULL)
+            proc = subprocess.run(
+                argv, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL
+            )
         except subprocess.TimeoutExpired:
-            raise LaunchError(f"host {host.name} did not answer within {PROBE_TIMEOUT_S:g} s: "
-                              f"`{shlex.join(argv[:-1])} ...`") from None
+            raise LaunchError(
+                f"host {host.name} did not answer within {PROBE_TIMEOUT_S:g} s: `{shlex.join(argv[:-1])} ...`"
+            ) from None
         except FileNotFoundError:
             raise LaunchError(f"`{argv[0]}` is not installed here (needed to reach host {host.name})") from None
         if proc.returncode != 0:
             detail = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
             if "already in use" in detail:
                 raise LaunchError(port_in_use_message(f"host {host.name}", port or 0))
-            raise LaunchError(f"ssh check of host {host.name} failed (exit code {proc.returncode}): {detail}\n"
-                              f"  command: {shlex.join(argv[:-1])} '<check: {job.python} imports torch and distcomp"
-                              f"{', port ' + str(port) + ' is free' if index == 0 and port else ''}>'")
+            raise LaunchError(
+                f"ssh check of host {host.name} failed (exit code {proc.returncode}): {detail}\n"
+                f"  command: {shlex.join(argv[:-1])} '<check: {job.python} imports torch and distcomp"
+                f"{', port ' + str(port) + ' is free' if index == 0 and port else ''}>'"
+            )
         return proc.stdout
 
     with ThreadPoolExecutor(max_workers=min(32, len(job.hosts))) as pool:
@@ -89,4 +96,3 @@ def probe_hosts(job: Job, remote: RemoteArgv, port: int | None) -> int:
     if "port" not in words or words.index("port") + 1 >= len(words):
         raise LaunchError(f"ssh check of host {job.hosts[0].name}: unexpected answer {outputs[0]!r}")
     return int(words[words.index("port") + 1])
-

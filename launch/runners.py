@@ -10,7 +10,7 @@ on the hang-up alone.
 from __future__ import annotations
 
 import shlex
-from typing import Sequence
+from collections.abc import Sequence
 
 from distcomp.launch.spec import Command, Job
 from distcomp.launch.torchrun import agent_argv, agent_env
@@ -27,12 +27,14 @@ def node_argv(job: Job, index: int, watch_stdin: bool = True) -> list[str]:
 
 def local_commands(job: Job) -> list[Command]:
     """The single-node job: torchrun on this machine."""
-    return [Command(job.hosts[0].name, tuple(node_argv(job, 0)), tuple(agent_env(job, 0).items()),
-                    lifeline=True)]
+    return [Command(job.hosts[0].name, tuple(node_argv(job, 0)), tuple(agent_env(job, 0).items()), lifeline=True)]
 
 
 def remote_shell(job: Job, index: int, watch_stdin: bool = True) -> str:
-    """The shell line a remote host runs: same directory, the job's variables, then the watchdog in place of the shell."""
+    """The shell line a remote host runs.
+
+    Same directory, the job's variables, then the watchdog in place of the shell.
+    """
     env = [f"{k}={v}" for k, v in agent_env(job, index).items()]
     argv = ["env", *env, *node_argv(job, index, watch_stdin)]
     return f"cd {shlex.quote(job.cwd)} && exec {shlex.join(argv)}"
@@ -45,8 +47,10 @@ def ssh_argv(host: str, remote: str, ssh_options: Sequence[str] = ()) -> list[st
 
 def ssh_commands(job: Job, ssh_options: Sequence[str] = ()) -> list[Command]:
     """One ``ssh HOST 'cd CWD && exec env ... torchrun ...'`` per host."""
-    return [Command(h.name, tuple(ssh_argv(h.name, remote_shell(job, i), ssh_options)), lifeline=True)
-            for i, h in enumerate(job.hosts)]
+    return [
+        Command(h.name, tuple(ssh_argv(h.name, remote_shell(job, i), ssh_options)), lifeline=True)
+        for i, h in enumerate(job.hosts)
+    ]
 
 
 def pdsh_commands(job: Job) -> list[Command]:
@@ -55,5 +59,9 @@ def pdsh_commands(job: Job) -> list[Command]:
     ``-S`` makes pdsh exit with the remote command's status, so a failed node is
     reported like with ssh. pdsh reaches hosts with ssh unless ``PDSH_RCMD_TYPE`` says otherwise.
     """
-    return [Command(h.name, ("pdsh", "-S", "-w", h.name, remote_shell(job, i, watch_stdin=False)),
-                    (("PDSH_RCMD_TYPE", "ssh"),)) for i, h in enumerate(job.hosts)]
+    return [
+        Command(
+            h.name, ("pdsh", "-S", "-w", h.name, remote_shell(job, i, watch_stdin=False)), (("PDSH_RCMD_TYPE", "ssh"),)
+        )
+        for i, h in enumerate(job.hosts)
+    ]

@@ -22,8 +22,8 @@ same one without talking to the others.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 from distcomp.launch.errors import LaunchConfigError
 from distcomp.launch.hostfile import Host
@@ -103,8 +103,13 @@ class SlurmAllocation:
         node_id = int(environ["SLURM_NODEID"]) if in_step and "SLURM_NODEID" in environ else None
         if node_id is not None:
             _check_one_task_on_node(environ, node_id)
-        return cls(environ.get("SLURM_JOB_ID") or environ["SLURM_JOBID"], tuple(expand_nodelist(nodelist)),
-                   node_id, nproc_per_node or _procs_per_node(environ), in_step)
+        return cls(
+            environ.get("SLURM_JOB_ID") or environ["SLURM_JOBID"],
+            tuple(expand_nodelist(nodelist)),
+            node_id,
+            nproc_per_node or _procs_per_node(environ),
+            in_step,
+        )
 
     def default_port(self) -> int:
         """A port every node derives alike from the job id (in 20000-39999)."""
@@ -120,14 +125,17 @@ def _check_one_task_on_node(environ: Mapping[str, str], node_id: int) -> None:
     """Refuse a step with several tasks on this node: each would start the node's agent, and the duplicates
     collide on the rendezvous port or join as extra nodes."""
     name = next((k for k in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE") if environ.get(k)), None)
-    counts = expand_counts(environ[name]) if name else []
+    if name is None:
+        return
+    counts = expand_counts(environ[name])
     tasks = counts[node_id] if node_id < len(counts) else 1
     if tasks > 1:
         raise LaunchConfigError(
             f"srun started {tasks} tasks on node {environ.get('SLURMD_NODENAME', node_id)} ({name}={environ[name]}); "
             "distcomp launch runs once per node and starts that node's ranks itself: "
             "srun --nodes=$SLURM_NNODES --ntasks=$SLURM_NNODES distcomp launch ..., or "
-            "distcomp launch --launcher slurm ... from the batch script")
+            "distcomp launch --launcher slurm ... from the batch script"
+        )
 
 
 def _procs_per_node(environ: Mapping[str, str]) -> int:
@@ -143,7 +151,24 @@ def _procs_per_node(environ: Mapping[str, str]) -> int:
 def srun_command(alloc: SlurmAllocation, python: str, launch_args: Sequence[str], master_port: int) -> Command:
     """``srun`` with one task per node, each running this launch again as that node's agent."""
     n = str(len(alloc.nodes))
-    argv = ["srun", "--nodes", n, "--ntasks", n, "--ntasks-per-node", "1", "--kill-on-bad-exit=1",
-            python, "-m", "distcomp.launch", "--launcher", "slurm", "--nproc-per-node", str(alloc.procs_per_node),
-            "--master-port", str(master_port), *launch_args]
+    argv = [
+        "srun",
+        "--nodes",
+        n,
+        "--ntasks",
+        n,
+        "--ntasks-per-node",
+        "1",
+        "--kill-on-bad-exit=1",
+        python,
+        "-m",
+        "distcomp.launch",
+        "--launcher",
+        "slurm",
+        "--nproc-per-node",
+        str(alloc.procs_per_node),
+        "--master-port",
+        str(master_port),
+        *launch_args,
+    ]
     return Command("srun", tuple(argv))

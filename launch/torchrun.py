@@ -28,13 +28,23 @@ def _shared_output(job: Job) -> bool:
 def agent_argv(job: Job, index: int) -> list[str]:
     """The exact torchrun command line of node ``index``."""
     host = job.hosts[index]
-    argv = [job.python, "-m", AGENT_MODULE,
-            "--nnodes", job.nnodes or str(len(job.hosts)),
-            "--nproc-per-node", str(host.slots),
-            "--rdzv-backend", "c10d",
-            "--rdzv-endpoint", f"{job.master_addr}:{job.master_port}",
-            "--rdzv-id", job.rdzv_id,
-            "--rdzv-conf", f"is_host={'true' if index == 0 else 'false'}"]
+    argv = [
+        job.python,
+        "-m",
+        AGENT_MODULE,
+        "--nnodes",
+        job.nnodes or str(len(job.hosts)),
+        "--nproc-per-node",
+        str(host.slots),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"{job.master_addr}:{job.master_port}",
+        "--rdzv-id",
+        job.rdzv_id,
+        "--rdzv-conf",
+        f"is_host={'true' if index == 0 else 'false'}",
+    ]
     argv += ["--local-addr", host.address, "--max-restarts", str(job.max_restarts)]
     if _shared_output(job):
         argv += ["--tee", "3"]
