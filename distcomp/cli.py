@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import importlib.util
-import logging
 import os
 import platform
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
+from distcomp.console import console_logging
 from distcomp.errors import CheckpointError, ConfigError
+from distcomp.launch import cli as launch_cli
 
 EXIT_USAGE = 2
 
@@ -52,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "hostfile over ssh/pdsh, mpirun, SLURM",
                             description="Start one torch elastic agent per node (or MPI ranks) running SCRIPT. "
                                         "Example: distcomp launch --hostfile hosts -- distcomp train CONFIG")
-    _launch_arguments(launch)
-    launch.set_defaults(func=_launch)
+    launch_cli.add_arguments(launch)
+    launch.set_defaults(func=launch_cli.run)
 
     info = sub.add_parser("info", help="what this machine offers: torch, backends, GPUs, Triton, MPI, kernels")
     info.set_defaults(func=_info)
@@ -84,29 +85,6 @@ def _train(args: argparse.Namespace) -> int:
     except (ConfigError, CheckpointError) as exc:
         sys.stderr.write(f"distcomp train: error: {exc}\n")
         return EXIT_USAGE
-
-
-def _launch_arguments(parser: argparse.ArgumentParser) -> None:
-    from distcomp.launch.cli import add_arguments
-
-    add_arguments(parser)
-
-
-def _launch(args: argparse.Namespace) -> int:
-    from distcomp.launch.cli import run
-
-    return run(args)
-
-
-def console_logging(name: str = "distcomp", tag: str = "distcomp", propagate: bool = True) -> None:
-    """Show logger ``name``'s INFO messages on stderr as ``[tag] message`` (once: a second call adds nothing)."""
-    log = logging.getLogger(name)
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(f"[{tag}] %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = propagate
 
 
 # -- info --------------------------------------------------------------------------------

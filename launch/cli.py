@@ -15,11 +15,10 @@ import os
 import shutil
 import sys
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Mapping, Sequence
 
-from distcomp.cli import console_logging
 from distcomp.launch import mpi, preflight, runners, slurm
 from distcomp.launch.environment import default_env_file, job_env
 from distcomp.launch.errors import EXIT_PREFLIGHT, EXIT_USAGE, LaunchConfigError, LaunchError
@@ -27,6 +26,8 @@ from distcomp.launch.hostfile import MAX_SLOTS, Host, host_name_problem, parse_h
 from distcomp.launch.spec import Command, Job, Program
 from distcomp.launch.supervise import run_nodes
 from distcomp.launch.torchrun import agent_argv, agent_env
+
+from distcomp.console import console_logging
 
 logger = logging.getLogger("distcomp.launch")
 LAUNCHERS = ("auto", "local", "ssh", "pdsh", "mpich", "openmpi", "slurm")
