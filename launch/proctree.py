@@ -1,17 +1,44 @@
-"""Processes of a job as Linux sees them: descendants found by walking ``/proc``, and parent-death signals.
+"""Processes of a job as Linux sees them: descendants found by walking ``/proc``, parent-death signals, exit statuses.
 
 torch's agent starts its workers in sessions of their own, so a signal to the
 agent's process group does not reach them: stopping a node for good means
 signalling every descendant of the process the launcher started.
+
+The launcher, its watchdog and the supervisor of ``distcomp train``'s local ranks
+share what is here: the stop signals, how a process's end is named, and the
+parent-death signal that keeps a child from outliving whoever started it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-from typing import Callable
+from collections.abc import Callable
 
 from distcomp.linux import PR_SET_CHILD_SUBREAPER, PR_SET_PDEATHSIG, prctl
+
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)
+"""Signals that stop a job in an orderly way (a second one kills); where processes got different ones, the last
+listed wins."""
+
+
+def signal_name(signum: int) -> str:
+    """``SIGTERM`` for 15, and so on."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def exit_code(signum: int) -> int:
+    """The exit status of a process that ``signum`` ended: 128 + its number, as a shell reports it."""
+    return 128 + signum
+
+
+def describe_exit(returncode: int) -> str:
+    """``killed by SIGKILL`` for a ``Popen.returncode`` of -9, ``exit code 3`` for 3."""
+    return f"killed by {signal_name(-returncode)}" if returncode < 0 else f"exit code {returncode}"
 
 
 def _parents() -> dict[int, int]:
@@ -48,10 +75,8 @@ def kill_tree(pid: int, signum: int = signal.SIGKILL, *, include_root: bool = Tr
     """Send ``signum`` to ``pid`` and every descendant (found before the first signal); the pids signalled."""
     pids = ([pid] if include_root else []) + descendants(pid)
     for p in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(p, signum)
-        except (ProcessLookupError, PermissionError):
-            pass
     return pids
 
 
@@ -60,9 +85,14 @@ def become_subreaper() -> None:
     prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
-def die_with_parent(signum: int) -> Callable[[], None]:
-    """A ``preexec_fn`` that makes the child receive ``signum`` when the process that started it dies."""
-    parent = os.getpid()
+def die_with_parent(signum: int, parent: int | None = None) -> Callable[[], None]:
+    """A function for the child to run first that makes it receive ``signum`` when ``parent`` dies.
+
+    ``parent`` defaults to the process that calls this: make it there and pass it
+    as ``preexec_fn``. A child started otherwise (``multiprocessing``) passes the
+    pid its parent gave it and calls the result itself.
+    """
+    parent = os.getpid() if parent is None else parent
 
     def preexec() -> None:
         prctl(PR_SET_PDEATHSIG, signum)

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -27,20 +28,17 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import IO, Sequence
+from typing import IO
 
 from distcomp.launch.environment import current_env
 from distcomp.launch.errors import EXIT_INTERRUPTED, LaunchError, node_failed_code
-from distcomp.launch.proctree import die_with_parent, kill_tree
+from distcomp.launch.proctree import STOP_SIGNALS, describe_exit, die_with_parent, kill_tree
 from distcomp.launch.spec import Command
 
 logger = logging.getLogger("distcomp.launch")
 POLL_S = 0.2
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-"""Signals that stop the job in an orderly way (a second one kills it)."""
 
 
 class _Interrupted(Exception):
@@ -97,10 +95,8 @@ def _start(index: int, command: Command, prefix: bool) -> _Node:
 def _signal(node: _Node, signum: int) -> None:
     if signum == signal.SIGKILL:
         kill_tree(node.proc.pid)  # the agent's workers run in sessions of their own: the group is not enough
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(node.proc.pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _stop(nodes: Sequence[_Node], timeout_s: float, signum: int = signal.SIGTERM) -> None:
@@ -117,12 +113,6 @@ def _stop(nodes: Sequence[_Node], timeout_s: float, signum: int = signal.SIGTERM
             logger.warning("node %d (%s) did not stop within %g s: killing it", n.index, n.command.label, timeout_s)
             _signal(n, signal.SIGKILL)
             n.proc.wait()
-
-
-def _describe(code: int) -> str:
-    if code < 0:
-        return f"killed by {signal.Signals(-code).name}"
-    return f"exit code {code}"
 
 
 def run_nodes(commands: Sequence[Command], *, prefix_output: bool, stop_timeout_s: float,
@@ -162,7 +152,7 @@ def _watch(nodes: list[_Node], stop_timeout_s: float, elastic: bool) -> int:
             code = n.proc.poll()
             if code not in (None, 0) and n not in failed:
                 failed.append(n)
-                logger.error("node %d (%s) failed: %s", n.index, n.command.label, _describe(code))
+                logger.error("node %d (%s) failed: %s", n.index, n.command.label, describe_exit(code))
         if failed and not elastic:
             return _fail(nodes, failed[0], stop_timeout_s)
         if all(n.proc.poll() is not None for n in nodes):
@@ -180,8 +170,8 @@ def _fail(nodes: list[_Node], first: _Node, stop_timeout_s: float) -> int:
     for n in nodes:
         if n is not first:
             how = "stopped by the launcher" if n.stopped else "exited on its own"
-            logger.error("node %d (%s): %s, %s", n.index, n.command.label, _describe(n.proc.returncode), how)
+            logger.error("node %d (%s): %s, %s", n.index, n.command.label, describe_exit(n.proc.returncode), how)
     code = node_failed_code(first.index)
     logger.error("the job failed: node %d (%s) failed first (%s); launcher exit code %d",
-                 first.index, first.command.label, _describe(first.proc.returncode), code)
+                 first.index, first.command.label, describe_exit(first.proc.returncode), code)
     return code

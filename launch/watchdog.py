@@ -1,4 +1,4 @@
-"""``python -m distcomp.launch.watchdog [--grace S] [--ignore-stdin] -- ARGV``: run a node's agent, never outlive the launcher.
+"""Run a node's agent and never outlive the launcher: ``python -m distcomp.launch.watchdog [--grace S] -- ARGV``.
 
 Every node command of ``distcomp launch`` runs under this watchdog (on a remote
 host, inside the ssh line). It starts ``ARGV`` (the torch agent) and stops it
@@ -19,6 +19,7 @@ status is the agent's (killed by signal N when the agent was).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import select
@@ -27,14 +28,21 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
-from distcomp.launch.proctree import become_subreaper, descendants, die_with_parent, kill_tree
+from distcomp.launch.proctree import (
+    STOP_SIGNALS,
+    become_subreaper,
+    descendants,
+    die_with_parent,
+    exit_code,
+    kill_tree,
+    signal_name,
+)
 
 logger = logging.getLogger("distcomp.launch.watchdog")
 MODULE = "distcomp.launch.watchdog"
 POLL_S = 0.1
-_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class _Watch:
@@ -52,10 +60,8 @@ class _Watch:
         if self.reason is None:
             self.reason = reason
             self.deadline = time.monotonic() + self.grace_s
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(self.proc.pid, signum)
-        except ProcessLookupError:
-            pass
         self.wake.set()
 
     def tick(self) -> None:
@@ -98,15 +104,11 @@ def _reap_leftovers() -> None:
         if not left:
             return
         for pid in left:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         for pid in left:
-            try:
+            with contextlib.suppress(ChildProcessError):  # not ours to reap: its own parent will
                 os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass  # not ours to reap: its own parent will
         time.sleep(0.02)
 
 
@@ -117,10 +119,10 @@ def run(argv: Sequence[str], grace_s: float, watch_stdin: bool = True) -> int:
     proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, start_new_session=True,
                             preexec_fn=die_with_parent(signal.SIGTERM))
     watch = _Watch(proc, grace_s)
-    for signum in _STOP_SIGNALS:
+    for signum in STOP_SIGNALS:
         # SIGHUP means the terminal or session is gone: the agent gets SIGTERM, like on any other stop.
         forwarded = signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM
-        signal.signal(signum, lambda s, f, fw=forwarded: watch.request_stop(signal.Signals(s).name, fw))
+        signal.signal(signum, lambda s, f, fw=forwarded: watch.request_stop(signal_name(s), fw))
     if watch_stdin:
         threading.Thread(target=_watch_stdin, args=(watch,), daemon=True).start()
     poller = _stdout_poller()
@@ -142,7 +144,7 @@ def _exit_like(code: int) -> None:
         if -code not in (signal.SIGKILL, signal.SIGSTOP):  # those two cannot be caught: no handler to undo
             signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
-        code = 128 - code
+        code = exit_code(-code)
     sys.exit(code)
 
 

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import logging
 import multiprocessing as mp
@@ -30,7 +31,6 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass
 from multiprocessing import resource_tracker
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -42,12 +42,13 @@ from tqdm import tqdm
 
 from distcomp import linux
 from distcomp.errors import ConfigError
+from distcomp.launch.proctree import die_with_parent
 from distcomp.train import checkpoint, manifest, rundir
 from distcomp.train import stop as stopping
 from distcomp.train.config import DistConfig, TrainConfig
 from distcomp.train.data import check_batches, load_corpus
 from distcomp.train.job import rank_job
-from distcomp.train.loop import RankContext
+from distcomp.train.loop import Placement, RankContext
 from distcomp.train.optim import first_compressed_step
 from distcomp.train.stop import StopRequest
 from distcomp.train.supervise import supervise
@@ -56,16 +57,6 @@ from distcomp.train.telemetry import TqdmHandler
 logger = logging.getLogger("distcomp.train")
 RESUME_AUTO = "auto"
 """``--resume auto``: the newest checkpoint of this config's run if there is one, else a fresh start."""
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where one rank runs."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
 
 
 def under_launcher() -> bool:
@@ -205,7 +196,7 @@ def run_rank(cfg: TrainConfig, resume: Path | None, place: Placement, stop: Stop
     meet: dict[str, Any] = ({"init_method": "env://"} if store_port is None else
                             {"store": dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=timeout)})
     dist.init_process_group(backend, rank=place.rank, world_size=place.world_size, timeout=timeout, **meet)
-    ctx = RankContext(place.rank, place.world_size, device, backend, stop.signal)
+    ctx = RankContext(**dataclasses.asdict(place), device=device, backend=backend, stop_signal=stop.signal)
     code = rank_job(cfg, ctx, resume)
     dist.barrier()
     dist.destroy_process_group()
@@ -253,7 +244,7 @@ def _spawn(cfg: TrainConfig, resume: Path | None, stop: StopRequest) -> int:
     with _loopback_store(cfg.dist.timeout_s) as port:
         pipes = [ctx.Pipe(duplex=False) for _ in range(world)]
         procs = [ctx.Process(target=_child, args=(cfg, resume, Placement(r, world, r, world), port, stop.shared,
-                                                  pipes[r][1]), name=f"distcomp-rank{r}", daemon=True)
+                                                  pipes[r][1], os.getpid()), name=f"distcomp-rank{r}", daemon=True)
                  for r in range(world)]
         # The ranks start with the stop signals blocked and unblock them once their handlers are in. Start
         # multiprocessing's resource tracker first: starting it unblocks SIGINT and SIGTERM in this process.
@@ -294,8 +285,9 @@ def _loopback_store(timeout_s: float) -> Iterator[int]:
 
 
 def _child(cfg: TrainConfig, resume: Path | None, place: Placement, port: int, shared: Any,
-           report: Connection) -> None:
-    _die_with_parent()
+           report: Connection, supervisor: int) -> None:
+    with contextlib.suppress(OSError):  # not Linux: no such safety net
+        die_with_parent(signal.SIGKILL, supervisor)()  # so that no rank is orphaned
     _name_process(f"distcomp-rank{place.rank}")
     stop = StopRequest(shared)
     stopping.handle_in_rank(stop)
@@ -309,18 +301,7 @@ def _child(cfg: TrainConfig, resume: Path | None, place: Placement, port: int, s
     sys.exit(code)
 
 
-def _prctl(option: int, arg: int | bytes) -> None:
-    try:
-        linux.prctl(option, arg)
-    except OSError:
-        pass  # not Linux: no such safety net, and no names in ps
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to kill this rank if the supervising process dies (so no rank is orphaned)."""
-    _prctl(linux.PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 def _name_process(name: str) -> None:
     """Show ``name`` for this process in ps, top and /proc/PID/comm (15 bytes at most)."""
-    _prctl(linux.PR_SET_NAME, name.encode()[:15])
+    with contextlib.suppress(OSError):  # not Linux: no names in ps
+        linux.prctl(linux.PR_SET_NAME, name.encode()[:15])

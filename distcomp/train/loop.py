@@ -38,11 +38,19 @@ FAULT_ENV = "DISTCOMP_TEST_FAULT"
 
 
 @dataclass(frozen=True)
-class RankContext:
-    """Who this process is in the job."""
+class Placement:
+    """Where one rank runs."""
 
     rank: int
     world_size: int
+    local_rank: int
+    local_world_size: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankContext(Placement):
+    """Who this process is in the job, and what it runs on."""
+
     device: torch.device
     backend: str
     stop_signal: Callable[[], int]

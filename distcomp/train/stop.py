@@ -22,24 +22,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from distcomp.launch.proctree import STOP_SIGNALS, exit_code, signal_name
+
 logger = logging.getLogger("distcomp.train")
-
-STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGHUP, signal.SIGINT, signal.SIGTERM)
-"""The signals that ask ``distcomp train`` to stop cleanly; when ranks got different ones, the last listed wins."""
-
-
-def exit_code(signum: int) -> int:
-    """The exit code of a job stopped by ``signum``: 128 + its number, as a shell reports it."""
-    return 128 + signum
-
-
-def signal_name(signum: int) -> str:
-    """``SIGTERM`` for 15, and so on."""
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
-
 
 class StopRequest:
     """Which signal asked this process to stop; 0 while none did.

@@ -16,7 +16,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -51,13 +51,13 @@ class Failure:
         return 2 if _PEER_ERROR.search(self.message) else 0
 
 
-def supervise(procs: list[BaseProcess], reports: list[Connection], stop: StopRequest, grace_s: float) -> int:
+def supervise(procs: Sequence[BaseProcess], reports: list[Connection], stop: StopRequest, grace_s: float) -> int:
     """Wait for the ranks: stop them on a signal, or kill them all on the first failure. The exit code."""
     with _signal_wakeup() as woken:
         return _watch(procs, dict(enumerate(reports)), stop, grace_s, woken)
 
 
-def _watch(procs: list[BaseProcess], open_reports: dict[int, Connection], stop: StopRequest, grace_s: float,
+def _watch(procs: Sequence[BaseProcess], open_reports: dict[int, Connection], stop: StopRequest, grace_s: float,
            woken: int) -> int:
     oom_start = oom_kills()
     failures: dict[int, Failure] = {}
@@ -98,7 +98,7 @@ def _signal_wakeup() -> Iterator[int]:
         os.close(write)
 
 
-def _collect(procs: list[BaseProcess], reports: dict[int, Connection], failures: dict[int, Failure],
+def _collect(procs: Sequence[BaseProcess], reports: dict[int, Connection], failures: dict[int, Failure],
              stopping: bool) -> None:
     """Add the reports that arrived and the ranks that died without one; closed pipes leave ``reports``."""
     for rank, conn in list(reports.items()):
@@ -116,7 +116,7 @@ def _collect(procs: list[BaseProcess], reports: dict[int, Connection], failures:
         failures[rank] = Failure(rank, _death(code), "", time.time(), reported=False)
 
 
-def _fail(procs: list[BaseProcess], reports: dict[int, Connection], failures: dict[int, Failure],
+def _fail(procs: Sequence[BaseProcess], reports: dict[int, Connection], failures: dict[int, Failure],
           oom_start: int | None, window_s: float = 1.0) -> int:
     """Gather what else fails within ``window_s``, report the root cause, kill every rank."""
     end = time.monotonic() + window_s
@@ -147,20 +147,20 @@ def _oom_hint(cause: Failure, oom_start: int | None) -> str:
     return " -- SIGKILL comes from kill -9 or from the out-of-memory killer (see dmesg)"
 
 
-def _finished(procs: list[BaseProcess], stop: StopRequest) -> int:
+def _finished(procs: Sequence[BaseProcess], stop: StopRequest) -> int:
     if stop.signal():
         return exit_code(stop.signal())
     stopped = [p.exitcode for p in procs if p.exitcode in _STOP_CODES]
     return max(stopped) if stopped else 0  # 0: every rank ended with 0
 
 
-def _killed(procs: list[BaseProcess], stop: StopRequest, why: str) -> int:
+def _killed(procs: Sequence[BaseProcess], stop: StopRequest, why: str) -> int:
     _kill(procs)
     sys.stderr.write(f"\n[distcomp] {why}\n")
     return exit_code(stop.signal())
 
 
-def _kill(procs: list[BaseProcess]) -> None:
+def _kill(procs: Sequence[BaseProcess]) -> None:
     for p in procs:
         if p.is_alive():
             p.kill()
