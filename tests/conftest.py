@@ -18,6 +18,29 @@ import torch
 import torch.distributed as dist
 
 
+# Timeouts, one rule: a test's own budgets (run_ranks(timeout=...), subprocess
+# timeouts, wait_for(...) deadlines, its fixtures' included) are where it times
+# out, with a message that says what it was waiting for. pytest-timeout is only
+# the backstop behind them, so its limit must exceed the sum of the budgets a
+# test can wait through, setup of module fixtures included (the first test to
+# use one pays for it):
+# - a test not marked ``slow`` runs in this process and gets the ini default
+#   (``timeout`` in pyproject.toml, 120 s): no budget of its own reaches that;
+# - a ``slow`` test gets SLOW_TIMEOUT_S, above the largest such sum among them
+#   (the 590 s Triton compile check; a 500 s run_ranks fixture plus a test's
+#   own 200 s call);
+# - a test whose budgets add up to more carries its own ``timeout`` mark,
+#   with the sum written next to it.
+SLOW_TIMEOUT_S = 900
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Give every ``slow`` test without a ``timeout`` mark of its own the slow limit."""
+    for item in items:
+        if item.get_closest_marker("slow") is not None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(SLOW_TIMEOUT_S))
+
+
 def _destroy_default_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

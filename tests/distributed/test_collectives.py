@@ -21,6 +21,8 @@ from distcomp.compressors.quant import IntCodec
 from distcomp.compressors.sign import SignCodec
 from distcomp.testing import run_ranks
 
+pytestmark = pytest.mark.slow  # the module's job runs on 2 and 4 ranks
+
 N = 1001  # not a multiple of any world size times any block: the last chunk is padded
 K = 37
 A2A_COLS = 3

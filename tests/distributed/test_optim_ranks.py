@@ -32,6 +32,8 @@ from optim_tasks import (
     volume,
 )
 
+pytestmark = pytest.mark.slow  # every test checks runs on 2 or 4 ranks
+
 ALGORITHMS = ["OneBitAdam", "ZeroOneAdam", "OneBitLamb"]
 STEPS = 14
 ATOL = {2: 0.0, 4: 1e-5}

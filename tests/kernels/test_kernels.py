@@ -497,6 +497,7 @@ def test_backend_is_reference_on_cpu_and_can_be_forced(monkeypatch: pytest.Monke
     assert info["cpu"].startswith("reference (") and "sign_encode_ef" in info["ops"] and "_ref" not in info["ops"]
 
 
+@pytest.mark.slow
 def test_import_distcomp_without_triton() -> None:
     code = (
         "import sys; sys.modules['triton'] = None\n"  # `import triton` now raises ImportError
@@ -511,6 +512,7 @@ def test_import_distcomp_without_triton() -> None:
     assert lines[2].startswith("unavailable (triton is not installed") and lines[3] == "[5]"
 
 
+@pytest.mark.slow
 def test_import_distcomp_does_not_import_triton() -> None:
     code = "import sys, torch, distcomp, distcomp.kernels as k; k.pack_signs(torch.ones(3)); print('triton' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -338,6 +338,7 @@ def test_quantize_tiny_blocks_match_the_reference() -> None:
         assert torch.equal(cpu(q), want_q) and torch.equal(cpu(scales), want_scales)
 
 
+@pytest.mark.slow  # many interpreted launches
 @pytest.mark.parametrize("bits", [8, 4], ids=["int8", "int4"])
 def test_stochastic_rounding_is_seeded_bounded_and_unbiased(bits: int) -> None:
     block, draws = 32, 4000
@@ -361,6 +362,7 @@ def test_stochastic_rounding_is_seeded_bounded_and_unbiased(bits: int) -> None:
     assert float(bias.abs().max()) < 0.04, f"element {worst} is biased by {float(bias[worst]):+.3f} of a step"
 
 
+@pytest.mark.slow  # many interpreted launches
 def test_stochastic_rounding_generator_advances_and_rounds_up_at_the_right_rate() -> None:
     # 0.1 step above a code must round up 10% of the time; two calls on one generator differ.
     x = torch.full((8192, 32), 12.1 / 127)
@@ -590,7 +592,7 @@ def test_public_ops_route_to_triton_when_asked(monkeypatch: pytest.MonkeyPatch) 
             "dequantize_blockwise_triton", "topk_pack_triton", "topk_scatter_add_triton"} <= set(calls)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.slow  # Triton's compiler in a fresh interpreter, every launch specialization
 def test_every_kernel_compiles_for_a_gpu() -> None:
     # The interpreter skips the compiler; compile each launch specialization to a cubin for sm_90.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -18,6 +18,8 @@ import pytest
 from launch_jobs import Launcher, job_processes, kill_all, wait_until_gone, write_job
 from launch_netns import NetHost, install_ssh_standin, write_hostfile
 
+pytestmark = pytest.mark.slow  # every test launches a job
+
 ROOT = Path(__file__).resolve().parents[2]
 GONE_WITHIN_S = 15.0
 """Stop timeout (5 s) plus the time torch's agent takes to stop its workers, with room for a busy machine."""
@@ -48,7 +50,6 @@ def kill_launcher_mid_run(launcher: Launcher, job: Path, signum: int) -> None:
         kill_all(marker)
 
 
-@pytest.mark.timeout(180)
 @pytest.mark.parametrize("signum", SIGNALS)
 def test_a_local_job_dies_with_its_launcher(tmp_path: Path, signum: int) -> None:
     job = write_job(tmp_path)
@@ -58,7 +59,6 @@ def test_a_local_job_dies_with_its_launcher(tmp_path: Path, signum: int) -> None
         assert launcher.proc.returncode == 130, "".join(launcher.err)[-3000:]  # stopped like Ctrl-C
 
 
-@pytest.mark.timeout(180)
 @pytest.mark.parametrize("signum", SIGNALS)
 def test_a_job_over_ssh_dies_with_its_launcher(tmp_path: Path, hosts: tuple[NetHost, NetHost], signum: int) -> None:
     standin = install_ssh_standin(tmp_path / "bin").parent
@@ -69,7 +69,6 @@ def test_a_job_over_ssh_dies_with_its_launcher(tmp_path: Path, hosts: tuple[NetH
     kill_launcher_mid_run(launcher, job, signum)
 
 
-@pytest.mark.timeout(120)
 def test_the_watchdog_stops_its_agent_and_the_agents_orphans_when_its_stdin_closes(tmp_path: Path) -> None:
     """What the launcher's pipe does for every node: EOF on the watchdog's stdin ends the whole tree below it."""
     marker = f"orphan_{os.getpid()}_{tmp_path.name}"

@@ -18,6 +18,8 @@ import pytest
 from launch_jobs import Launcher, job_processes, kill_all, write_job
 from launch_netns import NetHost, install_ssh_standin, write_hostfile
 
+pytestmark = pytest.mark.slow  # every test launches a job
+
 ROOT = Path(__file__).resolve().parents[2]
 LISTEN = "0A"
 """TCP state LISTEN in /proc/net/tcp*."""
@@ -80,7 +82,6 @@ def launch_argv(*options: str) -> list[str]:
     return [sys.executable, "-m", "distcomp", "launch", "--stop-timeout", "5", *options]
 
 
-@pytest.mark.timeout(150)
 @pytest.mark.parametrize("restarts", ["0", "1"], ids=["fixed", "max-restarts"])
 def test_a_single_node_job_listens_on_loopback_only(tmp_path: Path, restarts: str) -> None:
     job = write_job(tmp_path)
@@ -93,7 +94,6 @@ def test_a_single_node_job_listens_on_loopback_only(tmp_path: Path, restarts: st
     assert not exposed, f"listening beyond loopback: {exposed}"
 
 
-@pytest.mark.timeout(150)
 def test_a_two_host_job_listens_on_each_hosts_address_only(tmp_path: Path, hosts: tuple[NetHost, NetHost]) -> None:
     standin = install_ssh_standin(tmp_path / "bin").parent
     job = write_job(tmp_path)

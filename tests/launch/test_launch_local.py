@@ -14,6 +14,8 @@ import pytest
 
 from distcomp import cli
 
+pytestmark = pytest.mark.slow  # every test launches a job
+
 ROOT = Path(__file__).resolve().parents[2]
 ALLREDUCE = str(Path(__file__).with_name("launch_allreduce.py"))
 
@@ -23,7 +25,6 @@ def launch(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
                           timeout=timeout, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
 
 
-@pytest.mark.timeout(120)
 def test_one_node_runs_torchrun_with_n_ranks(tmp_path: Path) -> None:
     out = launch("--nproc-per-node", "2", ALLREDUCE, str(tmp_path))
     assert out.returncode == 0, out.stderr
@@ -32,7 +33,6 @@ def test_one_node_runs_torchrun_with_n_ranks(tmp_path: Path) -> None:
     assert all(r["LOCAL_WORLD_SIZE"] == "2" for r in ranks)
 
 
-@pytest.mark.timeout(120)
 def test_a_rank_that_dies_fails_the_job_with_the_nodes_exit_code(tmp_path: Path) -> None:
     script = tmp_path / "die.py"
     script.write_text("import os, sys, time\n"

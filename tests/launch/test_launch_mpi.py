@@ -18,6 +18,8 @@ import pytest
 
 from test_train import QUICKSTART, TINY, sets
 
+pytestmark = pytest.mark.slow  # every test runs mpiexec or the launcher
+
 ROOT = Path(__file__).resolve().parents[2]
 ALLREDUCE = str(Path(__file__).with_name("launch_allreduce.py"))
 BIN = Path(sys.executable).parent
@@ -41,7 +43,6 @@ def launch(*args: str, timeout: float = 90, **extra: str) -> subprocess.Complete
 
 
 @needs_mpi
-@pytest.mark.timeout(120)
 @pytest.mark.parametrize("bootstrap", ["mpi4py", "variables"])
 def test_two_ranks_through_mpiexec_bootstrap_torch_distributed_and_all_reduce(tmp_path: Path,
                                                                                bootstrap: str) -> None:
@@ -59,7 +60,6 @@ def test_two_ranks_through_mpiexec_bootstrap_torch_distributed_and_all_reduce(tm
 
 
 @needs_mpi
-@pytest.mark.timeout(120)
 def test_plain_mpiexec_with_mpi4py_gets_master_address_and_port_from_rank_0(tmp_path: Path) -> None:
     pytest.importorskip("mpi4py")
     argv = [MPIEXEC, "-n", "2", sys.executable, "-m", "distcomp.launch.mpi_bootstrap", ALLREDUCE, str(tmp_path)]
@@ -72,7 +72,6 @@ def test_plain_mpiexec_with_mpi4py_gets_master_address_and_port_from_rank_0(tmp_
 
 
 @needs_mpi
-@pytest.mark.timeout(150)
 def test_distcomp_train_runs_under_mpiexec(tmp_path: Path) -> None:
     words = sets({**TINY, "steps": 3, "compare": "[]", "dist.nproc": 5, "log.dir": tmp_path})
     out = launch("--launcher", "mpich", "--nproc-per-node", "2", "--", "distcomp", "train", QUICKSTART, "--quiet",
@@ -82,7 +81,6 @@ def test_distcomp_train_runs_under_mpiexec(tmp_path: Path) -> None:
     assert out.stdout.count("final val loss") == 1
 
 
-@pytest.mark.timeout(60)
 def test_a_missing_mpiexec_is_a_clear_error(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "distcomp", "launch", "--launcher", "mpich", "--nproc-per-node", "2",
                           ALLREDUCE, str(tmp_path)], capture_output=True, text=True, timeout=50, cwd=ROOT,
@@ -92,7 +90,6 @@ def test_a_missing_mpiexec_is_a_clear_error(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("rank*.json"))
 
 
-@pytest.mark.timeout(60)
 def test_openmpi_mode_refuses_an_mpirun_of_another_mpi(tmp_path: Path) -> None:
     mpirun = shutil.which("mpirun", path=env()["PATH"])
     if mpirun is None:

@@ -23,6 +23,8 @@ from launch_netns import NetHost, install_ssh_standin, write_hostfile
 from test_train import QUICKSTART, sets
 from test_train import TINY as TRAIN_TINY
 
+pytestmark = pytest.mark.slow  # two hosts in network namespaces
+
 ROOT = Path(__file__).resolve().parents[2]
 PROBE = str(Path(__file__).with_name("launch_train_probe.py"))
 TINY = {**TRAIN_TINY, "dist.timeout_s": 20, "compare": "[]"}
@@ -54,7 +56,6 @@ def params(tmp: Path, rank: int) -> dict[str, torch.Tensor]:
     return torch.load(tmp / "probe" / f"params-rank{rank}.pt", weights_only=True)
 
 
-@pytest.mark.timeout(150)
 def test_two_node_train_through_the_hostfile_ends_with_identical_parameters(
         tmp_path: Path, hosts: tuple[NetHost, NetHost], standin: Path) -> None:
     hostfile = write_hostfile(tmp_path / "hosts", hosts)
@@ -125,7 +126,6 @@ def kill_worker_on_node(tmp: Path, node: str, attempt: int = 0) -> dict:
     raise AssertionError(f"no worker of node {node} found in {sorted((tmp / 'probe').iterdir())}")
 
 
-@pytest.mark.timeout(150)
 def test_a_killed_worker_makes_the_survivor_exit_non_zero_within_the_timeout(
         tmp_path: Path, hosts: tuple[NetHost, NetHost], standin: Path) -> None:
     hostfile = write_hostfile(tmp_path / "hosts", hosts)
@@ -143,7 +143,6 @@ def test_a_killed_worker_makes_the_survivor_exit_non_zero_within_the_timeout(
     assert f"node {1 - first} ({hosts[1 - first].name}):" in job.stderr  # what became of the other one
 
 
-@pytest.mark.timeout(200)
 def test_with_max_restarts_and_checkpoints_the_job_resumes_and_finishes(
         tmp_path: Path, hosts: tuple[NetHost, NetHost], standin: Path) -> None:
     hostfile = write_hostfile(tmp_path / "hosts", hosts)
@@ -163,7 +162,6 @@ def test_with_max_restarts_and_checkpoints_the_job_resumes_and_finishes(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.timeout(60)
 def test_a_port_in_use_on_the_first_host_is_a_clear_error(tmp_path: Path, hosts: tuple[NetHost, NetHost],
                                                           standin: Path) -> None:
     hostfile = write_hostfile(tmp_path / "hosts", hosts)
@@ -182,7 +180,6 @@ def test_a_port_in_use_on_the_first_host_is_a_clear_error(tmp_path: Path, hosts:
     assert "Traceback" not in out.stderr
 
 
-@pytest.mark.timeout(60)
 def test_a_failing_ssh_check_names_the_host_and_the_command(tmp_path: Path, standin: Path) -> None:
     (tmp_path / "hosts").write_text("no-such-host slots=1\n")
     out = subprocess.run(launch_argv(tmp_path / "hosts", "train.py"), capture_output=True, text=True, timeout=50,

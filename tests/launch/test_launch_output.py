@@ -18,6 +18,8 @@ import pytest
 
 from launch_netns import NetHost, install_ssh_standin, write_hostfile
 
+pytestmark = pytest.mark.slow  # every test launches a job
+
 ROOT = Path(__file__).resolve().parents[2]
 LINES = 3000
 # The barrier makes both ranks write at once; flushing every 400 lines leaves block-sized writes that end mid-line.
@@ -64,7 +66,6 @@ def check_whole(stdout: str, stderr: str, hosts: dict[str, str] | None = None) -
         assert sum(f"[rank {r}] ERR rank={r} i=" in line for line in stderr.splitlines()) == LINES // 500
 
 
-@pytest.mark.timeout(240)
 def test_local_ranks_lines_arrive_whole_and_tagged(tmp_path: Path) -> None:
     script = tmp_path / "chatter.py"
     script.write_text(CHATTER)
@@ -75,7 +76,6 @@ def test_local_ranks_lines_arrive_whole_and_tagged(tmp_path: Path) -> None:
         check_whole(out.stdout, out.stderr)
 
 
-@pytest.mark.timeout(150)
 def test_lines_over_ssh_arrive_whole_and_tagged_with_host_and_rank(tmp_path: Path,
                                                                    hosts: tuple[NetHost, NetHost]) -> None:
     script = tmp_path / "chatter.py"

@@ -30,6 +30,8 @@ from launch_slurm import JobEnd, SlurmCluster, missing_reason, slurm_cluster
 from test_train import QUICKSTART, sets
 from test_train import TINY as TRAIN_TINY
 
+pytestmark = pytest.mark.slow  # a live SLURM cluster in network namespaces
+
 ROOT = Path(__file__).resolve().parents[2]
 PROBE = str(Path(__file__).with_name("launch_train_probe.py"))
 ALLREDUCE = str(Path(__file__).with_name("launch_allreduce.py"))
@@ -96,7 +98,6 @@ def allreduce_reports(folder: Path, world: int) -> list[dict]:
     return reports
 
 
-@pytest.mark.timeout(180)
 def test_sbatch_script_with_launcher_slurm_trains_on_both_nodes_to_identical_parameters(
         tmp_path: Path, cluster: SlurmCluster) -> None:
     probe = tmp_path / "probe"
@@ -115,7 +116,6 @@ def test_sbatch_script_with_launcher_slurm_trains_on_both_nodes_to_identical_par
     assert len(json.loads((tmp_path / "runs" / "slurm" / "summary.json").read_text())["runs"][0]["losses"]) == 6
 
 
-@pytest.mark.timeout(150)
 def test_both_ways_in_start_the_allocations_tasks_per_node_as_ranks(tmp_path: Path, cluster: SlurmCluster) -> None:
     launch = f"{sys.executable} -m distcomp launch"
     script = batch_script(tmp_path / "two_ways.sh",
@@ -130,7 +130,6 @@ def test_both_ways_in_start_the_allocations_tasks_per_node_as_ranks(tmp_path: Pa
         assert {r["MASTER_ADDR"] for r in reports} == {cluster.node_names[0]}, way
 
 
-@pytest.mark.timeout(90)
 def test_srun_with_several_tasks_per_node_is_refused_with_the_command_to_use(
         tmp_path: Path, cluster: SlurmCluster) -> None:
     # In an allocation made with --ntasks-per-node 2, srun keeps its 4 tasks and ignores --ntasks-per-node=1.
@@ -143,7 +142,6 @@ def test_srun_with_several_tasks_per_node_is_refused_with_the_command_to_use(
     assert "Traceback" not in job_log and not list(tmp_path.glob("rank*.json"))
 
 
-@pytest.mark.timeout(120)
 def test_srun_outside_an_allocation_runs_one_launcher_per_node(tmp_path: Path, cluster: SlurmCluster) -> None:
     out = run_client(cluster, ["srun", "--nodes", "2", "--ntasks-per-node", "1", "--time", "2",
                                sys.executable, "-m", "distcomp", "launch", ALLREDUCE, str(tmp_path)], timeout=100)
@@ -163,7 +161,6 @@ dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
 """
 
 
-@pytest.mark.timeout(120)
 def test_a_failing_node_ends_the_whole_job_long_before_the_collective_timeout(
         tmp_path: Path, cluster: SlurmCluster) -> None:
     program = tmp_path / "fail.py"

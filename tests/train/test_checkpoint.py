@@ -18,6 +18,8 @@ from distcomp.errors import CheckpointError
 from distcomp.train import manifest
 from test_train import QUICKSTART, TINY, sets, summary, train
 
+pytestmark = pytest.mark.slow  # the module's run is a real distcomp train
+
 RUN = {"name": "base", "compare": "[]", "checkpoint.every": 2, "checkpoint.keep": 0, "steps": 6}
 
 
@@ -51,7 +53,6 @@ def test_every_checkpoint_has_a_manifest_of_its_files(written: Path) -> None:
     assert len(ids) == 1 and None not in ids  # one run, one id
 
 
-@pytest.mark.timeout(150)
 def test_resume_auto_falls_back_past_a_damaged_newest_checkpoint_with_a_warning(copy: Path) -> None:
     rank1 = copy / "step_000006" / "rank1.pt"
     size = rank1.stat().st_size
@@ -84,7 +85,6 @@ DAMAGES = {
 }
 
 
-@pytest.mark.timeout(120)
 @pytest.mark.parametrize("damage", DAMAGES.values(), ids=DAMAGES.keys())
 def test_a_damaged_checkpoint_named_explicitly_is_refused_before_any_rank_starts(
         copy: Path, damage: tuple, capsys: pytest.CaptureFixture) -> None:
@@ -112,7 +112,6 @@ def test_resume_folder_prefers_the_newest_verified_checkpoint(copy: Path, caplog
     assert f"checkpoint {copy / 'step_000004'} has no manifest.json (written by an older distcomp)" in caplog.text
 
 
-@pytest.mark.timeout(150)
 def test_an_unverifiable_damaged_checkpoint_fails_naming_the_file(copy: Path) -> None:
     step = copy / "step_000004"
     (step / "manifest.json").unlink()
@@ -132,7 +131,6 @@ def test_loading_a_damaged_file_names_it(tmp_path: Path) -> None:
         manifest.load(path)
 
 
-@pytest.mark.timeout(120)
 def test_resume_auto_with_every_checkpoint_damaged_does_not_send_the_user_round_again(
         copy: Path, capsys: pytest.CaptureFixture) -> None:
     for step in copy.iterdir():

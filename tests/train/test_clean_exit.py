@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # torchrun jobs of a user's script
+
 ROOT = Path(__file__).resolve().parents[2]
 JOB = str(Path(__file__).with_name("clean_exit_job.py"))
 THREADS = re.compile(r"threads at exit: (\d+) of (\d+)")
@@ -58,7 +60,6 @@ def problems(out: subprocess.CompletedProcess) -> list[str]:
     return found
 
 
-@pytest.mark.timeout(400)
 def test_every_job_exits_cleanly_with_or_without_close(tmp_path: Path) -> None:
     jobs = [case for case in CASES for _ in range(REPEATS)]
     with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:

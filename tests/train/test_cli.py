@@ -35,6 +35,7 @@ def no_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(launch_mod, "_join", forbidden)
 
 
+@pytest.mark.slow
 def test_info_lists_what_this_machine_offers() -> None:
     out = run_cli("info")
     assert out.returncode == 0, out.stderr
@@ -47,7 +48,7 @@ def test_info_lists_what_this_machine_offers() -> None:
 @pytest.mark.parametrize(
     "overrides, words",
     [
-        (["compression.rnk=8"], ["'rnk'", "allowed keys", "rank"]),
+        (["compression.rnk=8"], ["'compression.rnk'", "allowed keys", "rank"]),
         (["optimizer.name=lion"], ["'optimizer.name'", "'adamw'", "'sgd'"]),
         (["steps=-3"], ["'steps'", ">= 1"]),
         (["bogus=1"], ["'bogus'", "allowed keys"]),
@@ -75,6 +76,7 @@ def test_missing_config_and_missing_data_are_errors_before_ranks(no_ranks: None,
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bad_set_from_the_real_command_exits_2_quickly() -> None:
     start = time.monotonic()
     out = run_cli("train", QUICKSTART, "--set", "compression.rank=zero")

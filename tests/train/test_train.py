@@ -20,6 +20,8 @@ import torch
 
 from distcomp import cli
 
+pytestmark = pytest.mark.slow  # every test runs distcomp train
+
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = str(ROOT / "configs" / "quickstart.yaml")
 TINY = {"model.d_model": 32, "model.n_layer": 1, "model.n_head": 2, "model.context": 32, "eval.batches": 2,
@@ -54,7 +56,6 @@ def summary(tmp_path: Path, name: str) -> dict:
     return json.loads((tmp_path / "runs" / name / "summary.json").read_text())
 
 
-@pytest.mark.timeout(150)
 def test_quickstart_shortened_prints_the_summary_and_writes_tensorboard(tmp_path: Path) -> None:
     out = train(tmp_path, extra={"steps": 6}, flags=())  # with the progress bar
     assert out.returncode == 0, out.stderr
@@ -99,7 +100,6 @@ def checkpointed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return tmp, cfg
 
 
-@pytest.mark.timeout(150)
 def test_resumed_run_continues_the_same_loss_curve_bit_for_bit(checkpointed: tuple[Path, Path]) -> None:
     tmp, cfg = checkpointed
     first = tmp / "runs" / "whole" / "powersgd" / "checkpoints" / "step_000004"
@@ -114,7 +114,6 @@ def test_resumed_run_continues_the_same_loss_curve_bit_for_bit(checkpointed: tup
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.timeout(60)
 def test_checkpoint_from_another_world_size_or_config_is_refused(checkpointed: tuple[Path, Path],
                                                                  capsys: pytest.CaptureFixture) -> None:
     tmp, cfg = checkpointed
@@ -140,7 +139,6 @@ def test_checkpoint_from_another_world_size_or_config_is_refused(checkpointed: t
     assert not (tmp / "other").exists()  # refused before any rank started
 
 
-@pytest.mark.timeout(120)
 @pytest.mark.parametrize("fault, words", [("1:3", ["injected fault", "rank 1 failed"]),
                                           ("1:3:hang", ["rank 0 failed", "dist.timeout_s = 5 s"])],
                          ids=["raises", "hangs"])
@@ -160,7 +158,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.timeout(120)
 def test_under_a_launcher_a_failing_rank_makes_the_others_exit_within_the_timeout(tmp_path: Path) -> None:
     port = str(_free_port())
     args = [sys.executable, "-m", "distcomp", "train", QUICKSTART, "--quiet",
@@ -180,7 +177,6 @@ def test_under_a_launcher_a_failing_rank_makes_the_others_exit_within_the_timeou
     assert "terminate called" not in results[0][1] + results[1][1]
 
 
-@pytest.mark.timeout(150)
 def test_torchrun_job_is_joined_not_respawned(tmp_path: Path) -> None:
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
             "-m", "distcomp", "train", QUICKSTART, "--quiet",
@@ -192,7 +188,6 @@ def test_torchrun_job_is_joined_not_respawned(tmp_path: Path) -> None:
     assert "terminate called" not in out.stderr
 
 
-@pytest.mark.timeout(120)
 def test_ctrl_c_stops_all_ranks_cleanly_and_prints_the_summary(tmp_path: Path) -> None:
     args = [sys.executable, "-m", "distcomp", "train", QUICKSTART, "--quiet",
             *sets({**TINY, "steps": 100000, "compare": "[]", "log.dir": tmp_path / "runs"})]
@@ -216,7 +211,6 @@ def test_ctrl_c_stops_all_ranks_cleanly_and_prints_the_summary(tmp_path: Path) -
     assert "terminate called" not in stderr and "Traceback" not in stderr
 
 
-@pytest.mark.timeout(150)
 def test_resume_auto_starts_fresh_then_continues_from_the_newest_checkpoint(tmp_path: Path) -> None:
     cfg = tmp_path / "auto.yaml"
     cfg.write_text("version: 1\ncompression: {compressor: sign}\noptimizer: {warmup_steps: 1, decay_steps: 6}\n"

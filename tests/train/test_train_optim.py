@@ -15,6 +15,8 @@ import torch
 
 from test_train import ROOT, summary, train
 
+pytestmark = pytest.mark.slow  # every test runs distcomp train
+
 SHORT = {"steps": 10, "checkpoint.every": 5, "checkpoint.keep": 0, "optimizer.warmup_steps": 2}
 OPTIONS = {
     "onebit_adam": {"optimizer.onebit_adam.freeze_step": 4},
@@ -24,7 +26,6 @@ OPTIONS = {
 }
 
 
-@pytest.mark.timeout(240)
 @pytest.mark.parametrize("name", sorted(OPTIONS))
 def test_compressed_optimizer_trains_compresses_and_resumes_bit_for_bit(tmp_path: Path, name: str) -> None:
     config = str(ROOT / "configs" / f"{name}.yaml")
@@ -48,7 +49,6 @@ def test_compressed_optimizer_trains_compresses_and_resumes_bit_for_bit(tmp_path
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.timeout(120)
 def test_compare_prints_adamw_and_the_compressed_optimizer_side_by_side(tmp_path: Path) -> None:
     out = train(tmp_path, str(ROOT / "configs" / "onebit_adam.yaml"),
                 extra={"steps": 6, "optimizer.warmup_steps": 2, "optimizer.onebit_adam.freeze_step": 3})
@@ -60,7 +60,6 @@ def test_compare_prints_adamw_and_the_compressed_optimizer_side_by_side(tmp_path
     assert "OneBitAdam: step 3: warm-up done" in out.stderr
 
 
-@pytest.mark.timeout(60)
 def test_a_run_too_short_to_compress_is_warned_about(tmp_path: Path) -> None:
     out = train(tmp_path, str(ROOT / "configs" / "onebit_lamb.yaml"),
                 extra={"steps": 2, "compare": "[onebit_lamb]", "optimizer.onebit_lamb.freeze_step": 50})

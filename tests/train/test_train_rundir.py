@@ -18,6 +18,8 @@ import pytest
 
 from test_train import QUICKSTART, ROOT, TINY, env, sets, train
 
+pytestmark = pytest.mark.slow  # every test runs distcomp train
+
 CKPT = {"compare": "[]", "checkpoint.every": 2, "checkpoint.keep": 0, "steps": 4}
 
 
@@ -31,7 +33,6 @@ def _previous(run_dir: Path) -> Path:
     return moved
 
 
-@pytest.mark.timeout(240)
 def test_a_second_job_on_the_same_run_is_refused_naming_the_holder_until_it_dies(tmp_path: Path) -> None:
     args = [sys.executable, "-m", "distcomp", "train", QUICKSTART, "--quiet",
             *sets({**TINY, "steps": 100000, "compare": "[]", "log.dir": tmp_path / "runs"})]
@@ -56,7 +57,6 @@ def test_a_second_job_on_the_same_run_is_refused_naming_the_holder_until_it_dies
     assert any(p.name.startswith("events.out.tfevents") for p in _previous(run_dir).rglob("*"))
 
 
-@pytest.mark.timeout(240)
 def test_a_fresh_run_over_an_earlier_runs_checkpoints_is_refused_and_overwrite_moves_them_aside(
         tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / "quickstart"
@@ -80,7 +80,6 @@ def test_a_fresh_run_over_an_earlier_runs_checkpoints_is_refused_and_overwrite_m
     assert (run_dir / "powersgd" / "checkpoints" / "step_000004" / "manifest.json").is_file()
 
 
-@pytest.mark.timeout(240)
 def test_the_same_run_twice_without_checkpoints_moves_the_earlier_files_aside(tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / "quickstart"
     assert train(tmp_path, extra={"steps": 2, "compare": "[]"}).returncode == 0
@@ -95,7 +94,6 @@ def test_the_same_run_twice_without_checkpoints_moves_the_earlier_files_aside(tm
     assert len(list((run_dir / "powersgd").glob("events.out.tfevents.*"))) == 1  # the new run's only
 
 
-@pytest.mark.timeout(240)
 def test_pruning_never_deletes_a_checkpoint_of_another_run(tmp_path: Path) -> None:
     """A resumed run's folder holds another run's checkpoint at a step it writes and prunes past."""
     from distcomp.train import manifest
@@ -117,7 +115,6 @@ def test_pruning_never_deletes_a_checkpoint_of_another_run(tmp_path: Path) -> No
     assert "belonged to another run" in out.stderr
 
 
-@pytest.mark.timeout(120)
 def test_a_log_dir_that_cannot_be_written_is_refused_before_any_rank_starts(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("")
@@ -132,7 +129,6 @@ def test_a_log_dir_that_cannot_be_written_is_refused_before_any_rank_starts(tmp_
         assert f"log.dir: cannot write to {mount / 'quickstart'} (Read-only file system)" in out.stderr
 
 
-@pytest.mark.timeout(180)
 def test_a_full_disk_during_a_checkpoint_is_one_clear_error_naming_the_file(tmp_path: Path) -> None:
     # Room for the lock file, not for a checkpoint (about 1 MB with this model).
     with _tmpfs(tmp_path / "small", "size=256k") as mount:
@@ -143,7 +139,6 @@ def test_a_full_disk_during_a_checkpoint_is_one_clear_error_naming_the_file(tmp_
            "step_000002.tmp/" in out.stderr
 
 
-@pytest.mark.timeout(180)
 def test_a_full_disk_during_tensorboard_writes_is_one_clear_error_naming_the_folder(tmp_path: Path) -> None:
     with _tmpfs(tmp_path / "small", "size=8k") as mount:
         out = train(tmp_path, extra={"log.dir": mount, "steps": 200, "compare": "[]"})

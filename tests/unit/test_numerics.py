@@ -190,7 +190,7 @@ def _scaled_job(rank: int, world: int) -> dict[str, list[torch.Tensor]]:
     return out
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.slow
 def test_results_over_two_ranks_are_equivariant_to_the_scale() -> None:
     """Sums over ranks (the exact part, P, Q, the server's chunk mean) stay exact at 2^-100 and 2^100."""
     ranks = run_ranks(_scaled_job, 2, timeout=150)
