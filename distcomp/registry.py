@@ -1,22 +1,22 @@
 """Compressors register themselves by name; configs are built from plain dicts.
 
-A compressor class carries a nested ``Config`` dataclass. Building a config from
-user input goes through :func:`build_config`, which rejects unknown keys with a
-message that names the key and the allowed ones, before the dataclass's own
-``__post_init__`` validates the values.
+A compressor class carries a nested ``Config`` dataclass (a
+:class:`~distcomp.compressor.CompressorConfig`). Building one from user input
+goes through :func:`build_config`, which hands it to the one config builder,
+:func:`distcomp.schema.build`: unknown keys and wrong types are named before the
+dataclass's own ``__post_init__`` validates the values.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from distcomp.errors import ConfigError
-from distcomp.validation import check_types
+from distcomp.schema import build, did_you_mean
 
 if TYPE_CHECKING:
-    from distcomp.compressor import Compressor
+    from distcomp.compressor import Compressor, CompressorConfig
 
 _COMPRESSORS: dict[str, type[Compressor]] = {}
 C = TypeVar("C", bound="type[Compressor]")
@@ -46,12 +46,12 @@ def get_compressor(name: str) -> type[Compressor]:
         return _COMPRESSORS[name]
     except KeyError:
         raise ConfigError(
-            f"unknown compressor {name!r}{_did_you_mean(name, _COMPRESSORS)}; "
+            f"unknown compressor {name!r}{did_you_mean(name, _COMPRESSORS)}; "
             f"available: {', '.join(available_compressors())}"
         ) from None
 
 
-def compressor_for_config(config: Any) -> type[Compressor]:
+def compressor_for_config(config: CompressorConfig) -> type[Compressor]:
     """The compressor whose nested ``Config`` is ``type(config)``."""
     for cls in _COMPRESSORS.values():
         if type(config) is cls.Config:
@@ -59,20 +59,10 @@ def compressor_for_config(config: Any) -> type[Compressor]:
     raise ConfigError(f"{type(config).__qualname__} is not the Config of a registered compressor")
 
 
-def build_config(name: str, values: dict[str, Any]) -> Any:
-    """``get_compressor(name).Config(**values)``, with unknown keys named before construction."""
-    cls = get_compressor(name)
-    allowed = {f.name for f in dataclasses.fields(cls.Config) if f.init}
-    for key in values:
-        if key not in allowed:
-            raise ConfigError(
-                f"unknown key {key!r} for compressor {name!r}{_did_you_mean(key, allowed)}; "
-                f"allowed keys: {', '.join(sorted(allowed)) or '(none)'}"
-            )
-    check_types(cls.Config, values, where=f"compressor {name!r}")
-    return cls.Config(**values)
+def build_config(name: str, values: Mapping[str, Any], *, section: str = "") -> CompressorConfig:
+    """The ``Config`` of compressor ``name`` from plain values, checked by :func:`distcomp.schema.build`.
 
-
-def _did_you_mean(word: str, choices: Any) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    ``section`` is where the values sit in a larger config (``"compression"`` in a
+    training config), so that messages name ``compression.<key>``.
+    """
+    return build(get_compressor(name).Config, values, section=section, where=f"for compressor {name!r}")

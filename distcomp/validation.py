@@ -1,12 +1,15 @@
-"""Validation helpers shared by every config dataclass: errors name the key and the fix."""
+"""Validation helpers shared by every config: errors name the key (or the file) and the fix.
+
+The builder that checks whole configs against their dataclasses is :mod:`distcomp.schema`.
+"""
 
 from __future__ import annotations
 
 import math
-import types
-import typing
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from distcomp.errors import ConfigError
 
@@ -22,10 +25,26 @@ def read_text_file(path: Path, what: str) -> str:
     try:
         return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{what} {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
-                          "save it as UTF-8") from None
+        raise ConfigError(
+            f"{what} {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def read_yaml_mapping(path: Path, what: str, expected: str) -> dict[str, Any]:
+    """The mapping a YAML file holds (read with ``yaml.safe_load``: no tags, no evaluation).
+
+    Errors name the file; ``expected`` says what the mapping should have, e.g.
+    ``"'version: 1' at its top"``.
+    """
+    try:
+        raw = yaml.safe_load(read_text_file(path, what))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping with {expected}")
+    return raw
 
 
 def value_problem(value: Any) -> str | None:
@@ -40,54 +59,3 @@ def value_problem(value: Any) -> str | None:
     if isinstance(value, str) and "\0" in value:
         return f"must not contain a NUL byte, got {value!r}"
     return None
-
-
-def check_types(cls: type, values: dict[str, Any], where: str = "") -> None:
-    """Raise a :class:`ConfigError` naming the key whose value does not match ``cls``'s annotation.
-
-    YAML gives strings, ints, floats and bools; a dataclass would accept any of
-    them silently (``"no"`` is truthy), so types are checked before construction.
-    """
-    hints = typing.get_type_hints(cls)
-    for key, value in values.items():
-        hint = hints.get(key)
-        place = f" in {where}" if where else ""
-        if hint is not None and not _matches(value, hint):
-            raise ConfigError(f"config key {key!r}{place}: expected {_describe(hint)}, got {value!r}")
-        problem = value_problem(value)
-        if problem is not None:
-            raise ConfigError(f"config key {key!r}{place}: {problem}")
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(hint))
-    if origin is typing.Literal:
-        return value in typing.get_args(hint)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    if origin in (list, tuple) or hint in (list, tuple):
-        return isinstance(value, (list, tuple))
-    if origin is dict or hint is dict:
-        return isinstance(value, dict)
-    return True
-
-
-def _describe(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(hint))
-    if origin is typing.Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
-    if hint is type(None):
-        return "null"
-    return getattr(hint, "__name__", str(hint))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
+from distcomp import schema
 from distcomp.validation import require
-from distcomp.errors import ConfigError
+
+C = TypeVar("C", bound="OptimizerConfig")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -40,11 +42,15 @@ class OptimizerConfig:
 
     def __post_init__(self) -> None:
         check_group(self, "")
-        require(self.block >= 32 and self.block % 32 == 0, "block",
-                f"must be a positive multiple of 32, got {self.block}")
+        require(
+            self.block >= 32 and self.block % 32 == 0, "block", f"must be a positive multiple of 32, got {self.block}"
+        )
         require(self.bucket_cap_mb > 0, "bucket_cap_mb", f"must be > 0, got {self.bucket_cap_mb}")
-        require(not self.amsgrad, "amsgrad", "the AMSGrad variant is not supported by the compressed optimizers "
-                "(DeepSpeed's did not support it either)")
+        require(
+            not self.amsgrad,
+            "amsgrad",
+            "the AMSGrad variant is not supported by the compressed optimizers (DeepSpeed's did not support it either)",
+        )
 
     @property
     def bucket_cap_numel(self) -> int:
@@ -55,25 +61,23 @@ class OptimizerConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.GROUP_KEYS}
 
 
-def check_group(values: Any, where: str) -> None:
+def check_group(values: OptimizerConfig | Mapping[str, Any], where: str) -> None:
     """Validate the per-group hyperparameters of a config or of a ``param_groups`` entry (a dict)."""
-    get = values.get if isinstance(values, dict) else lambda k: getattr(values, k)
-    lr, betas, eps, wd = get("lr"), get("betas"), get("eps"), get("weight_decay")
+    group: Mapping[str, Any] = values if isinstance(values, Mapping) else dataclasses.asdict(values)
+    lr, betas, eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
     require(lr >= 0, where + "lr", f"must be >= 0, got {lr}")
-    require(len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), where + "betas",
-            f"must be two values in [0, 1), got {betas}")
+    require(
+        len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas),
+        where + "betas",
+        f"must be two values in [0, 1), got {betas}",
+    )
     require(eps > 0, where + "eps", f"must be > 0, got {eps}")
     require(wd >= 0, where + "weight_decay", f"must be >= 0, got {wd}")
 
 
-def build(cls: type, values: dict[str, Any], what: str) -> Any:
-    """``cls(**values)`` with unknown keys named, with the allowed ones, before construction."""
-    allowed = {f.name for f in dataclasses.fields(cls) if f.init}
-    for key in values:
-        if key not in allowed:
-            close = difflib.get_close_matches(key, allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown option {key!r} for {what}{hint}; allowed: {', '.join(sorted(allowed))}")
-    if "betas" in values:
-        values = {**values, "betas": tuple(values["betas"])}
-    return cls(**values)
+def build(cls: type[C], values: Mapping[str, Any], what: str) -> C:
+    """The optimizer's ``Config`` from keyword arguments, checked by :func:`distcomp.schema.build`.
+
+    ``what`` names the optimizer in messages (``unknown key 'freez_step' for OneBitAdam ...``).
+    """
+    return schema.build(cls, values, where=f"for {what}")

@@ -29,6 +29,7 @@ from distcomp.optim.adam import OneBitAdam
 from distcomp.optim.base import CompressedOptimizer
 from distcomp.optim.lamb import OneBitLamb
 from distcomp.optim.zoadam import ZeroOneAdam
+from distcomp.schema import check_keys
 
 logger = logging.getLogger("distcomp.optim")
 
@@ -61,20 +62,26 @@ def from_deepspeed_config(
     section = raw.get("optimizer")
     if not isinstance(section, dict):
         raise ConfigError("DeepSpeed config: no 'optimizer' section (expected {'type': ..., 'params': {...}})")
-    extra = set(section) - {"type", "params"}
-    if extra:
-        raise ConfigError(f"DeepSpeed config: unknown key(s) {sorted(extra)} in 'optimizer'; allowed: type, params")
+    try:
+        check_keys(section, ("type", "params"), "", "in 'optimizer'")
+    except ConfigError as exc:
+        raise ConfigError(f"DeepSpeed config: {exc}") from None
     name = section.get("type")
     cls = OPTIMIZERS.get(str(name).lower())
     if cls is None:
-        raise ConfigError(f"DeepSpeed config: optimizer type {name!r} is not a compressed optimizer distcomp provides; "
-                          "expected one of OneBitAdam, ZeroOneAdam, OneBitLamb")
-    options = dict(section.get("params") or {})
-    if not isinstance(section.get("params", {}), dict):
-        raise ConfigError("DeepSpeed config: 'optimizer.params' must be a mapping")
+        raise ConfigError(
+            f"DeepSpeed config: optimizer type {name!r} is not a compressed optimizer distcomp provides; "
+            "expected one of OneBitAdam, ZeroOneAdam, OneBitLamb"
+        )
+    given = section.get("params")
+    if not isinstance(given, (dict, type(None))):
+        raise ConfigError(f"DeepSpeed config: 'optimizer.params' must be a mapping, got {given!r}")
+    options = dict(given or {})
     if "max_grad_norm" in options:
-        raise ConfigError("DeepSpeed config: 'max_grad_norm' is not an optimizer option (DeepSpeed refused it too); "
-                          "clip with torch.nn.utils.clip_grad_norm_ before optimizer.step()")
+        raise ConfigError(
+            "DeepSpeed config: 'max_grad_norm' is not an optimizer option (DeepSpeed refused it too); "
+            "clip with torch.nn.utils.clip_grad_norm_ before optimizer.step()"
+        )
     dropped = [k for k in TRANSPORT_KEYS if options.pop(k, None) is not None]
     if dropped:
         logger.warning("%s: ignoring DeepSpeed option(s) %s: %s", cls.algorithm, ", ".join(dropped), TRANSPORT_NOTE)

@@ -10,31 +10,29 @@ A complete config can be as short as::
 Every other section has defaults (a 3.3M-parameter byte-level GPT on the
 ``pydoc_data`` corpus that ships with Python, AdamW, 2 local ranks). The
 ``compression:`` section is a distcomp compression config (``compressor:`` plus
-that compressor's options), validated by :func:`distcomp.config.config_from_dict`.
-Unknown keys anywhere are rejected with a message naming the key, its section
-and the keys allowed there.
+that compressor's options). Every section is checked and built by
+:func:`distcomp.schema.build`: unknown keys anywhere are rejected with a message
+naming the dotted key, its section and the keys allowed there.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
-from distcomp.config import CONFIG_VERSION, config_from_dict, config_to_dict
+from distcomp.compressor import CompressorConfig
+from distcomp.config import CONFIG_VERSION, check_version, compression_section, config_to_dict
 from distcomp.errors import ConfigError
-from distcomp.validation import check_types, read_text_file, require, value_problem
 from distcomp.models.gpt import GPTConfig
 from distcomp.optim import CompressedOptimizer, OneBitAdam, OneBitLamb, ZeroOneAdam
 from distcomp.optim.config import OptimizerConfig as OptimizerSettings
-from distcomp.optim.config import build
-from distcomp.registry import available_compressors, build_config, compressor_for_config, get_compressor
+from distcomp.registry import available_compressors, build_config, compressor_for_config
+from distcomp.schema import build
+from distcomp.validation import read_yaml_mapping, require
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -96,16 +94,18 @@ class OptimizerConfig:
     """Final learning rate of the cosine schedule, as a fraction of ``lr``."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 turns clipping off."""
-    onebit_adam: dict[str, Any] = field(default_factory=dict)
+    onebit_adam: OneBitAdam.Config | None = None
     """Options of ``onebit_adam`` (:class:`distcomp.optim.OneBitAdam`, DeepSpeed's key names), e.g.
-    ``{freeze_step: 40}``. ``lr``, ``betas``, ``eps`` and ``weight_decay`` default to this section's; ``lr`` set
-    here is the peak of the same schedule."""
-    zero_one_adam: dict[str, Any] = field(default_factory=dict)
+    ``{freeze_step: 40}``. Keys left out (all of them when ``null``) take OneBitAdam's defaults, except ``lr``,
+    ``betas``, ``eps`` and ``weight_decay``, which take this section's; ``lr`` set here is the peak of the same
+    schedule."""
+    zero_one_adam: ZeroOneAdam.Config | None = None
     """Options of ``zero_one_adam`` (:class:`distcomp.optim.ZeroOneAdam`), e.g. ``{var_freeze_step: 40,
-    var_update_scaler: 32, local_step_scaler: 1000, local_step_clipper: 4}``."""
-    onebit_lamb: dict[str, Any] = field(default_factory=dict)
+    var_update_scaler: 32, local_step_scaler: 1000, local_step_clipper: 4}``; defaults as for ``onebit_adam``."""
+    onebit_lamb: OneBitLamb.Config | None = None
     """Options of ``onebit_lamb`` (:class:`distcomp.optim.OneBitLamb`), e.g. ``{freeze_step: 40, lr: 2.0e-2}``
-    (LAMB scales each step by the weights' norm and usually wants a larger ``lr`` than Adam)."""
+    (LAMB scales each step by the weights' norm and usually wants a larger ``lr`` than Adam); defaults as for
+    ``onebit_adam``."""
 
     def __post_init__(self) -> None:
         require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
@@ -117,33 +117,26 @@ class OptimizerConfig:
         require(self.decay_steps is None or self.decay_steps >= 1, "decay_steps", "must be >= 1 or null")
         require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         require(self.grad_clip >= 0, "grad_clip", f"must be >= 0, got {self.grad_clip}")
-        for name in COMPRESSED_OPTIMIZERS:
-            self.compressed_config(name)  # validates the options before any rank starts
 
     @property
     def compressed(self) -> bool:
         """Whether ``name`` is one of distcomp's compressed optimizers."""
         return self.name in COMPRESSED_OPTIMIZERS
 
-    def compressed_options(self, name: str) -> dict[str, Any]:
-        """Keyword arguments of the compressed optimizer ``name``: its own options over this section's shared keys."""
-        own = getattr(self, name)
-        require(isinstance(own, dict), name, f"must be a mapping of {name}'s options, got {own!r}")
-        return {**{k: getattr(self, k) for k in SHARED_OPTIMIZER_KEYS}, **own}
-
     def peak_lr(self, name: str) -> float:
         """The peak learning rate of optimizer ``name`` (its own section's ``lr`` where set)."""
-        return float(self.compressed_options(name)["lr"]) if name in COMPRESSED_OPTIMIZERS else self.lr
+        return self.compressed_config(name).lr if name in COMPRESSED_OPTIMIZERS else self.lr
 
     def compressed_config(self, name: str) -> OptimizerSettings:
-        """The validated ``Config`` of the compressed optimizer ``name``; errors name the key as ``optimizer.<name>.<key>``."""
-        cls = COMPRESSED_OPTIMIZERS[name]
-        options = self.compressed_options(name)
-        try:
-            check_types(cls.Config, options)
-            return build(cls.Config, options, name)
-        except ConfigError as exc:
-            raise ConfigError(f"in section {name!r}: {exc}") from None
+        """The ``Config`` of the compressed optimizer ``name``: its section, or its defaults with the shared keys."""
+        own: OptimizerSettings | None = getattr(self, name)
+        if own is not None:
+            return own
+        return COMPRESSED_OPTIMIZERS[name].Config(**{k: getattr(self, k) for k in SHARED_OPTIMIZER_KEYS})
+
+    def section_base(self, name: str) -> OptimizerSettings:
+        """What a compressed optimizer's section given in a file starts from (see :func:`distcomp.schema.build`)."""
+        return self.compressed_config(name)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -228,7 +221,7 @@ def _default_model() -> GPTConfig:
     return GPTConfig(d_model=256, n_layer=4, n_head=4, context=128)
 
 
-def _default_compression() -> Any:
+def _default_compression() -> CompressorConfig:
     return build_config("powersgd", {})
 
 
@@ -254,7 +247,7 @@ class TrainConfig:
     """Corpus and batch size."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     """Optimizer and schedule."""
-    compression: Any = field(default_factory=_default_compression)
+    compression: CompressorConfig = field(default_factory=_default_compression)
     """A compressor ``Config`` (``compressor: <name>`` plus its options); default PowerSGD rank 4."""
     dist: DistConfig = field(default_factory=DistConfig)
     """Ranks, device, backend, timeouts."""
@@ -266,24 +259,36 @@ class TrainConfig:
     """Periodic checkpoints."""
 
     def __post_init__(self) -> None:
-        require(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",
-                f"must be a plain directory name, got {self.name!r}")
+        require(
+            bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
+            "name",
+            f"must be a plain directory name, got {self.name!r}",
+        )
         require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         require(self.model.vocab_size == 256, "model.vocab_size", "must be 256: the model reads bytes")
         known = [*available_compressors(), *COMPRESSED_OPTIMIZERS]
         for name in self.compare:
-            require(name in known, "compare", f"unknown compressor or compressed optimizer {name!r}; "
-                    f"available: {', '.join(known)}")
+            require(
+                name in known,
+                "compare",
+                f"unknown compressor or compressed optimizer {name!r}; available: {', '.join(known)}",
+            )
         require(len(set(self.compare)) == len(self.compare), "compare", f"lists a run twice: {list(self.compare)}")
         compressor_for_config(self.compression)  # raises unless it is a registered compressor's Config
         opt = self.optimizer.name
-        require(not (self.optimizer.compressed and self.compare and opt not in self.compare), "compare",
-                f"lists {list(self.compare)} but optimizer.name is {opt!r}, which would not run; add it "
-                f"(--set compare=[none,{opt}]) or clear compare (--set compare=[])")
-        require(not (self.optimizer.compressed and not self.compare and self.compressor != "none"), "compression",
-                f"optimizer {self.optimizer.name!r} communicates compressed momentum itself, so the gradients "
-                f"cannot also go through the {self.compressor!r} hook; remove the compression section or "
-                "set compression.compressor: none")
+        require(
+            not (self.optimizer.compressed and self.compare and opt not in self.compare),
+            "compare",
+            f"lists {list(self.compare)} but optimizer.name is {opt!r}, which would not run; add it "
+            f"(--set compare=[none,{opt}]) or clear compare (--set compare=[])",
+        )
+        require(
+            not (self.optimizer.compressed and not self.compare and self.compressor != "none"),
+            "compression",
+            f"optimizer {self.optimizer.name!r} communicates compressed momentum itself, so the gradients "
+            f"cannot also go through the {self.compressor!r} hook; remove the compression section or "
+            "set compression.compressor: none",
+        )
 
     @property
     def compressor(self) -> str:
@@ -310,7 +315,7 @@ class RunSpec:
 
     name: str
     """Label in the summary table and directory under ``<log.dir>/<config name>/``."""
-    compression: Any
+    compression: CompressorConfig | None
     """The compressor ``Config`` of the DDP hook; None for a compressed optimizer, which registers its own hook."""
     optimizer: str
     """An ``optimizer.name`` value."""
@@ -322,12 +327,7 @@ class RunSpec:
 def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a YAML train config, apply ``key=value`` overrides, validate everything."""
     path = Path(path)
-    try:
-        raw = yaml.safe_load(read_text_file(path, "config"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping with 'version: 1' at its top")
+    raw = read_yaml_mapping(path, "config", "'version: 1' at its top")
     raw.setdefault("name", path.stem)
     apply_overrides(raw, overrides)
     return config_from_raw(raw, source=str(path))
@@ -341,9 +341,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
     """
     parsed = [_parse_override(o) for o in overrides]
     for keys, value in parsed:
-        if keys == ["compression", "compressor"] and isinstance(raw.get("compression"), dict):
-            if raw["compression"].get("compressor") != value:
-                raw["compression"] = {}
+        section = raw.get("compression")
+        if keys == ["compression", "compressor"] and isinstance(section, dict) and section.get("compressor") != value:
+            raw["compression"] = {}
     for keys, value in parsed:
         node = raw
         for i, key in enumerate(keys[:-1]):
@@ -366,44 +366,24 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def config_from_raw(raw: dict[str, Any], source: str = "config") -> TrainConfig:
-    """Build a :class:`TrainConfig` from plain values (a parsed YAML file)."""
+    """Build a :class:`TrainConfig` from plain values (a parsed YAML file); errors start with ``source``."""
     values = dict(raw)
-    version = values.pop("version", None)
-    if version != CONFIG_VERSION:
-        raise ConfigError(f"{source}: 'version' must be {CONFIG_VERSION} (got {version!r}); add 'version: 1' at the top")
-    section = values.pop("compression", None)
-    compression = None
-    if section is not None:
-        if not isinstance(section, dict):
-            raise ConfigError(f"{source}: 'compression' must be a mapping with a 'compressor' key")
-        section = _check_compression_types(section, source)
-        compression = config_from_dict({"version": CONFIG_VERSION, **section}, source=f"{source}: compression")
-    if compression is None and _names_compressed_optimizer(values):
-        compression = build_config("none", {})  # the default PowerSGD hook would contradict the optimizer
+    check_version(values.pop("version", None), source)
+    if values.get("compression") is not None:
+        values["compression"] = compression_section(values["compression"], source)
+    elif _names_compressed_optimizer(values):
+        values["compression"] = build_config("none", {})  # the default PowerSGD hook would contradict the optimizer
+    else:
+        values.pop("compression", None)
     try:
-        cfg = _build(TrainConfig, values, "", extra={"compression": compression} if compression is not None else {})
+        return build(TrainConfig, values)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    return cfg
 
 
 def _names_compressed_optimizer(values: dict[str, Any]) -> bool:
     section = values.get("optimizer")
     return isinstance(section, dict) and section.get("name") in COMPRESSED_OPTIMIZERS
-
-
-def _check_compression_types(section: dict[str, Any], source: str) -> dict[str, Any]:
-    """Check the section's values against the compressor's field types (its own checks name unknown keys)."""
-    name = section.get("compressor")
-    if name not in available_compressors():
-        return section
-    cls = get_compressor(name).Config
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls) if f.init}
-    try:
-        return {k: _coerce(v, hints[k], f"compression.{k}") if k in known else v for k, v in section.items()}
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
 
 
 def config_to_raw(cfg: TrainConfig) -> dict[str, Any]:
@@ -418,87 +398,4 @@ def _plain(value: Any) -> Any:
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
-    return value
-
-
-def _build(cls: type, values: Any, section: str, extra: dict[str, Any] | None = None, base: Any = None) -> Any:
-    """``cls(**values)`` with unknown keys, types and Literal choices checked and named by their dotted key.
-
-    Keys a section leaves out keep the field's default: for a nested section that
-    is the default instance's value (the train default model is not ``GPTConfig()``).
-    """
-    where = f"section {section!r}" if section else "the top level"
-    if not isinstance(values, dict):
-        raise ConfigError(f"config key {section!r}: must be a mapping (a section), got {values!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    kwargs = dict(extra or {})
-    for key, value in values.items():
-        dotted = f"{section}.{key}" if section else str(key)
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown key {dotted!r}{hint} in {where}; allowed keys: {', '.join(sorted(fields))}")
-        tp, f = hints[key], fields[key]
-        if dataclasses.is_dataclass(tp) and f.default_factory is not dataclasses.MISSING:
-            kwargs[key] = _build(tp, value, dotted, base=f.default_factory())
-        else:
-            kwargs[key] = _coerce(value, tp, dotted)
-    try:
-        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
-    except ConfigError as exc:
-        if section:
-            raise ConfigError(f"in section {section!r}: {exc}") from None
-        raise
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; convert lists to tuples and ints to floats."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key) if len(inner) == 1 else value
-    if origin is Literal:
-        require(value in args, key, f"must be one of {', '.join(map(repr, args))}; got {value!r}")
-        return value
-    if origin is dict:
-        require(isinstance(value, dict), key, f"must be a mapping, got {value!r}")
-        return dict(value)
-    if origin is tuple:
-        require(isinstance(value, (list, tuple)), key, f"must be a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
-        require(len(value) == len(args), key, f"must be a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    return _scalar(value, tp, key)
-
-
-def _scalar(value: Any, tp: Any, key: str) -> Any:
-    value = _typed_scalar(value, tp, key)
-    problem = value_problem(value)
-    require(problem is None, key, problem or "")
-    return value
-
-
-def _typed_scalar(value: Any, tp: Any, key: str) -> Any:
-    if tp is bool:
-        require(isinstance(value, bool), key, f"must be true or false, got {value!r}")
-    elif tp is int:
-        require(isinstance(value, int) and not isinstance(value, bool), key, f"must be an integer, got {value!r}")
-    elif tp is float:
-        # PyYAML reads 1e-3 (no dot) as a string; accept any number written like one.
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        require(ok, key, f"must be a number, got {value!r}")
-        return float(value)
-    elif tp is str:
-        require(isinstance(value, str), key, f"must be a string, got {value!r}")
     return value

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
+from distcomp.optim import OneBitAdam, OneBitLamb
 from distcomp.train.config import COMPRESSED_OPTIMIZERS, OptimizerConfig
 
 
@@ -38,15 +40,17 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimizerConfig, name: str | No
     """The optimizer ``name`` (default ``cfg.name``) over ``model``'s parameters, with ``cfg``'s settings."""
     name = name or cfg.name
     if name in COMPRESSED_OPTIMIZERS:
-        options = cfg.compressed_options(name)
-        return COMPRESSED_OPTIMIZERS[name](_param_groups(model, options.pop("weight_decay")), **options)
+        config = cfg.compressed_config(name)
+        groups = _param_groups(model, config.weight_decay)
+        return COMPRESSED_OPTIMIZERS[name](groups, **dataclasses.asdict(config))
     return OPTIMIZERS[name](model, cfg)
 
 
 def first_compressed_step(cfg: OptimizerConfig, name: str) -> int:
-    """The first step at which the optimizer ``name`` compresses (0 for the hooks' runs, which decide per compressor)."""
-    if name in ("onebit_adam", "onebit_lamb"):
-        return cfg.compressed_config(name).freeze_step
+    """The first step at which the optimizer ``name`` compresses (0 for the hooks' runs: each compressor decides)."""
+    config = cfg.compressed_config(name) if name in COMPRESSED_OPTIMIZERS else None
+    if isinstance(config, (OneBitAdam.Config, OneBitLamb.Config)):
+        return config.freeze_step  # 0/1 Adam compresses from its first step
     return 0
 
 

@@ -50,10 +50,15 @@ def test_get_compressor_by_name(name: str) -> None:
     assert dataclasses.is_dataclass(cls.Config)
 
 
-@pytest.mark.parametrize("typo,suggestion", [("powersdg", "powersgd"), ("top-k", "topk"), ("int_8", "int8")],
-                         ids=["powersdg", "top-k", "int_8"])
+@pytest.mark.parametrize(
+    "typo,suggestion",
+    [("powersdg", "powersgd"), ("top-k", "topk"), ("int_8", "int8")],
+    ids=["powersdg", "top-k", "int_8"],
+)
 def test_unknown_compressor_suggests_the_closest(typo: str, suggestion: str) -> None:
-    with pytest.raises(ConfigError, match=rf"unknown compressor '{typo}' \(did you mean '{suggestion}'\?\); available: bf16, fp16"):
+    with pytest.raises(
+        ConfigError, match=rf"unknown compressor '{typo}' \(did you mean '{suggestion}'\?\); available: bf16, fp16"
+    ):
         distcomp.get_compressor(typo)
 
 
@@ -73,9 +78,14 @@ def test_registering_a_name_twice_fails() -> None:
 
 
 def test_unknown_key_names_the_key_and_the_allowed_keys() -> None:
-    with pytest.raises(ConfigError, match=r"unknown key 'rnak' for compressor 'powersgd' \(did you mean 'rank'\?\)") as info:
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'rnak' for compressor 'powersgd' \(did you mean 'rank'\?\)"
+    ) as info:
         distcomp.build_config("powersgd", {"rnak": 4})
-    allowed = "allowed keys: batch_same_shape, epsilon, error_feedback, min_compression_rate, rank, seed, start_step, warm_start"
+    allowed = (
+        "allowed keys: batch_same_shape, epsilon, error_feedback, min_compression_rate, rank, seed, start_step, "
+        "warm_start"
+    )
     assert allowed in str(info.value)
 
 
@@ -86,11 +96,34 @@ def test_unknown_key_for_an_option_free_compressor() -> None:
 
 @pytest.mark.parametrize(
     "name,key,value",
-    [("powersgd", "rank", 0), ("powersgd", "epsilon", -1.0), ("powersgd", "min_compression_rate", -0.5),
-     ("powersgd", "start_step", -1), ("topk", "ratio", 2.0), ("topk", "ratio", 0.0), ("randomk", "k", 0),
-     ("sign", "block", 10), ("sign", "block", 0), ("int8", "block", 10), ("int4", "block", 48), ("none", "start_step", -2)],
-    ids=["rank0", "epsilon-neg", "rate-neg", "start-neg", "ratio2", "ratio0", "k0", "sign-block10", "sign-block0",
-         "int8-block10", "int4-block48", "none-start-neg"],
+    [
+        ("powersgd", "rank", 0),
+        ("powersgd", "epsilon", -1.0),
+        ("powersgd", "min_compression_rate", -0.5),
+        ("powersgd", "start_step", -1),
+        ("topk", "ratio", 2.0),
+        ("topk", "ratio", 0.0),
+        ("randomk", "k", 0),
+        ("sign", "block", 10),
+        ("sign", "block", 0),
+        ("int8", "block", 10),
+        ("int4", "block", 48),
+        ("none", "start_step", -2),
+    ],
+    ids=[
+        "rank0",
+        "epsilon-neg",
+        "rate-neg",
+        "start-neg",
+        "ratio2",
+        "ratio0",
+        "k0",
+        "sign-block10",
+        "sign-block0",
+        "int8-block10",
+        "int4-block48",
+        "none-start-neg",
+    ],
 )
 def test_bad_value_names_the_key(name: str, key: str, value: Any) -> None:
     with pytest.raises(ConfigError, match=rf"config key '{key}': must be"):
@@ -196,15 +229,37 @@ def test_load_training_config_section(tmp_path: Path) -> None:
         ("", "expected a mapping"),
         ("version: 1\ncompressor: [unclosed\n", "not valid YAML"),
         ("version: 1\ncompression: powersgd\n", "'compression' must be a mapping"),
-        ("version: 1\ncompression:\n  rank: 4\n", r"compression: missing 'compressor'"),
-        ("compression:\n  compressor: powersgd\n", r"compression: 'version' must be 1 \(got None\)"),
+        ("version: 1\ncompression:\n  rank: 4\n", r"missing 'compression\.compressor'"),
+        ("compression:\n  compressor: powersgd\n", r"c\.yaml: 'version' must be 1 \(got None\)"),
         ("version: 3\ncompression:\n  compressor: powersgd\n", r"'version' must be 1 \(got 3\)"),
-        ("version: 1\ncompression:\n  compressor: powersgd\n  rank: 0\n", r"compression: config key 'rank'"),
-        ("version: 1\ncompression:\n  compressor: sign\n  rank: 4\n", r"compression: unknown key 'rank'.*allowed keys: block"),
+        (
+            "version: 1\ncompression:\n  compressor: powersgd\n  rank: 0\n",
+            r"in section 'compression': config key 'rank'",
+        ),
+        (
+            "version: 1\ncompression:\n  compressor: sign\n  rank: 4\n",
+            r"unknown key 'compression\.rank' for compressor 'sign'.*allowed keys: block",
+        ),
     ],
-    ids=["missing-version", "wrong-version", "string-version", "unknown-key", "bad-value", "unknown-compressor",
-         "missing-compressor", "list", "scalar", "empty", "bad-yaml", "section-not-mapping", "section-no-compressor",
-         "section-missing-version", "section-wrong-version", "section-bad-value", "section-unknown-key"],
+    ids=[
+        "missing-version",
+        "wrong-version",
+        "string-version",
+        "unknown-key",
+        "bad-value",
+        "unknown-compressor",
+        "missing-compressor",
+        "list",
+        "scalar",
+        "empty",
+        "bad-yaml",
+        "section-not-mapping",
+        "section-no-compressor",
+        "section-missing-version",
+        "section-wrong-version",
+        "section-bad-value",
+        "section-unknown-key",
+    ],
 )
 def test_load_config_errors(tmp_path: Path, text: str, match: str) -> None:
     path = _write(tmp_path, text)

@@ -41,7 +41,9 @@ def write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
 
 
 def test_compression_only_file_is_a_complete_config(tmp_path: Path) -> None:
-    cfg = load_train_config(write(tmp_path, "version: 1\ncompression:\n  compressor: sign\n  block: 2048\n", "sign.yaml"))
+    cfg = load_train_config(
+        write(tmp_path, "version: 1\ncompression:\n  compressor: sign\n  block: 2048\n", "sign.yaml")
+    )
     assert cfg.compressor == "sign" and cfg.compression.block == 2048
     assert cfg.name == "sign"  # the file's stem
     assert cfg.runs() == [RunSpec(name="sign", compression=cfg.compression, optimizer="adamw")]
@@ -66,7 +68,7 @@ def test_version_1_is_required(tmp_path: Path, text: str) -> None:
         ("stpes: 3", ["'stpes'", "did you mean 'steps'", "top level", "allowed keys", "compare"]),
         ("optimizer: {lrr: 0.1}", ["'optimizer.lrr'", "section 'optimizer'", "allowed keys", "warmup_steps"]),
         ("model: {width: 8}", ["'model.width'", "d_model", "n_layer"]),
-        ("compression: {compressor: powersgd, rnk: 2}", ["'rnk'", "powersgd", "allowed keys", "rank"]),
+        ("compression: {compressor: powersgd, rnk: 2}", ["'compression.rnk'", "powersgd", "allowed keys", "rank"]),
         ("compression: {compressor: zip}", ["unknown compressor 'zip'", "powersgd", "sign"]),
     ],
 )
@@ -115,7 +117,9 @@ def test_overrides_reach_nested_fields_and_parse_yaml_values() -> None:
 
 
 def test_setting_the_compressor_starts_its_section_afresh() -> None:
-    cfg = load_train_config(ROOT / "configs" / "quickstart.yaml", ["compression.compressor=topk", "compression.ratio=1e-2"])
+    cfg = load_train_config(
+        ROOT / "configs" / "quickstart.yaml", ["compression.compressor=topk", "compression.ratio=1e-2"]
+    )
     assert cfg.compressor == "topk" and cfg.compression.ratio == 0.01
     raw = {"compression": {"compressor": "topk", "ratio": 0.5}}
     apply_overrides(raw, ["compression.compressor=topk"])  # the same compressor keeps its options
@@ -128,7 +132,9 @@ def test_a_partial_section_keeps_the_train_defaults() -> None:
 
 
 def test_config_round_trips_through_plain_values() -> None:
-    cfg = load_train_config(ROOT / "configs" / "quickstart.yaml", ["compare=[none, topk]", "optimizer.betas=[0.8, 0.9]"])
+    cfg = load_train_config(
+        ROOT / "configs" / "quickstart.yaml", ["compare=[none, topk]", "optimizer.betas=[0.8, 0.9]"]
+    )
     assert config_from_raw(config_to_raw(cfg)) == cfg
 
 
@@ -163,10 +169,16 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor() -> None:
     assert lr_at(const, 77, 100) == const.lr
 
 
-@pytest.mark.parametrize("name, cls", [("adamw", torch.optim.AdamW), ("sgd", torch.optim.SGD),
-                                       ("onebit_adam", distcomp.optim.OneBitAdam),
-                                       ("zero_one_adam", distcomp.optim.ZeroOneAdam),
-                                       ("onebit_lamb", distcomp.optim.OneBitLamb)])
+@pytest.mark.parametrize(
+    "name, cls",
+    [
+        ("adamw", torch.optim.AdamW),
+        ("sgd", torch.optim.SGD),
+        ("onebit_adam", distcomp.optim.OneBitAdam),
+        ("zero_one_adam", distcomp.optim.ZeroOneAdam),
+        ("onebit_lamb", distcomp.optim.OneBitLamb),
+    ],
+)
 def test_optimizers_decay_matrices_only(name: str, cls: type) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     cfg = config_from_raw({"version": 1, "optimizer": {"name": name, "weight_decay": 0.1}}).optimizer
@@ -226,8 +238,15 @@ def test_unusable_data_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_every_train_config_field_has_a_docstring() -> None:
-    sections = [train_config.TrainConfig, train_config.DataConfig, train_config.OptimizerConfig,
-                train_config.DistConfig, train_config.EvalConfig, train_config.LogConfig, train_config.CheckpointConfig]
+    sections = [
+        train_config.TrainConfig,
+        train_config.DataConfig,
+        train_config.OptimizerConfig,
+        train_config.DistConfig,
+        train_config.EvalConfig,
+        train_config.LogConfig,
+        train_config.CheckpointConfig,
+    ]
     for cls in sections:
         missing = {f.name for f in dataclasses.fields(cls)} - set(field_docs(cls))
         assert not missing, (cls.__name__, missing)
@@ -237,8 +256,17 @@ def test_every_train_config_field_has_a_docstring() -> None:
 
 
 def test_a_compressed_optimizer_is_one_run_without_a_hook() -> None:
-    cfg = config_from_raw({"version": 1, "optimizer": {"name": "onebit_adam", "lr": 1e-3, "betas": [0.9, 0.99],
-                                                       "onebit_adam": {"freeze_step": 7, "block": 64}}})
+    cfg = config_from_raw(
+        {
+            "version": 1,
+            "optimizer": {
+                "name": "onebit_adam",
+                "lr": 1e-3,
+                "betas": [0.9, 0.99],
+                "onebit_adam": {"freeze_step": 7, "block": 64},
+            },
+        }
+    )
     assert cfg.compressor == "none"  # the default PowerSGD hook would contradict the optimizer
     assert cfg.runs() == [RunSpec(name="onebit_adam", compression=None, optimizer="onebit_adam")]
     opt_cfg = cfg.optimizer.compressed_config("onebit_adam")
@@ -257,19 +285,25 @@ def test_a_compressed_optimizer_may_set_its_own_peak_lr() -> None:
 
 
 def test_compare_mixes_compressors_and_compressed_optimizers() -> None:
-    cfg = config_from_raw({"version": 1, "compare": ["none", "powersgd", "zero_one_adam"],
-                           "optimizer": {"name": "zero_one_adam"}})
+    cfg = config_from_raw(
+        {"version": 1, "compare": ["none", "powersgd", "zero_one_adam"], "optimizer": {"name": "zero_one_adam"}}
+    )
     runs = cfg.runs()
-    assert [(r.name, r.optimizer) for r in runs] == [("none", "adamw"), ("powersgd", "adamw"),
-                                                      ("zero_one_adam", "zero_one_adam")]
+    assert [(r.name, r.optimizer) for r in runs] == [
+        ("none", "adamw"),
+        ("powersgd", "adamw"),
+        ("zero_one_adam", "zero_one_adam"),
+    ]
     assert runs[1].compression == distcomp.build_config("powersgd", {}) and runs[2].compression is None
     sgd = config_from_raw({"version": 1, "compare": ["none", "onebit_lamb"], "optimizer": {"name": "sgd"}})
     assert [r.optimizer for r in sgd.runs()] == ["sgd", "onebit_lamb"]
 
 
 def test_options_of_a_compressed_optimizer_are_set_from_the_command_line() -> None:
-    cfg = load_train_config(ROOT / "configs" / "onebit_adam.yaml",
-                            ["optimizer.onebit_adam.freeze_step=3", "optimizer.zero_one_adam.var_update_scaler=8"])
+    cfg = load_train_config(
+        ROOT / "configs" / "onebit_adam.yaml",
+        ["optimizer.onebit_adam.freeze_step=3", "optimizer.zero_one_adam.var_update_scaler=8"],
+    )
     assert cfg.optimizer.compressed_config("onebit_adam").freeze_step == 3
     assert cfg.optimizer.compressed_config("zero_one_adam").var_update_scaler == 8
 
@@ -277,11 +311,16 @@ def test_options_of_a_compressed_optimizer_are_set_from_the_command_line() -> No
 @pytest.mark.parametrize(
     "optimizer, words",
     [
-        ({"name": "onebit_adam", "onebit_adam": {"freez_step": 5}},
-         ["section 'optimizer'", "'onebit_adam'", "'freez_step'", "did you mean 'freeze_step'"]),
-        ({"onebit_adam": {"lr": -0.1}}, ["'onebit_adam'", "'lr'", ">= 0"]),
-        ({"zero_one_adam": {"var_freeze_step": "soon"}}, ["'zero_one_adam'", "'var_freeze_step'", "int", "'soon'"]),
-        ({"onebit_lamb": {"min_coeff": 0}}, ["'onebit_lamb'", "'min_coeff'", "> 0"]),
+        (
+            {"name": "onebit_adam", "onebit_adam": {"freez_step": 5}},
+            ["section 'optimizer.onebit_adam'", "'optimizer.onebit_adam.freez_step'", "did you mean 'freeze_step'"],
+        ),
+        ({"onebit_adam": {"lr": -0.1}}, ["section 'optimizer.onebit_adam'", "'lr'", ">= 0"]),
+        (
+            {"zero_one_adam": {"var_freeze_step": "soon"}},
+            ["'optimizer.zero_one_adam.var_freeze_step'", "integer", "'soon'"],
+        ),
+        ({"onebit_lamb": {"min_coeff": 0}}, ["section 'optimizer.onebit_lamb'", "'min_coeff'", "> 0"]),
         ({"onebit_lamb": 3}, ["'optimizer.onebit_lamb'", "mapping"]),
         ({"name": "onebit_adam", "onebit_adam": {"amsgrad": True}}, ["'amsgrad'", "not supported"]),
     ],
