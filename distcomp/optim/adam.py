@@ -18,11 +18,11 @@ from typing import Literal
 
 import torch
 
-from distcomp.validation import require
 from distcomp.optim.base import CompressedOptimizer, GradientMode
 from distcomp.optim.config import OptimizerConfig
 from distcomp.optim.functional import adam_apply_, adam_moments_, bias_correction, decay_
 from distcomp.optim.layout import FlatLayout
+from distcomp.validation import require
 
 Phase = Literal["warmup", "compressed"]
 
@@ -44,7 +44,7 @@ class AdamSteps(CompressedOptimizer):
         if self.config.adam_w_mode:
             decay_(layout.params, lr, group["weight_decay"])
         bc1 = bias_correction(group["betas"][0], s, group["bias_correction"])
-        adam_apply_(layout.params, layout.views(self._flat(layout, "exp_avg")), layout.views(denom), lr / bc1)
+        adam_apply_(layout.params, layout.views(self.flat.buffer(layout, "exp_avg")), layout.views(denom), lr / bc1)
 
 
 class OneBitAdam(AdamSteps):
@@ -84,21 +84,21 @@ class OneBitAdam(AdamSteps):
         return "mean" if self.phase(t) == "warmup" else "local"
 
     def _run(self, t: int, grads: list[torch.Tensor], health: torch.Tensor) -> bool:
-        layouts = self._ensure_layouts()
+        layouts = self.flat.layouts
         if self.phase(t) == "warmup":
-            if not self._exact_mean(grads, health):
+            if not self.comm.exact_mean(grads, health):
                 return False
             for layout, g in zip(layouts, grads):
                 self._l2(layout, g)
                 b1, b2 = self.param_groups[layout.group]["betas"]
-                adam_moments_(self._flat(layout, "exp_avg"), self._flat(layout, "exp_avg_sq"), g, b1, b2)
+                adam_moments_(self.flat.buffer(layout, "exp_avg"), self.flat.buffer(layout, "exp_avg_sq"), g, b1, b2)
                 self._adam_update(layout, t + 1, t + 1)
             return True
         for layout, g in zip(layouts, grads):
             self._l2(layout, g)
-            m = self._flat(layout, "exp_avg")
+            m = self.flat.buffer(layout, "exp_avg")
             local = torch.lerp(m, g, 1 - self.param_groups[layout.group]["betas"][0], out=g)
-            mean = self._compressed(layout, local, health)
+            mean = self.comm.compressed_mean(layout, local, health)
             if mean is None:
                 return False
             m.copy_(mean)

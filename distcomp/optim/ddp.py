@@ -27,8 +27,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from distcomp.comm import BucketRecord, Comm
-from distcomp.numerics import local_health
 from distcomp.hooks.ddp import annotate_hook
+from distcomp.numerics import local_health
 from distcomp.optim.base import CompressedOptimizer
 
 
@@ -78,7 +78,7 @@ class OptimizerHookState:
 
         def done(f: torch.futures.Future) -> torch.Tensor:
             rec.comm_s = rec.total_s = time.perf_counter() - start
-            self.optimizer._record(rec)
+            self.optimizer.comm.record(rec)
             return f.value()[0]
 
         return fut.then(done)
@@ -93,7 +93,7 @@ class OptimizerHookState:
             comm.all_reduce(word)
             if not bool(torch.isfinite(word).all()):
                 buffer.fill_(float("nan"))
-        self.optimizer._record(rec)
+        self.optimizer.comm.record(rec)
         fut: torch.futures.Future = torch.futures.Future()
         fut.set_result(buffer)
         return fut
@@ -121,7 +121,7 @@ def register(model: DistributedDataParallel, optimizer: CompressedOptimizer) -> 
         raise TypeError(f"distcomp.optim.register expects a DistributedDataParallel model, got {type(model).__name__}")
     if not isinstance(optimizer, CompressedOptimizer):
         raise TypeError(f"distcomp.optim.register expects a distcomp.optim optimizer, got {type(optimizer).__name__}")
-    if optimizer.steps or optimizer._world is not None:
+    if optimizer.steps or optimizer.comm.connected:
         raise RuntimeError("distcomp.optim.register must be called before the optimizer's first step")
     module_params = {id(p) for p in model.module.parameters()}
     if any(id(p) not in module_params for g in optimizer.param_groups for p in g["params"]):
@@ -133,5 +133,5 @@ def register(model: DistributedDataParallel, optimizer: CompressedOptimizer) -> 
         raise ValueError(f"the optimizer's process group has {mine} ranks but the DDP model's has {theirs}")
     state = OptimizerHookState(optimizer, group)
     model.register_comm_hook(state, optimizer_hook)
-    optimizer._ddp = state
+    optimizer.comm.attach_ddp(state)
     return state

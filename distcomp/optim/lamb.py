@@ -25,7 +25,6 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from distcomp.validation import require
 from distcomp.optim.base import CompressedOptimizer, GradientMode
 from distcomp.optim.config import OptimizerConfig
 from distcomp.optim.functional import (
@@ -39,6 +38,7 @@ from distcomp.optim.functional import (
     rms,
 )
 from distcomp.optim.layout import FlatLayout
+from distcomp.validation import require
 
 Phase = Literal["warmup", "compressed"]
 
@@ -106,10 +106,10 @@ class OneBitLamb(CompressedOptimizer):
         return list(self.lamb_coeffs)
 
     def _run(self, t: int, grads: list[torch.Tensor], health: torch.Tensor) -> bool:
-        layouts = self._ensure_layouts()
+        layouts = self.flat.layouts
         coeffs: list[float] = []
         if self.phase(t) == "warmup":
-            if not self._exact_mean(grads, health):
+            if not self.comm.exact_mean(grads, health):
                 return False
             for layout, g in zip(layouts, grads):
                 coeffs += self._warmup_step(layout, t, g)
@@ -127,7 +127,7 @@ class OneBitLamb(CompressedOptimizer):
     def _warmup_step(self, layout: FlatLayout, t: int, g: torch.Tensor) -> list[float]:
         group, c = self.param_groups[layout.group], self.config
         b1, b2 = group["betas"]
-        m, v = self._flat(layout, "exp_avg"), self._flat(layout, "exp_avg_sq")
+        m, v = self.flat.buffer(layout, "exp_avg"), self.flat.buffer(layout, "exp_avg_sq")
         adam_moments_(m, v, g, b1, b2)
         update, _ = self._update(layout, g, t + 1, t + 1)
         coeffs = []
@@ -140,14 +140,14 @@ class OneBitLamb(CompressedOptimizer):
             st.setdefault("lamb_coeff_freeze", 0.0)
             coeffs.append(1.0 if ratio is None else ratio)
         if t == c.freeze_step - 1:
-            self._flat(layout, "exp_avg_sq_fresh").copy_(v)
+            self.flat.buffer(layout, "exp_avg_sq_fresh").copy_(v)
         self._apply(layout, update, coeffs)
         return coeffs
 
     def _set_scaling(self) -> None:
         """Per-tensor momentum scales, fixed at the first compressed step from every bucket's momentum."""
-        params = [p for layout in self._ensure_layouts() for p in layout.params]
-        norms = [n for layout in self._ensure_layouts() for n in _norms(layout.views(self._flat(layout, "exp_avg")))]
+        params = [p for layout in self.flat.layouts for p in layout.params]
+        norms = [n for layout in self.flat.layouts for n in _norms(layout.views(self.flat.buffer(layout, "exp_avg")))]
         for p, scale in zip(params, momentum_scaling([rms(n, p.numel()) for p, n in zip(params, norms)])):
             self.state[p]["scaling_coeff"] = scale
 
@@ -155,14 +155,14 @@ class OneBitLamb(CompressedOptimizer):
         group, c = self.param_groups[layout.group], self.config
         b1, b2 = group["betas"]
         scales = [self.state[p]["scaling_coeff"] for p in layout.params]
-        m = self._flat(layout, "exp_avg")
+        m = self.flat.buffer(layout, "exp_avg")
         local = torch.lerp(m, g, 1 - b1, out=g)
         torch._foreach_mul_(layout.views(local), scales)
-        mean = self._compressed(layout, local, health)
+        mean = self.comm.compressed_mean(layout, local, health)
         if mean is None:
             return None
         torch._foreach_div_(layout.views(mean), scales)
-        fresh = self._flat(layout, "exp_avg_sq_fresh")
+        fresh = self.flat.buffer(layout, "exp_avg_sq_fresh")
         rebuilt = torch.mul(m, b1, out=self._scratch("rebuilt", layout))
         torch.sub(mean, rebuilt, out=rebuilt).div_(1 - b1)  # the averaged gradient this momentum step implies
         fresh.mul_(b2).addcmul_(rebuilt, rebuilt, value=1 - b2)
@@ -187,7 +187,7 @@ class OneBitLamb(CompressedOptimizer):
         """``(m_hat / (sqrt(v_hat) + eps) + wd x`` written into ``out``, the per-tensor norms before the decay term)."""
         group = self.param_groups[layout.group]
         denom = self._denominator(layout, v_updates) if denom is None else denom
-        update = torch.div(self._flat(layout, "exp_avg"), denom, out=out)
+        update = torch.div(self.flat.buffer(layout, "exp_avg"), denom, out=out)
         bc1 = bias_correction(group["betas"][0], s, group["bias_correction"])
         if bc1 != 1.0:
             update.div_(bc1)

@@ -1,4 +1,8 @@
-"""Checkpoints of the compressed optimizers: exact, per rank, and refused when they cannot be exact.
+"""The compressed optimizers' state: fused flat buffers, and checkpoints that are exact or refused.
+
+Per-element state (momentum, variance, worker error, ...) lives in one flat
+fp32 buffer per bucket and key; ``optimizer.state[p][key]`` is a view into it,
+so ``state_dict()`` numbers it by parameter like any torch optimizer.
 
 ``state_dict()`` is torch's (``state`` by parameter index, ``param_groups``) plus
 a ``distcomp`` section::
@@ -17,94 +21,115 @@ fp32 state to the parameters' dtype).
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from distcomp.errors import CheckpointError
+from distcomp.optim.layout import FlatLayout, build_layouts
 
 FORMAT = "distcomp.optim/1"
 
 
-class StateMixin:
-    """``state_dict`` / ``load_state_dict`` for :class:`~distcomp.optim.base.CompressedOptimizer`."""
+class FlatState:
+    """The fused buckets of one optimizer and everything stored per bucket.
 
-    element_keys: ClassVar[tuple[str, ...]] = ("exp_avg", "exp_avg_sq", "worker_error")
-    """Per-element state, kept in flat fp32 buffers."""
-    scalar_keys: ClassVar[tuple[str, ...]] = ()
-    """Per-parameter Python floats."""
-    error_keys: ClassVar[tuple[str, ...]] = ("worker_error",)
-    """Per-element state that differs between ranks and is dropped by ``reset_errors``."""
+    ``optimizer`` is read, never replaced: its ``param_groups`` give the
+    layouts and its ``state[p]`` receives the per-parameter views (torch swaps
+    both dicts on ``load_state_dict``, so they are looked up on every use).
+    Checkpointed through :meth:`section` and :meth:`load`; nothing else here
+    is derived state.
+    """
 
-    def state_dict(self) -> dict[str, Any]:
-        """torch's optimizer state plus this rank's server errors, step and world (see the module docstring)."""
-        layouts = self._ensure_layouts()
-        out = super().state_dict()  # type: ignore[misc]
-        world, rank = (self._world, self._rank) if self._world is not None else _world_now(self)
-        out["distcomp"] = {
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        algorithm: str,
+        cap_numel: int,
+        *,
+        element_keys: tuple[str, ...],
+        scalar_keys: tuple[str, ...],
+        error_keys: tuple[str, ...],
+    ) -> None:
+        self._opt = optimizer
+        self.algorithm = algorithm
+        self.cap_numel = cap_numel
+        self.element_keys, self.scalar_keys, self.error_keys = element_keys, scalar_keys, error_keys
+        self._layouts: list[FlatLayout] | None = None
+        self._flats: dict[tuple[int, str], torch.Tensor] = {}
+        self.server: dict[int, torch.Tensor] = {}
+        """This rank's chunk of each bucket's server error, by bucket index (made by the first 1-bit exchange)."""
+        self.scalars: dict[int, dict[str, float]] = {}
+        """Per-bucket Python floats of the algorithm (0/1 Adam's interval sums), by bucket index."""
+
+    @property
+    def layouts(self) -> list[FlatLayout]:
+        """The fused buckets, in communication order; built from the parameter groups on first use."""
+        if self._layouts is None:
+            self._layouts = build_layouts(self._opt.param_groups, self.cap_numel)
+        return self._layouts
+
+    @property
+    def started(self) -> bool:
+        """Whether any flat buffer exists (the buckets can no longer change)."""
+        return bool(self._flats)
+
+    def regroup(self) -> None:
+        """Forget the layouts, for a new parameter group (only before any buffer exists)."""
+        self._layouts = None
+
+    def buffer(self, layout: FlatLayout, key: str) -> torch.Tensor:
+        """The bucket's flat fp32 buffer for ``key``, made on first use (zeros, or the loaded per-parameter state)."""
+        flat = self._flats.get((layout.index, key))
+        if flat is None:
+            flat = torch.zeros(layout.numel, dtype=torch.float32, device=layout.device)
+            for p, view in zip(layout.params, layout.views(flat)):
+                loose = self._opt.state[p].get(key)
+                if loose is not None:
+                    view.copy_(loose.reshape(p.shape))
+                self._opt.state[p][key] = view
+            self._flats[(layout.index, key)] = flat
+        return flat
+
+    def existing(self, layout: FlatLayout, key: str) -> torch.Tensor | None:
+        """The bucket's buffer for ``key`` if it was made, without making it."""
+        return self._flats.get((layout.index, key))
+
+    # -- checkpoints ------------------------------------------------------------------------
+
+    def section(self, *, config: dict[str, Any], world: int, rank: int, step: int) -> dict[str, Any]:
+        """The ``distcomp`` section of ``state_dict()`` (see the module docstring)."""
+        return {
             "format": FORMAT,
             "algorithm": self.algorithm,
-            "config": self.config.trajectory(),
+            "config": config,
             "world_size": world,
             "rank": rank,
-            "step": self._step,
+            "step": step,
             "buckets": [
                 {
                     "params": list(layout.ids),
-                    "server_error": self._server[layout.index].clone() if layout.index in self._server else None,
-                    "scalars": dict(self._scalars.get(layout.index, {})),
+                    "server_error": self.server[layout.index].clone() if layout.index in self.server else None,
+                    "scalars": dict(self.scalars.get(layout.index, {})),
                 }
-                for layout in layouts
+                for layout in self.layouts
             ],
         }
-        return out
 
-    def load_state_dict(self, state_dict: dict[str, Any], *, reset_errors: bool = False) -> None:
-        """Restore :meth:`state_dict` exactly; raise :class:`CheckpointError` on any mismatch.
-
-        ``reset_errors=True`` allows a checkpoint from another world size or rank:
-        the worker and server errors (the only state that differs between ranks)
-        start again from zero, everything else is restored. 0/1 Adam additionally
-        needs the checkpoint to be at a synchronisation point.
-        """
-        section = self._check_section(state_dict, reset_errors)
-        super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})  # type: ignore[misc]
-        self._layouts, self._flats, self._server, self._scalars, self._denoms = None, {}, {}, {}, {}
-        layouts = self._ensure_layouts()
-        saved = [list(b["params"]) for b in section["buckets"]]
-        if saved != [list(layout.ids) for layout in layouts]:
-            raise CheckpointError(
-                f"{self.algorithm}: the checkpoint's fused buckets {saved} differ from this optimizer's "
-                f"{[list(layout.ids) for layout in layouts]}: other parameters, groups, dtypes or bucket_cap_mb"
-            )
-        self._load_params(state_dict["state"], reset_errors)
-        for layout, bucket in zip(layouts, section["buckets"]):
-            for key in self.element_keys:
-                if any(key in self.state[p] for p in layout.params):
-                    self._flat(layout, key)
-            if bucket["server_error"] is not None and not reset_errors:
-                self._server[layout.index] = bucket["server_error"].detach().to(torch.float32, copy=True)
-            self._scalars[layout.index] = {k: float(v) for k, v in bucket["scalars"].items()}
-        self._step = int(section["step"])
-        self._after_load(reset_errors)
-
-    def _after_load(self, reset_errors: bool) -> None:
-        """Subclass checks once everything is restored."""
-
-    def _check_section(self, state_dict: dict[str, Any], reset_errors: bool) -> dict[str, Any]:
+    def check(
+        self, state_dict: dict[str, Any], *, config: dict[str, Any], world: int, rank: int, reset_errors: bool
+    ) -> dict[str, Any]:
+        """The checkpoint's ``distcomp`` section, once it is known to fit this optimizer, job and rank."""
         section = state_dict.get("distcomp") if isinstance(state_dict, dict) else None
         if not isinstance(section, dict) or section.get("format") != FORMAT:
             raise CheckpointError(f"{self.algorithm}: not a distcomp optimizer state (no 'distcomp' section of "
                                   f"format {FORMAT!r}); it may be a torch.optim or DeepSpeed checkpoint")
         if section["algorithm"] != self.algorithm:
             raise CheckpointError(f"{self.algorithm}: the checkpoint is a {section['algorithm']} state")
-        mine = self.config.trajectory()
-        diffs = {k: (section["config"].get(k), mine.get(k)) for k in mine.keys() | section["config"].keys()
-                 if section["config"].get(k) != mine.get(k)}
+        diffs = {k: (section["config"].get(k), config.get(k)) for k in config.keys() | section["config"].keys()
+                 if section["config"].get(k) != config.get(k)}
         if diffs:
             raise CheckpointError(f"{self.algorithm}: checkpoint was written with other options: {diffs} (saved, now)")
-        world, rank = _world_now(self)
         if reset_errors:
             return section
         if section["world_size"] != world:
@@ -118,8 +143,34 @@ class StateMixin:
                                   f"rank {rank}: error buffers differ between ranks; load each rank's own file")
         return section
 
+    def load(self, saved: dict[Any, dict[str, Any]], section: dict[str, Any], reset_errors: bool) -> None:
+        """Replace everything with a checked checkpoint's ``state`` and ``distcomp`` section.
+
+        Call it after torch has loaded the ``param_groups`` with an empty
+        ``state``; with ``reset_errors`` the error keys and server errors are
+        left out, so they start again from zero.
+        """
+        self._layouts, self._flats, self.server, self.scalars = None, {}, {}, {}
+        layouts = self.layouts
+        ids = [list(b["params"]) for b in section["buckets"]]
+        if ids != [list(layout.ids) for layout in layouts]:
+            raise CheckpointError(
+                f"{self.algorithm}: the checkpoint's fused buckets {ids} differ from this optimizer's "
+                f"{[list(layout.ids) for layout in layouts]}: other parameters, groups, dtypes or bucket_cap_mb"
+            )
+        self._load_params(saved, reset_errors)
+        for layout, bucket in zip(layouts, section["buckets"]):
+            for key in self.element_keys:
+                if any(key in self._opt.state[p] for p in layout.params):
+                    self.buffer(layout, key)
+            if bucket["server_error"] is not None and not reset_errors:
+                self.server[layout.index] = bucket["server_error"].detach().to(torch.float32, copy=True)
+            self.scalars[layout.index] = {k: float(v) for k, v in bucket["scalars"].items()}
+
     def _load_params(self, saved: dict[Any, dict[str, Any]], reset_errors: bool) -> None:
-        by_index = {i: p for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        """Per-parameter state into ``optimizer.state`` (fp32, on the parameter's device), checked key by key."""
+        params = [p for g in self._opt.param_groups for p in g["params"]]
+        by_index = dict(enumerate(params))
         for index, entries in saved.items():
             p = by_index.get(int(index))
             if p is None:
@@ -131,19 +182,8 @@ class StateMixin:
                         raise CheckpointError(f"{self.algorithm}: state {key!r} of parameter {index} has "
                                               f"{value.numel()} values, the parameter {p.numel()} ({tuple(p.shape)})")
                     if not (reset_errors and key in self.error_keys):
-                        self.state[p][key] = value.detach().to(device=p.device, dtype=torch.float32, copy=True)
+                        self._opt.state[p][key] = value.detach().to(device=p.device, dtype=torch.float32, copy=True)
                 elif key in self.scalar_keys:
-                    self.state[p][key] = float(value)
+                    self._opt.state[p][key] = float(value)
                 else:
                     raise CheckpointError(f"{self.algorithm}: unknown state {key!r} for parameter {index}")
-
-
-def world_of(group: dist.ProcessGroup | None) -> tuple[int, int]:
-    """``(world size, rank)`` of ``group``; ``(1, 0)`` when torch.distributed is not initialised."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 1, 0
-    return dist.get_world_size(group), dist.get_rank(group)
-
-
-def _world_now(opt: Any) -> tuple[int, int]:
-    return world_of(opt.process_group)

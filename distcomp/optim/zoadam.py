@@ -25,7 +25,6 @@ from typing import Literal
 
 import torch
 
-from distcomp.validation import require
 from distcomp.errors import CheckpointError
 from distcomp.optim.adam import AdamSteps
 from distcomp.optim.base import GradientMode
@@ -40,6 +39,7 @@ from distcomp.optim.functional import (
     zero_one_variance_updates,
 )
 from distcomp.optim.layout import FlatLayout
+from distcomp.validation import require
 
 Phase = Literal["variance", "compressed-gradient", "local", "sync"]
 
@@ -95,13 +95,13 @@ class ZeroOneAdam(AdamSteps):
         phase = self.phase(t)
         if phase in ("variance", "compressed-gradient"):
             return self._variance_phase(t, phase, grads, health)
-        if phase == "local" and not self._agree(health):
+        if phase == "local" and not self.comm.agree(health):
             return False
         if t == self.config.var_freeze_step:
-            self._reset_errors()
-            for layout in self._ensure_layouts():
-                torch._foreach_copy_(layout.views(self._flat(layout, "anchor")), list(layout.params))
-        for layout, g in zip(self._ensure_layouts(), grads):
+            self.comm.reset_errors()
+            for layout in self.flat.layouts:
+                torch._foreach_copy_(layout.views(self.flat.buffer(layout, "anchor")), list(layout.params))
+        for layout, g in zip(self.flat.layouts, grads):
             self._l2(layout, g)
             if phase == "local":
                 self._local_step(layout, t, g)
@@ -111,17 +111,17 @@ class ZeroOneAdam(AdamSteps):
 
     def _variance_phase(self, t: int, phase: Phase, grads: list[torch.Tensor], health: torch.Tensor) -> bool:
         exact = phase == "variance"
-        if exact and not self._exact_mean(grads, health):
+        if exact and not self.comm.exact_mean(grads, health):
             return False
         v_updates = zero_one_variance_updates(t + 1, self.config.var_update_scaler)
-        for layout, g in zip(self._ensure_layouts(), grads):
+        for layout, g in zip(self.flat.layouts, grads):
             self._l2(layout, g)
             b1, b2 = self.param_groups[layout.group]["betas"]
-            m = self._flat(layout, "exp_avg")
+            m = self.flat.buffer(layout, "exp_avg")
             if exact:
-                adam_moments_(m, self._flat(layout, "exp_avg_sq"), g, b1, b2)
+                adam_moments_(m, self.flat.buffer(layout, "exp_avg_sq"), g, b1, b2)
             else:
-                mean = self._compressed(layout, g, health)
+                mean = self.comm.compressed_mean(layout, g, health)
                 if mean is None:
                     return False
                 m.lerp_(mean, 1 - b1)
@@ -134,7 +134,7 @@ class ZeroOneAdam(AdamSteps):
         lr = group["lr"]
         shrink = 1.0 - lr * group["weight_decay"] if self.config.adam_w_mode else 1.0
         bc1 = bias_correction(group["betas"][0], t + 1, group["bias_correction"])
-        scalars = self._scalars.setdefault(layout.index, {"lrs": 0.0, "shrink": 1.0})
+        scalars = self.flat.scalars.setdefault(layout.index, {"lrs": 0.0, "shrink": 1.0})
         return lr, shrink, bc1, scalars
 
     def _frozen_denominator(self, layout: FlatLayout) -> torch.Tensor:
@@ -144,9 +144,9 @@ class ZeroOneAdam(AdamSteps):
     def _local_step(self, layout: FlatLayout, t: int, g: torch.Tensor) -> None:
         """Momentum and parameters from this rank's gradient alone; the update is accumulated for the next sync."""
         lr, shrink, bc1, scalars = self._frozen(layout, t)
-        m = self._flat(layout, "exp_avg")
+        m = self.flat.buffer(layout, "exp_avg")
         m.lerp_(g, 1 - self.param_groups[layout.group]["betas"][0])
-        self._flat(layout, "momentum_accumulator").add_(m, alpha=lr / bc1)
+        self.flat.buffer(layout, "momentum_accumulator").add_(m, alpha=lr / bc1)
         scalars["lrs"] += lr
         scalars["shrink"] *= shrink
         denom = self._frozen_denominator(layout)
@@ -157,14 +157,14 @@ class ZeroOneAdam(AdamSteps):
     def _sync_step(self, layout: FlatLayout, t: int, g: torch.Tensor, health: torch.Tensor) -> bool:
         """The last step of an interval: average the accumulated updates and restart from the anchor."""
         lr, shrink, bc1, scalars = self._frozen(layout, t)
-        m, u = self._flat(layout, "exp_avg"), self._flat(layout, "momentum_accumulator")
+        m, u = self.flat.buffer(layout, "exp_avg"), self.flat.buffer(layout, "momentum_accumulator")
         local = torch.lerp(m, g, 1 - self.param_groups[layout.group]["betas"][0], out=g)
         local = torch.add(u, local, alpha=lr / bc1, out=g)
-        mean = self._compressed(layout, local, health)
+        mean = self.comm.compressed_mean(layout, local, health)
         if mean is None:
             return False
         lrs, total_shrink = scalars["lrs"] + lr, scalars["shrink"] * shrink
-        anchor = self._flat(layout, "anchor")
+        anchor = self.flat.buffer(layout, "anchor")
         denom = self._frozen_denominator(layout)
         anchor.mul_(total_shrink).addcdiv_(mean, denom, value=-1.0)
         torch._foreach_copy_(list(layout.params), layout.views(anchor))
@@ -176,8 +176,8 @@ class ZeroOneAdam(AdamSteps):
     def _after_load(self, reset_errors: bool) -> None:
         if not reset_errors:
             return
-        for layout in self._ensure_layouts():
-            if self._scalars.get(layout.index, {}).get("lrs", 0.0) != 0.0:
+        for layout in self.flat.layouts:
+            if self.flat.scalars.get(layout.index, {}).get("lrs", 0.0) != 0.0:
                 raise CheckpointError(
                     "ZeroOneAdam: reset_errors needs a checkpoint taken at a synchronisation step: this one is "
                     "inside a local-step interval, where each rank's accumulated update is its own"

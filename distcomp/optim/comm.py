@@ -1,0 +1,209 @@
+"""What a compressed optimizer's step sends: exact means, health words and the 1-bit exchange.
+
+:class:`GradientComm` is the only part of an optimizer that talks to other
+ranks. Every call is synchronous and issued bucket by bucket in the same order
+on every rank; each one adds a :class:`~distcomp.comm.BucketRecord` to the
+optimizer's telemetry. With DDP (``distcomp.optim.register``) the hook has
+already averaged the gradients, or agreed on their health, during the backward
+pass, and the matching calls here send nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from distcomp.agreement import check_agreement
+from distcomp.collectives import chunk_length, two_phase_mean
+from distcomp.comm import BucketRecord, Comm
+from distcomp.compressors.sign import SignCodec
+from distcomp.errors import CheckpointError
+from distcomp.numerics import l2_norm, local_health
+from distcomp.optim.layout import FlatLayout
+from distcomp.optim.state import FlatState
+from distcomp.telemetry import Telemetry
+from distcomp.workspace import Workspace
+
+if TYPE_CHECKING:
+    from distcomp.optim.ddp import OptimizerHookState
+
+
+def world_of(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """``(world size, rank)`` of ``group``; ``(1, 0)`` when torch.distributed is not initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+class GradientComm:
+    """An optimizer's gradients in, averaged (exactly or in 1 bit) tensors out.
+
+    ``state`` holds the worker and server errors of the 1-bit exchange;
+    ``clock`` returns the optimizer's step, under which records are filed.
+    Not checkpointed itself: the errors it feeds back are in ``state``.
+    """
+
+    def __init__(
+        self,
+        state: FlatState,
+        group: dist.ProcessGroup | None,
+        *,
+        block: int,
+        telemetry: Telemetry,
+        clock: Callable[[], int],
+    ) -> None:
+        self._state = state
+        self.algorithm = state.algorithm
+        self.group = group
+        self.telemetry = telemetry
+        self._clock = clock
+        self._world: int | None = None
+        self._rank = 0
+        self._codec = SignCodec(block)
+        self._grads_ws = Workspace()
+        self._comm_ws = Workspace()
+        self.ddp: OptimizerHookState | None = None
+        """The DDP hook that communicates the gradients during backward, once ``register`` attached one."""
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """Whether the first step has fixed the world (after which DDP can no longer be attached)."""
+        return self._world is not None
+
+    @property
+    def world(self) -> int:
+        """Ranks of the process group, as fixed by the first step or, before it, as the group has them now."""
+        return self._world if self._world is not None else world_of(self.group)[0]
+
+    @property
+    def rank(self) -> int:
+        """This rank in the process group."""
+        return self._rank if self._world is not None else world_of(self.group)[1]
+
+    def connect(self, settings: dict[str, Any]) -> None:
+        """Fix the world once and check (a collective, on every rank) that the ranks agree on ``settings``."""
+        if self._world is not None:
+            return
+        self._world, self._rank = world_of(self.group)
+        if self._world > 1:
+            check_agreement({**settings, "ddp": self.ddp is not None}, self.group,
+                            what=f"{self.algorithm} settings")
+
+    def attach_ddp(self, hook: OptimizerHookState) -> None:
+        """Let ``hook`` (``distcomp.optim.register``) communicate the gradients; only before :attr:`connected`."""
+        self.ddp = hook
+
+    def check_served(self, step: int) -> None:
+        """With DDP, raise unless the last backward pass went through the hook for ``step``."""
+        if self.ddp is not None:
+            self.ddp.check_served(step)
+
+    def record(self, rec: BucketRecord) -> None:
+        """File ``rec`` under the optimizer's current step (DDP's hook calls this during backward)."""
+        self.telemetry.add(self._clock(), rec)
+
+    # -- gradients ---------------------------------------------------------------------------
+
+    def gather(self, grad_scale: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Every bucket's gradients as flat fp32 scratch and their health word.
+
+        Divided by ``grad_scale`` when GradScaler drives the step (it sets
+        ``optimizer.grad_scale`` instead of unscaling); a missing gradient
+        counts as zeros.
+        """
+        inv = None if grad_scale is None else grad_scale.double().reciprocal().float()
+        flats, health = [], None
+        for layout in self._state.layouts:
+            flat = self._grads_ws.get(f"grad{layout.index}", layout.numel, torch.float32, layout.device)
+            for p, view in zip(layout.params, layout.views(flat)):
+                if p.grad is None:
+                    view.zero_()
+                elif p.grad.is_sparse:
+                    raise RuntimeError(f"{self.algorithm} does not support sparse gradients")
+                else:
+                    view.copy_(p.grad)
+            if inv is not None:
+                flat.mul_(inv.to(flat.device))
+            h = local_health(flat)
+            health = h if health is None else health + h.to(health.device)
+            flats.append(flat)
+        return flats, health if health is not None else torch.zeros(1)
+
+    def exact_mean(self, grads: list[torch.Tensor], health: torch.Tensor) -> bool:
+        """Average ``grads`` over ranks in place (unless DDP's hook did); False if any rank's were non-finite."""
+        if self.ddp is not None or self._world == 1:
+            return _finite(health)
+        for layout, flat in zip(self._state.layouts, grads):
+            comm = self._bucket(layout.index, layout.numel)
+            start = time.perf_counter()
+            flat.div_(self.world)  # divide first, like DDP (keeps the sum from overflowing)
+            comm.all_reduce(flat)
+            comm.record.total_s = time.perf_counter() - start
+            self.record(comm.record)
+        return _finite(sum((local_health(f) for f in grads[1:]), local_health(grads[0])) if grads else health)
+
+    def agree(self, health: torch.Tensor) -> bool:
+        """Whether every rank's gradients are finite, for steps that otherwise send nothing (4 bytes)."""
+        if self._world == 1:
+            return _finite(health)
+        comm = self._bucket(0, sum(layout.numel for layout in self._state.layouts))
+        comm.record.compressed = True
+        if self.ddp is None:  # with DDP, its hook has agreed on the health word already
+            health = comm.all_reduce(health.clone())
+        self.record(comm.record)
+        return _finite(health)
+
+    # -- the 1-bit exchange ------------------------------------------------------------------
+
+    def compressed_mean(self, layout: FlatLayout, x: torch.Tensor, health: torch.Tensor) -> torch.Tensor | None:
+        """The 1-bit two-phase mean of ``x`` with worker and server error feedback; None if any rank was non-finite.
+
+        ``x`` (scratch) is overwritten. The result lives in a workspace: copy it
+        before the next call. On a single rank nothing is compressed.
+        """
+        if self._world == 1:
+            return x
+        start = time.perf_counter()
+        comm = self._bucket(layout.index, layout.numel)
+        comm.record.compressed = True
+        werr = self._state.buffer(layout, "worker_error")
+        x.add_(werr)
+        chunk = chunk_length(layout.numel, self.world, self._codec.align)
+        server = self._state.server.get(layout.index)
+        if server is None:
+            server = self._state.server[layout.index] = torch.zeros(chunk, dtype=torch.float32, device=layout.device)
+        elif server.numel() != chunk:
+            raise CheckpointError(f"{self.algorithm}: the server error of bucket {layout.index} has {server.numel()} "
+                                  f"values but this world size needs {chunk}")
+        res = two_phase_mean(comm, self._codec, x, server, health, self._comm_ws)
+        if res.nonfinite:
+            comm.record.nonfinite = True
+        else:
+            torch.sub(x, res.local_decoded, out=werr)
+            self._state.server[layout.index] = res.server_error
+            comm.record.residual_norm = l2_norm(werr)
+        comm.record.total_s = time.perf_counter() - start
+        self.record(comm.record)
+        return None if res.nonfinite else res.out
+
+    def reset_errors(self) -> None:
+        """Zero the worker and server errors (when what is compressed changes meaning)."""
+        for layout in self._state.layouts:
+            werr = self._state.existing(layout, "worker_error")
+            if werr is not None:
+                werr.zero_()
+            if layout.index in self._state.server:
+                self._state.server[layout.index].zero_()
+
+    def _bucket(self, index: int, numel: int) -> Comm:
+        return Comm(self.group, BucketRecord(index=index, numel=numel))
+
+
+def _finite(health: torch.Tensor) -> bool:
+    return bool(torch.isfinite(health).all())
