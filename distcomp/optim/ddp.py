@@ -14,7 +14,10 @@ The hook asks the optimizer, at every backward pass, what its coming step needs:
   that bucket is filled with NaN on every rank, so that every rank's
   GradScaler skips the step and backs off alike.
 
-Bytes go into the optimizer's telemetry (``opt.stats()``).
+Bytes go into the optimizer's telemetry (``opt.stats()``). The hook reaches the
+optimizer only through its public ``steps``, ``gradient_mode`` and ``comm``
+(:class:`~distcomp.optim.comm.GradientComm`: ``connected``, ``attach_ddp``,
+``record``).
 """
 
 from __future__ import annotations
