@@ -2,7 +2,7 @@
 
     python benchmarks/bad_inputs.py                 # every case, a table, counts by outcome
     python benchmarks/bad_inputs.py --only launch   # one group: train, launch, api
-    python benchmarks/bad_inputs.py --out benchmarks/results/2026-11-30-bad-inputs.md
+    python benchmarks/bad_inputs.py --no-save       # print only (by default: benchmarks/results/<date>-bad-inputs.*)
 
 Each case runs the real command (``python -m distcomp ...``) or a few lines of
 the library API in a fresh process, under a timeout, and is classified:
@@ -19,21 +19,42 @@ the library API in a fresh process, under a timeout, and is classified:
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+try:
+    from benchmarks import common
+except ImportError:  # run as a script: the script's own folder is on sys.path
+    import common
+
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["--quiet", "--set", "model.d_model=32", "--set", "model.n_layer=1", "--set", "model.n_head=2",
-         "--set", "model.context=32", "--set", "steps=2", "--set", "compare=[]", "--set", "eval.batches=1",
-         "--set", "dist.timeout_s=30"]
+QUICK = [
+    "--quiet",
+    "--set",
+    "model.d_model=32",
+    "--set",
+    "model.n_layer=1",
+    "--set",
+    "model.n_head=2",
+    "--set",
+    "model.context=32",
+    "--set",
+    "steps=2",
+    "--set",
+    "compare=[]",
+    "--set",
+    "eval.batches=1",
+    "--set",
+    "dist.timeout_s=30",
+]
 
 
 @dataclass(frozen=True)
@@ -50,8 +71,14 @@ class Case:
     timeout: float = 90.0
 
 
-def _train(label: str, sets: list[str], expect: str, warn: bool = False, config: str = str(ROOT / "configs" / "quickstart.yaml"),
-           flags: tuple[str, ...] = ()) -> Case:
+def _train(
+    label: str,
+    sets: list[str],
+    expect: str,
+    warn: bool = False,
+    config: str = str(ROOT / "configs" / "quickstart.yaml"),
+    flags: tuple[str, ...] = (),
+) -> Case:
     argv = ["train", config, *QUICK, *flags]
     for s in sets:
         argv += ["--set", s]
@@ -69,33 +96,75 @@ def _api(label: str, code: str, expect: str) -> Case:
 def train_cases(tmp: Path) -> list[Case]:
     """Bad values of every section of the train config, and bad files and flags."""
     keyed = [
-        ("model.n_head=0", "n_head"), ("model.n_head=5", "n_head"), ("model.d_model=0", "d_model"),
-        ("model.context=0", "context"), ("model.context=10000000", "context"), ("model.dropout=1.5", "dropout"),
-        ("model.vocab_size=300", "vocab_size"), ("model.nosuch=1", "nosuch"), ("data.batch_size=0", "batch_size"),
-        ("data.batch_size=100000", "batch_size"), ("data.val_fraction=0", "val_fraction"),
-        ("data.val_fraction=1.5", "val_fraction"), ("data.path=/nonexistent/text", "data.path"),
-        ("steps=0", "steps"), ("steps=-1", "steps"), ("steps=1.5", "steps"), ("steps=abc", "steps"),
-        ("seed=abc", "seed"), ("optimizer.lr=.inf", "lr"), ("optimizer.lr=-1", "lr"), ("optimizer.lr=0", "lr"),
-        ("optimizer.lr=.nan", "lr"), ("optimizer.betas=[0.9]", "betas"), ("optimizer.betas=[1.5,0.9]", "betas"),
-        ("optimizer.eps=0", "eps"), ("optimizer.name=adam", "name"), ("optimizer.warmup_steps=-1", "warmup_steps"),
-        ("optimizer.grad_clip=-1", "grad_clip"), ("optimizer.schedule=linear", "schedule"),
-        ("optimizer.onebit_adam={freeze_step: -1}", "freeze_step"), ("optimizer.onebit_adam={nosuch: 1}", "nosuch"),
-        ("dist.timeout_s=.inf", "timeout_s"), ("dist.timeout_s=0", "timeout_s"), ("dist.nproc=0", "nproc"),
-        ("dist.nproc=1000", "nproc"), ("dist.device=tpu", "device"), ("dist.backend=mpi", "backend"),
-        ("dist.backend=nccl", "nccl"), ("dist.threads=-1", "threads"), ("eval.every=-1", "every"),
-        ("eval.batches=0", "batches"), ("log.every=0", "every"), ("checkpoint.every=-1", "every"),
-        ("checkpoint.keep=-1", "keep"), ("name=a/b", "name"), ("name=''", "name"), ('name="a\\0b"', "NUL"),
-        ('log.dir="r\\0s"', "NUL"), ("log.dir=/proc/distcomp", "log.dir"), (f"log.dir={tmp / 'latin1.txt'}/runs", "log.dir"),
-        ("compare=[nosuch]", "compare"), ("compare=[none,none]", "compare"),
-        ("compression.compressor=nosuch", "nosuch"), ("compression.rank=0", "rank"), ("compression.rank=-1", "rank"),
-        ("compression.start_step=-1", "start_step"), ("nosuchkey=1", "nosuchkey"), ("compression=3", "compression"),
+        ("model.n_head=0", "n_head"),
+        ("model.n_head=5", "n_head"),
+        ("model.d_model=0", "d_model"),
+        ("model.context=0", "context"),
+        ("model.context=10000000", "context"),
+        ("model.dropout=1.5", "dropout"),
+        ("model.vocab_size=300", "vocab_size"),
+        ("model.nosuch=1", "nosuch"),
+        ("data.batch_size=0", "batch_size"),
+        ("data.batch_size=100000", "batch_size"),
+        ("data.val_fraction=0", "val_fraction"),
+        ("data.val_fraction=1.5", "val_fraction"),
+        ("data.path=/nonexistent/text", "data.path"),
+        ("steps=0", "steps"),
+        ("steps=-1", "steps"),
+        ("steps=1.5", "steps"),
+        ("steps=abc", "steps"),
+        ("seed=abc", "seed"),
+        ("optimizer.lr=.inf", "lr"),
+        ("optimizer.lr=-1", "lr"),
+        ("optimizer.lr=0", "lr"),
+        ("optimizer.lr=.nan", "lr"),
+        ("optimizer.betas=[0.9]", "betas"),
+        ("optimizer.betas=[1.5,0.9]", "betas"),
+        ("optimizer.eps=0", "eps"),
+        ("optimizer.name=adam", "name"),
+        ("optimizer.warmup_steps=-1", "warmup_steps"),
+        ("optimizer.grad_clip=-1", "grad_clip"),
+        ("optimizer.schedule=linear", "schedule"),
+        ("optimizer.onebit_adam={freeze_step: -1}", "freeze_step"),
+        ("optimizer.onebit_adam={nosuch: 1}", "nosuch"),
+        ("dist.timeout_s=.inf", "timeout_s"),
+        ("dist.timeout_s=0", "timeout_s"),
+        ("dist.nproc=0", "nproc"),
+        ("dist.nproc=1000", "nproc"),
+        ("dist.device=tpu", "device"),
+        ("dist.backend=mpi", "backend"),
+        ("dist.backend=nccl", "nccl"),
+        ("dist.threads=-1", "threads"),
+        ("eval.every=-1", "every"),
+        ("eval.batches=0", "batches"),
+        ("log.every=0", "every"),
+        ("checkpoint.every=-1", "every"),
+        ("checkpoint.keep=-1", "keep"),
+        ("name=a/b", "name"),
+        ("name=''", "name"),
+        ('name="a\\0b"', "NUL"),
+        ('log.dir="r\\0s"', "NUL"),
+        ("log.dir=/proc/distcomp", "log.dir"),
+        (f"log.dir={tmp / 'latin1.txt'}/runs", "log.dir"),
+        ("compare=[nosuch]", "compare"),
+        ("compare=[none,none]", "compare"),
+        ("compression.compressor=nosuch", "nosuch"),
+        ("compression.rank=0", "rank"),
+        ("compression.rank=-1", "rank"),
+        ("compression.start_step=-1", "start_step"),
+        ("nosuchkey=1", "nosuchkey"),
+        ("compression=3", "compression"),
         ("optimizer=3", "optimizer"),
     ]
     cases = [_train(s, [s], word) for s, word in keyed]
     cases += [
         _train("powersgd rank above the matrix sizes", ["compression.rank=1000", "steps=4"], "rank", warn=True),
-        _train("top-k ratio that keeps everything", ["compression.compressor=topk", "compression.ratio=1.0", "steps=4"],
-               "ratio", warn=True),
+        _train(
+            "top-k ratio that keeps everything",
+            ["compression.compressor=topk", "compression.ratio=1.0", "steps=4"],
+            "ratio",
+            warn=True,
+        ),
         _train("non-UTF-8 config", [], "UTF-8", config=str(tmp / "latin1.yaml")),
         _train("YAML syntax error", [], "YAML", config=str(tmp / "broken.yaml")),
         _train("config that is a list", [], "mapping", config=str(tmp / "list.yaml")),
@@ -148,16 +217,25 @@ def launch_cases(tmp: Path) -> list[Case]:
 def api_cases() -> list[Case]:
     """The library API without a process group or with bad arguments."""
     return [
-        _api("register on a plain module", "import torch, distcomp; distcomp.register(torch.nn.Linear(2, 2), 'sign')",
-             "DistributedDataParallel"),
+        _api(
+            "register on a plain module",
+            "import torch, distcomp; distcomp.register(torch.nn.Linear(2, 2), 'sign')",
+            "DistributedDataParallel",
+        ),
         _api("unknown compressor", "import distcomp; distcomp.build_config('nosuch', {})", "nosuch"),
         _api("bad compressor option", "import distcomp; distcomp.build_config('powersgd', {'rank': -1})", "rank"),
         _api("unknown compressor option", "import distcomp; distcomp.build_config('topk', {'nosuch': 3})", "nosuch"),
         _api("missing preset", "import distcomp; distcomp.load_config('/nonexistent.yaml')", "nonexistent"),
-        _api("1-bit Adam lr < 0", "import torch, distcomp.optim as o; o.OneBitAdam([torch.zeros(2, requires_grad=True)],"
-             " lr=-1)", "lr"),
-        _api("1-bit Adam freeze_step=-1", "import torch, distcomp.optim as o; "
-             "o.OneBitAdam([torch.zeros(2, requires_grad=True)], freeze_step=-1)", "freeze_step"),
+        _api(
+            "1-bit Adam lr < 0",
+            "import torch, distcomp.optim as o; o.OneBitAdam([torch.zeros(2, requires_grad=True)], lr=-1)",
+            "lr",
+        ),
+        _api(
+            "1-bit Adam freeze_step=-1",
+            "import torch, distcomp.optim as o; o.OneBitAdam([torch.zeros(2, requires_grad=True)], freeze_step=-1)",
+            "freeze_step",
+        ),
     ]
 
 
@@ -165,13 +243,24 @@ def write_files(tmp: Path) -> None:
     """The bad files the cases read."""
     files = {
         "latin1.yaml": "version: 1\nname: caf\u00e9\n".encode("latin-1"),
-        "broken.yaml": b"version: 1\nmodel: [\n", "list.yaml": b"- 1\n- 2\n", "noversion.yaml": b"steps: 3\n",
+        "broken.yaml": b"version: 1\nmodel: [\n",
+        "list.yaml": b"- 1\n- 2\n",
+        "noversion.yaml": b"steps: 3\n",
         "latin1.txt": "caf\u00e9 ".encode("latin-1") * 1000,
-        "dash.hosts": b"-V slots=1\n", "zero.hosts": b"a slots=0\n", "huge.hosts": b"a slots=100000\n",
-        "abc.hosts": b"a slots=abc\n", "key.hosts": b"a slots=1 foo=2\n", "addr.hosts": b"a slots=1 addr=-oX\n",
-        "ifname.hosts": b"a slots=1 ifname=../eth0\n", "twice.hosts": b"a slots=1\na slots=1\n", "empty.hosts": b"#\n",
-        "latin1.hosts": "h\u00f4te slots=1\n".encode("latin-1"), "good.hosts": b"a slots=1\nb slots=1\n",
-        "latin1.env": "X=caf\u00e9\n".encode("latin-1"), "bad.env": b"not an assignment\n", "ok.py": b"pass\n",
+        "dash.hosts": b"-V slots=1\n",
+        "zero.hosts": b"a slots=0\n",
+        "huge.hosts": b"a slots=100000\n",
+        "abc.hosts": b"a slots=abc\n",
+        "key.hosts": b"a slots=1 foo=2\n",
+        "addr.hosts": b"a slots=1 addr=-oX\n",
+        "ifname.hosts": b"a slots=1 ifname=../eth0\n",
+        "twice.hosts": b"a slots=1\na slots=1\n",
+        "empty.hosts": b"#\n",
+        "latin1.hosts": "h\u00f4te slots=1\n".encode("latin-1"),
+        "good.hosts": b"a slots=1\nb slots=1\n",
+        "latin1.env": "X=caf\u00e9\n".encode("latin-1"),
+        "bad.env": b"not an assignment\n",
+        "ok.py": b"pass\n",
     }
     for name, data in files.items():
         (tmp / name).write_bytes(data)
@@ -193,13 +282,16 @@ def run_case(case: Case, cwd: Path) -> Outcome:
     own = tempfile.mkdtemp(dir=cwd)  # each case its own runs/ folder: cases run side by side
     tick = time.monotonic()
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=case.timeout, cwd=own, env=env,
-                              stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, timeout=case.timeout, cwd=own, env=env, stdin=subprocess.DEVNULL
+        )
     except subprocess.TimeoutExpired:
         return Outcome(case, "hang", None, "", time.monotonic() - tick)
     out = proc.stderr + proc.stdout
     lines = [ln for ln in out.splitlines() if ln.strip()]
-    message = next((ln for ln in reversed(lines) if case.expect in ln or "error" in ln.lower()), lines[-1] if lines else "")
+    message = next(
+        (ln for ln in reversed(lines) if case.expect in ln or "error" in ln.lower()), lines[-1] if lines else ""
+    )
     message = message.replace(str(cwd), "<tmp>").strip()  # the report does not depend on where it ran
     return Outcome(case, classify(case, proc.returncode, out), proc.returncode, message, time.monotonic() - tick)
 
@@ -209,8 +301,11 @@ def classify(case: Case, code: int, out: str) -> str:
     named = case.expect in out
     if case.group == "api":  # a library raises: the exception's own line is what the user reads
         last = out.strip().splitlines()[-1] if out.strip() else ""
-        return "clear error" if code == 1 and case.expect in last and "Error" in last else (
-            "accepted" if code == 0 else "unclear")
+        return (
+            "clear error"
+            if code == 1 and case.expect in last and "Error" in last
+            else ("accepted" if code == 0 else "unclear")
+        )
     if "Traceback (most recent call last)" in out:
         return "traceback"
     if code in (2, 3) and named:
@@ -223,22 +318,25 @@ def classify(case: Case, code: int, out: str) -> str:
 def report(outcomes: list[Outcome]) -> str:
     """A markdown table of every case and the counts by verdict."""
     good = {"clear error", "warned"}
-    rows = ["| group | case | verdict | exit | what the user read |", "|---|---|---|---|---|"]
+    rows = []
     for o in outcomes:
         mark = "" if o.verdict in good else " **!**"
         text = o.message.replace("|", "\\|")[:160]
-        rows.append(f"| {o.case.group} | `{o.case.label}` | {o.verdict}{mark} | {o.code} | {text} |")
+        rows.append([o.case.group, f"`{o.case.label}`", f"{o.verdict}{mark}", str(o.code), text])
     counts = Counter(o.verdict for o in outcomes)
     summary = ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
-    return f"{len(outcomes)} bad inputs: {summary}\n\n" + "\n".join(rows) + "\n"
+    table = common.markdown_table(("group", "case", "verdict", "exit", "what the user read"), rows)
+    return f"{len(outcomes)} bad inputs: {summary}\n\n{table}\n"
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the cases, print the table, write the results files; exit status 1 unless every case ends well."""
+    parser = common.make_parser(__doc__)
     parser.add_argument("--only", choices=("train", "launch", "api"), help="one group of cases")
     parser.add_argument("--jobs", type=int, default=2, help="cases run at once")
-    parser.add_argument("--out", help="also write the table to this markdown file")
-    args = parser.parse_args()
+    common.add_output_args(parser)
+    args = common.parse_args(parser, argv)
+    common.log_to_console()
     with tempfile.TemporaryDirectory(prefix="distcomp-bad-inputs-") as name:
         tmp = Path(name)
         write_files(tmp)
@@ -248,9 +346,14 @@ def main() -> int:
             outcomes = list(pool.map(lambda c: run_case(c, tmp), cases))
     text = report(outcomes)
     print(text)
-    if args.out:
-        Path(args.out).write_text(f"# Bad inputs ({time.strftime('%Y-%m-%d')})\n\n`python benchmarks/bad_inputs.py`\n\n"
-                                  + text)
+    common.write_results(
+        args,
+        "bad-inputs" if args.only is None else f"bad-inputs-{args.only}",
+        title="Bad inputs",
+        command=common.command_line(__file__, argv),
+        report=text,
+        figures={"outcomes": [asdict(o) for o in outcomes]},
+    )
     return 0 if all(o.verdict in ("clear error", "warned") for o in outcomes) else 1
 
 

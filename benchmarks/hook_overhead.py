@@ -3,6 +3,8 @@
     python benchmarks/hook_overhead.py                      # 2 ranks on gloo over loopback
     python benchmarks/hook_overhead.py --bandwidth 100mbit  # 2 network namespaces, 100 Mbit/s each way
     python benchmarks/hook_overhead.py --steps 20 --json out.json
+    python benchmarks/hook_overhead.py --no-save             # print only; by default each run is saved as
+                                                            # benchmarks/results/<date>-hook-overhead.json and .md
 
 Every method trains its own DDP copy of the byte-level GPT (10.9M parameters)
 from the same initial weights on the same batches: plain DDP (no hook), torch's
@@ -40,16 +42,16 @@ import json
 import logging
 import math
 import os
-import platform
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -61,11 +63,10 @@ from distcomp.models.gpt import GPT, GPTConfig
 from distcomp.testing import run_ranks
 
 try:
-    from benchmarks import netns
-    from benchmarks.common import batch, corpus, param_digest
+    from benchmarks import common, netns
 except ImportError:  # run as a script: the script's own folder is on sys.path
+    import common
     import netns
-    from common import batch, corpus, param_digest
 
 logger = logging.getLogger("distcomp.bench")
 
@@ -259,7 +260,7 @@ class _Replica:
         )
 
     def digest(self) -> str:
-        return param_digest(self.model)
+        return common.param_digest(self.model)
 
     def step_stats(self) -> dict[str, float]:
         if self.state is None:
@@ -293,10 +294,6 @@ def _build(config: ExperimentConfig, bench: BenchConfig) -> _Replica:
         state = distcomp.register(ddp, config.compressor, overlap=config.overlap, **dict(config.options))
     opt = torch.optim.AdamW(model.parameters(), lr=bench.lr)
     return _Replica(config, model, ddp, opt, state)
-
-
-
-
 
 
 def _probe_link(reps: int = 3) -> float:
@@ -348,16 +345,16 @@ def _bucket_count(replicas: list[_Replica], minimum: int) -> int | None:
 
 def run_rank(rank: int, world_size: int, bench: BenchConfig, configs: Sequence[ExperimentConfig]) -> dict[str, Any]:
     """One rank's side of :func:`run_experiment` (module-level so that spawned processes can import it)."""
-    if rank == 0 and not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s [rank 0] %(message)s", datefmt="%H:%M:%S")
-    if rank != 0:
+    if rank == 0:
+        common.log_to_console("[rank 0] ")
+    else:
         logger.setLevel(logging.WARNING)
     torch.set_num_threads(1)
-    data, context = corpus(), GPTConfig().context
+    data, context = common.corpus(), GPTConfig().context
     replicas = [_build(c, bench) for c in configs]
     records = [_Record(c.key) for c in configs]
     for step in range(bench.warmup):
-        x, y = batch(data, rank, step, bench.batch, context)
+        x, y = common.batch(data, rank, step, bench.batch, context)
         for rep, rec in zip(replicas, records, strict=True):
             rec.losses.append(rep.step(x, y).loss)
     buckets = _bucket_count(replicas, bench.min_buckets)
@@ -382,7 +379,7 @@ def _timed_rounds(
     n, context = len(replicas), GPTConfig().context
     for i in range(bench.steps):
         start = time.perf_counter()
-        x, y = batch(data, rank, bench.warmup + i, bench.batch, context)
+        x, y = common.batch(data, rank, bench.warmup + i, bench.batch, context)
         for j in range(n):
             rep, rec = replicas[(i + j) % n], records[(i + j) % n]
             if rec.failure:
@@ -453,7 +450,10 @@ def _worker_main(job_path: str, rank: int) -> None:
     configs = [ExperimentConfig.from_dict(c) for c in job["configs"]]
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=job["init_method"], rank=rank, world_size=WORLD_SIZE,
+        "gloo",
+        init_method=job["init_method"],
+        rank=rank,
+        world_size=WORLD_SIZE,
         timeout=datetime.timedelta(seconds=600),
     )
     try:
@@ -473,7 +473,7 @@ def run_experiment(
 ) -> tuple[list[ExperimentResult], dict[str, Any]]:
     """Run every method in one job; ``(results, facts about the run)``."""
     launch = _launch_loopback if bench.bandwidth is None else _launch_netns
-    load_before, revision = os.getloadavg(), _git_revision()
+    load_before, revision = os.getloadavg(), common.git_revision()
     outputs = launch(bench, configs, timeout)
     results = _summarise(configs, outputs)
     probe_s = max(o["probe_s"] for o in outputs)
@@ -499,12 +499,13 @@ def _summarise(configs: Sequence[ExperimentConfig], outputs: list[dict[str, Any]
         for r in range(len(outputs))
     ]
     final = _verdicts(configs, health)
-    failures = {c.key: recs[c.key][0]["failure"] or (f"after timing: {final[c.key]}" if c.key in final else "")
-                for c in configs}
+    failures = {
+        c.key: recs[c.key][0]["failure"] or (f"after timing: {final[c.key]}" if c.key in final else "") for c in configs
+    }
     ok = [c.key for c in configs if not failures[c.key]]
-    wall = {key: _median_step(recs[key], _wall, max) for key in ok}
-    adj = {key: _median_step(recs[key], _adjusted, min) for key in ok}
-    cpu = {key: _median_step(recs[key], _cpu, max) for key in ok}
+    wall = {key: common.median_step((r["seconds"] for r in recs[key]), max) for key in ok}
+    adj = {key: common.median_step(map(_adjusted, recs[key]), min) for key in ok}
+    cpu = {key: common.median_step((r["cpu_seconds"] for r in recs[key]), max) for key in ok}
     bound = next((c.key for c in configs if c.hook == "noop" and c.key in wall), None)
     ddp = next((c.key for c in configs if c.hook == "ddp" and c.key in wall), None)
     dense = 2 * (WORLD_SIZE - 1) / WORLD_SIZE * DENSE_BYTES_PER_ELEMENT * outputs[0]["numel"]
@@ -515,48 +516,32 @@ def _summarise(configs: Sequence[ExperimentConfig], outputs: list[dict[str, Any]
             continue
         ranks = recs[c.key]
         sent, ratio, codec, comm, buckets = _traffic(c, ranks, dense)
-        results.append(ExperimentResult(
-            config=c,
-            step_ms=wall[c.key] * 1e3,
-            x_bound=_over(wall, c.key, bound),
-            x_ddp=_over(wall, c.key, ddp),
-            adj_ms=adj[c.key] * 1e3,
-            adj_x_bound=_over(adj, c.key, bound),
-            adj_x_ddp=_over(adj, c.key, ddp),
-            cpu_ms=cpu[c.key] * 1e3,
-            cpu_x_bound=_over(cpu, c.key, bound),
-            sent_mb=sent / 1e6,
-            ratio=ratio,
-            codec_ms=codec,
-            comm_ms=comm,
-            buckets=buckets,
-            final_loss=statistics.fmean(r["losses"][-1] for r in ranks),
-            steps_ms=tuple(max(s) * 1e3 for s in zip(*(r["seconds"] for r in ranks), strict=True)),
-        ))
+        results.append(
+            ExperimentResult(
+                config=c,
+                step_ms=wall[c.key] * 1e3,
+                x_bound=common.ratio(wall, c.key, bound),
+                x_ddp=common.ratio(wall, c.key, ddp),
+                adj_ms=adj[c.key] * 1e3,
+                adj_x_bound=common.ratio(adj, c.key, bound),
+                adj_x_ddp=common.ratio(adj, c.key, ddp),
+                cpu_ms=cpu[c.key] * 1e3,
+                cpu_x_bound=common.ratio(cpu, c.key, bound),
+                sent_mb=sent / 1e6,
+                ratio=ratio,
+                codec_ms=codec,
+                comm_ms=comm,
+                buckets=buckets,
+                final_loss=statistics.fmean(r["losses"][-1] for r in ranks),
+                steps_ms=tuple(max(s) * 1e3 for s in zip(*(r["seconds"] for r in ranks), strict=True)),
+            )
+        )
     return results
 
 
-def _wall(rank: dict[str, Any]) -> list[float]:
-    return rank["seconds"]
-
-
 def _adjusted(rank: dict[str, Any]) -> list[float]:
+    """One rank's step times less the time its training thread sat runnable in the run queue."""
     return [w - d for w, d in zip(rank["seconds"], rank["delay_seconds"], strict=True)]
-
-
-def _cpu(rank: dict[str, Any]) -> list[float]:
-    return rank["cpu_seconds"]
-
-
-def _median_step(
-    ranks: list[dict[str, Any]], values: Callable[[dict[str, Any]], list[float]], combine: Callable[..., float]
-) -> float:
-    """Median over steps of ``combine`` (max or min) over ranks of each rank's ``values``."""
-    return statistics.median(combine(step) for step in zip(*(values(r) for r in ranks), strict=True))
-
-
-def _over(values: dict[str, float], key: str, base: str | None) -> float | None:
-    return values[key] / values[base] if base is not None else None
 
 
 def _traffic(
@@ -579,28 +564,25 @@ def _traffic(
 # -- output ------------------------------------------------------------------------
 
 
-def _fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
+FIGURES = (
+    ("ms/step", "step_ms", ".0f"),
+    ("x bound", "x_bound", ".2f"),
+    ("x DDP", "x_ddp", ".2f"),
+    ("adj ms", "adj_ms", ".0f"),
+    ("adj x bound", "adj_x_bound", ".2f"),
+    ("adj x DDP", "adj_x_ddp", ".2f"),
+    ("cpu x bound", "cpu_x_bound", ".2f"),
+    ("MB sent/step", "sent_mb", ".2f"),
+    ("ratio", "ratio", ".1f"),
+    ("codec ms", "codec_ms", ".1f"),
+    ("comm ms", "comm_ms", ".1f"),
+)
+"""The table's figures: column, :class:`ExperimentResult` field, format."""
 
 
 def format_table(results: Sequence[ExperimentResult]) -> str:
     """A Markdown table, one row per method."""
-    head = ("| method | mode | ms/step | x bound | x DDP | adj ms | adj x bound | adj x DDP | cpu x bound "
-            "| MB sent/step | ratio | codec ms | comm ms |")
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in results:
-        cells = [r.config.name, r.config.mode]
-        if r.failure:
-            cells += [f"FAILED: {r.failure}"] + [""] * 10
-        else:
-            cells += [
-                _fmt(r.step_ms, ".0f"), _fmt(r.x_bound, ".2f"), _fmt(r.x_ddp, ".2f"),
-                _fmt(r.adj_ms, ".0f"), _fmt(r.adj_x_bound, ".2f"), _fmt(r.adj_x_ddp, ".2f"),
-                _fmt(r.cpu_x_bound, ".2f"), _fmt(r.sent_mb, ".2f"),
-                _fmt(r.ratio, ".1f"), _fmt(r.codec_ms, ".1f"), _fmt(r.comm_ms, ".1f"),
-            ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return common.results_table(results, ("method", "mode"), lambda r: (r.config.name, r.config.mode), FIGURES)
 
 
 def format_targets(results: Sequence[ExperimentResult]) -> str:
@@ -624,46 +606,30 @@ def _verdict(met: bool) -> str:
     return "met" if met else "NOT met"
 
 
-def _git_revision() -> str:
-    """The checkout's commit, with ``+dirty`` when files differ from it ("unknown" outside git)."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def _write_json(path: str, bench: BenchConfig, results: Sequence[ExperimentResult], facts: dict[str, Any]) -> None:
-    doc = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "bench": asdict(bench),
-        **facts,
-        "results": [asdict(r) for r in results],
-    }
-    Path(path).write_text(json.dumps(doc, indent=2))
-
-
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.make_parser(__doc__)
     d = BenchConfig()
     p.add_argument("--steps", type=int, default=d.steps, help="timed steps per method (median reported)")
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps first (>= 3)")
     p.add_argument("--batch", type=int, default=d.batch, help="sequences per rank per step")
     p.add_argument("--bucket-cap-mb", type=float, default=d.bucket_cap_mb, help="DDP bucket size")
     p.add_argument("--methods", default=",".join(OPTIONS), help="compressors to measure, comma-separated")
-    p.add_argument("--sync-for", default=None,
-                   help="compressors also measured with overlap=False (default: all of --methods; '' for none)")
-    p.add_argument("--bandwidth", default=None, help="run the ranks in two network namespaces at this tc rate "
-                   "(e.g. 100mbit, 1gbit); default: loopback, unshaped")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+    p.add_argument(
+        "--sync-for",
+        default=None,
+        help="compressors also measured with overlap=False (default: all of --methods; '' for none)",
+    )
+    p.add_argument(
+        "--bandwidth",
+        default=None,
+        help="run the ranks in two network namespaces at this tc rate "
+        "(e.g. 100mbit, 1gbit); default: loopback, unshaped",
+    )
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run is abandoned")
     p.add_argument("--worker", default=None, metavar="JOB", help=argparse.SUPPRESS)
     p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    common.add_output_args(p)
+    return common.parse_args(p, argv)
 
 
 def _split(csv: str) -> list[str]:
@@ -672,15 +638,20 @@ def _split(csv: str) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    common.log_to_console()
     if args.worker is not None:
         _worker_main(args.worker, args.rank)
         return 0
     # SIGTERM unwinds like Ctrl-C, so namespaces and rank processes are cleaned up.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        bench = BenchConfig(steps=args.steps, warmup=args.warmup, batch=args.batch,
-                            bucket_cap_mb=args.bucket_cap_mb, bandwidth=args.bandwidth)
+        bench = BenchConfig(
+            steps=args.steps,
+            warmup=args.warmup,
+            batch=args.batch,
+            bucket_cap_mb=args.bucket_cap_mb,
+            bandwidth=args.bandwidth,
+        )
     except ValueError as exc:
         raise SystemExit(f"hook_overhead.py: {exc}") from None
     methods = _split(args.methods)
@@ -689,16 +660,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"unknown compressors {sorted(unknown)}; available: {distcomp.available_compressors()}")
     configs = get_configs(methods, methods if args.sync_for is None else _split(args.sync_for))
     results, facts = run_experiment(bench, configs, timeout=args.timeout)
-    link = "loopback (unshaped)" if bench.bandwidth is None else f"2 network namespaces, tbf {bench.bandwidth}"
-    print(f"\n{facts['numel'] / 1e6:.1f}M parameters, {facts['buckets']} buckets, {WORLD_SIZE} ranks on gloo, "
-          f"{link}; link probe: {PROBE_BYTES / 2**20:.0f} MB all-reduce {facts['probe_ms']:.1f} ms "
-          f"(~{facts['probe_gbit_s']:.2f} Gbit/s on the wire); median of {bench.steps} steps after {bench.warmup}; "
-          f"load average before/after {facts['load_average_before'][0]:.1f}/{facts['load_average_after'][0]:.1f}\n")
-    print(format_table(results))
-    print("\n" + format_targets(results))
-    if args.json:
-        _write_json(args.json, bench, results, facts)
+    summary, table, targets = describe_run(bench, facts), format_table(results), format_targets(results)
+    print(f"\n{summary}\n")
+    print(table)
+    print("\n" + targets)
+    common.write_results(
+        args,
+        "hook-overhead" if bench.bandwidth is None else f"hook-overhead-{bench.bandwidth}",
+        title="DDP hook overhead",
+        command=common.command_line(__file__, argv),
+        report=f"{summary}\n\n{table}\n\n{targets}",
+        figures={"bench": asdict(bench), **facts, "results": [asdict(r) for r in results]},
+    )
     return 1 if any(r.failure for r in results) else 0
+
+
+def describe_run(bench: BenchConfig, facts: dict[str, Any]) -> str:
+    """One line: the model, the link and its measured speed, the steps, and how busy the machine was."""
+    link = "loopback (unshaped)" if bench.bandwidth is None else f"2 network namespaces, tbf {bench.bandwidth}"
+    return (
+        f"{facts['numel'] / 1e6:.1f}M parameters, {facts['buckets']} buckets, {WORLD_SIZE} ranks on gloo, "
+        f"{link}; link probe: {PROBE_BYTES / 2**20:.0f} MB all-reduce {facts['probe_ms']:.1f} ms "
+        f"(~{facts['probe_gbit_s']:.2f} Gbit/s on the wire); median of {bench.steps} steps after {bench.warmup}; "
+        f"load average before/after {facts['load_average_before'][0]:.1f}/{facts['load_average_after'][0]:.1f}"
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
     python benchmarks/kernels.py                          # CPU: the reference path, 1M..64M values
     python benchmarks/kernels.py --device cuda            # GPU: Triton vs reference, 1M..256M values
     python benchmarks/kernels.py --kernels sign_encode,topk_pack --sizes 1M,16M --json out.json
+    python benchmarks/kernels.py --out /tmp/runs           # results files elsewhere (default: benchmarks/results,
+                                                          # <date>-kernels-<device>.json and .md; --no-save: none)
 
 For each kernel and size: the median time of the public op (Triton on CUDA,
 the reference elsewhere), its effective bandwidth (bytes read + bytes written,
@@ -22,7 +24,6 @@ a kernel that fails is reported as failed, without a speed.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -31,12 +32,16 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from distcomp import kernels as K
+
+try:
+    from benchmarks import common
+except ImportError:  # run as a script: the script's own folder is on sys.path
+    import common
 
 logger = logging.getLogger("distcomp.bench.kernels")
 
@@ -117,19 +122,34 @@ def _sign_setup(n: int, device: torch.device) -> Inputs:
     """Rows of one sign block, their encoding, a residual and an output buffer."""
     x = _x(n, device).view(-1, SIGN_BLOCK)
     bits, scales = K.sign_encode_ref(x, SIGN_BLOCK)
-    return {"x": x, "bits": bits, "scales": scales, "residual": _x(n, device, 1).view_as(x) * 0.1,
-            "out": torch.zeros(n, device=device)}
+    return {
+        "x": x,
+        "bits": bits,
+        "scales": scales,
+        "residual": _x(n, device, 1).view_as(x) * 0.1,
+        "out": torch.zeros(n, device=device),
+    }
 
 
 def _quant_setup(bits: int) -> Callable[[int, torch.device], Inputs]:
     """The setup of the ``bits``-bit kernels (one function per width, so that inputs are shared between them)."""
+
     def setup(n: int, device: torch.device) -> Inputs:
         """Rows of one quantization block, their codes (packed and not), scales and an output buffer."""
         x = _x(n, device).view(-1, QUANT_BLOCK)
         codes, scales = K.quantize_codes_ref(x, bits, QUANT_BLOCK)
-        return {"x": x, "bits": bits, "block": QUANT_BLOCK, "codes": codes, "scales": scales,
-                "q": codes.view(torch.int8) if bits == 8 else K.unpack_int4_ref(codes),
-                "out": torch.zeros(n, device=device), "residual": _x(n, device, 1).view_as(x) * 0.01, "seed": 1234}
+        return {
+            "x": x,
+            "bits": bits,
+            "block": QUANT_BLOCK,
+            "codes": codes,
+            "scales": scales,
+            "q": codes.view(torch.int8) if bits == 8 else K.unpack_int4_ref(codes),
+            "out": torch.zeros(n, device=device),
+            "residual": _x(n, device, 1).view_as(x) * 0.01,
+            "seed": 1234,
+        }
+
     return setup
 
 
@@ -154,62 +174,114 @@ _quant8, _quant4 = _quant_setup(8), _quant_setup(4)
 
 KERNELS: dict[str, Kernel] = {
     "pack_signs": Kernel(
-        _sign_setup, lambda i: K.pack_signs(i["x"]), lambda i: K.pack_signs_ref(i["x"]),
-        lambda n: 4 * n + n // 8, _equal),
+        _sign_setup,
+        lambda i: K.pack_signs(i["x"]),
+        lambda i: K.pack_signs_ref(i["x"]),
+        lambda n: 4 * n + n // 8,
+        _equal,
+    ),
     "unpack_signs": Kernel(
-        _sign_setup, lambda i: K.unpack_signs(i["bits"], i["x"].numel()),
-        lambda i: K.unpack_signs_ref(i["bits"], i["x"].numel()), lambda n: n // 8 + 4 * n, _equal),
+        _sign_setup,
+        lambda i: K.unpack_signs(i["bits"], i["x"].numel()),
+        lambda i: K.unpack_signs_ref(i["bits"], i["x"].numel()),
+        lambda n: n // 8 + 4 * n,
+        _equal,
+    ),
     "sign_encode": Kernel(
-        _sign_setup, lambda i: K.sign_encode(i["x"], SIGN_BLOCK), lambda i: K.sign_encode_ref(i["x"], SIGN_BLOCK),
-        lambda n: 4 * n + n // 8 + _scales_bytes(n, SIGN_BLOCK), _encoded),
+        _sign_setup,
+        lambda i: K.sign_encode(i["x"], SIGN_BLOCK),
+        lambda i: K.sign_encode_ref(i["x"], SIGN_BLOCK),
+        lambda n: 4 * n + n // 8 + _scales_bytes(n, SIGN_BLOCK),
+        _encoded,
+    ),
     "sign_encode_ef": Kernel(
         _sign_setup,
         lambda i: K.sign_encode_ef(i["x"], i["residual"], SIGN_BLOCK, residual_out=i["out"]),
         lambda i: K.sign_encode_ef_ref(i["x"], i["residual"], SIGN_BLOCK, residual_out=i["out"]),
-        lambda n: 4 * n + 4 * n + 4 * n + n // 8 + _scales_bytes(n, SIGN_BLOCK), _encoded, ("out",)),
+        lambda n: 4 * n + 4 * n + 4 * n + n // 8 + _scales_bytes(n, SIGN_BLOCK),
+        _encoded,
+        ("out",),
+    ),
     "sign_decode": Kernel(
-        _sign_setup, lambda i: K.sign_decode(i["bits"], i["scales"], SIGN_BLOCK, out=i["out"]),
+        _sign_setup,
+        lambda i: K.sign_decode(i["bits"], i["scales"], SIGN_BLOCK, out=i["out"]),
         lambda i: K.sign_decode_ref(i["bits"], i["scales"], SIGN_BLOCK, out=i["out"]),
-        lambda n: n // 8 + _scales_bytes(n, SIGN_BLOCK) + 4 * n, _equal, ("out",)),
+        lambda n: n // 8 + _scales_bytes(n, SIGN_BLOCK) + 4 * n,
+        _equal,
+        ("out",),
+    ),
     "sign_decode_add": Kernel(
-        _sign_setup, lambda i: K.sign_decode_add(i["bits"], i["scales"], SIGN_BLOCK, i["out"], alpha=0.5),
+        _sign_setup,
+        lambda i: K.sign_decode_add(i["bits"], i["scales"], SIGN_BLOCK, i["out"], alpha=0.5),
         lambda i: K.sign_decode_add_ref(i["bits"], i["scales"], SIGN_BLOCK, i["out"], alpha=0.5),
-        lambda n: n // 8 + _scales_bytes(n, SIGN_BLOCK) + 8 * n, _close, ("out",)),
+        lambda n: n // 8 + _scales_bytes(n, SIGN_BLOCK) + 8 * n,
+        _close,
+        ("out",),
+    ),
     "quantize_int8": Kernel(
-        _quant8, lambda i: K.quantize_blockwise(i["x"], 8, QUANT_BLOCK, _gen(i)),
+        _quant8,
+        lambda i: K.quantize_blockwise(i["x"], 8, QUANT_BLOCK, _gen(i)),
         lambda i: K.quantize_blockwise_ref(i["x"], 8, QUANT_BLOCK, _gen(i)),
-        lambda n: 4 * n + n + _scales_bytes(n, QUANT_BLOCK), _quantized),
+        lambda n: 4 * n + n + _scales_bytes(n, QUANT_BLOCK),
+        _quantized,
+    ),
     "quantize_codes_ef_int8": Kernel(
         _quant8,
         lambda i: K.quantize_codes_ef(i["x"], i["residual"], 8, QUANT_BLOCK, _gen(i), residual_out=i["out"]),
         lambda i: K.quantize_codes_ef_ref(i["x"], i["residual"], 8, QUANT_BLOCK, _gen(i), residual_out=i["out"]),
-        lambda n: 4 * n + 4 * n + 4 * n + n + _scales_bytes(n, QUANT_BLOCK), _quantized_ef, ("out",)),
+        lambda n: 4 * n + 4 * n + 4 * n + n + _scales_bytes(n, QUANT_BLOCK),
+        _quantized_ef,
+        ("out",),
+    ),
     "quantize_codes_int4": Kernel(
-        _quant4, lambda i: K.quantize_codes(i["x"], 4, QUANT_BLOCK, _gen(i)),
+        _quant4,
+        lambda i: K.quantize_codes(i["x"], 4, QUANT_BLOCK, _gen(i)),
         lambda i: K.quantize_codes_ref(i["x"], 4, QUANT_BLOCK, _gen(i)),
-        lambda n: 4 * n + n // 2 + _scales_bytes(n, QUANT_BLOCK), _quantized),
+        lambda n: 4 * n + n // 2 + _scales_bytes(n, QUANT_BLOCK),
+        _quantized,
+    ),
     "dequantize_int8": Kernel(
-        _quant8, lambda i: K.dequantize_blockwise(i["q"], i["scales"], QUANT_BLOCK, out=i["out"]),
+        _quant8,
+        lambda i: K.dequantize_blockwise(i["q"], i["scales"], QUANT_BLOCK, out=i["out"]),
         lambda i: K.dequantize_blockwise_ref(i["q"], i["scales"], QUANT_BLOCK, out=i["out"]),
-        lambda n: n + _scales_bytes(n, QUANT_BLOCK) + 4 * n, _equal, ("out",)),
+        lambda n: n + _scales_bytes(n, QUANT_BLOCK) + 4 * n,
+        _equal,
+        ("out",),
+    ),
     "dequantize_codes_add_int4": Kernel(
-        _quant4, lambda i: K.dequantize_codes_add(i["codes"], i["scales"], 4, QUANT_BLOCK, i["out"], alpha=0.5),
+        _quant4,
+        lambda i: K.dequantize_codes_add(i["codes"], i["scales"], 4, QUANT_BLOCK, i["out"], alpha=0.5),
         lambda i: K.dequantize_codes_add_ref(i["codes"], i["scales"], 4, QUANT_BLOCK, i["out"], alpha=0.5),
-        lambda n: n // 2 + _scales_bytes(n, QUANT_BLOCK) + 8 * n, _close, ("out",)),
+        lambda n: n // 2 + _scales_bytes(n, QUANT_BLOCK) + 8 * n,
+        _close,
+        ("out",),
+    ),
     "pack_int4": Kernel(
-        _quant4, lambda i: K.pack_int4(i["q"]), lambda i: K.pack_int4_ref(i["q"]),
-        lambda n: n + n // 2, _equal),
+        _quant4, lambda i: K.pack_int4(i["q"]), lambda i: K.pack_int4_ref(i["q"]), lambda n: n + n // 2, _equal
+    ),
     "unpack_int4": Kernel(
-        _quant4, lambda i: K.unpack_int4(i["codes"]), lambda i: K.unpack_int4_ref(i["codes"]),
-        lambda n: n // 2 + n, _equal),
+        _quant4,
+        lambda i: K.unpack_int4(i["codes"]),
+        lambda i: K.unpack_int4_ref(i["codes"]),
+        lambda n: n // 2 + n,
+        _equal,
+    ),
     "topk_pack": Kernel(
-        _topk_setup, lambda i: K.topk_pack(i["x"], i["k"]), lambda i: K.topk_pack_ref(i["x"], i["k"]),
-        lambda n: 4 * n + 8 * max(1, int(n * TOPK_RATIO)), _topk),
+        _topk_setup,
+        lambda i: K.topk_pack(i["x"], i["k"]),
+        lambda i: K.topk_pack_ref(i["x"], i["k"]),
+        lambda n: 4 * n + 8 * max(1, int(n * TOPK_RATIO)),
+        _topk,
+    ),
     "topk_scatter_add": Kernel(
-        _topk_setup, lambda i: K.topk_scatter_add(i["out"], i["payload"]),
+        _topk_setup,
+        lambda i: K.topk_scatter_add(i["out"], i["payload"]),
         lambda i: K.topk_scatter_add_ref(i["out"], i["payload"]),
         # the payload is read, and each of its k values is read from and written to out
-        lambda n: 16 * max(1, int(n * TOPK_RATIO)), _close, ("out",)),
+        lambda n: 16 * max(1, int(n * TOPK_RATIO)),
+        _close,
+        ("out",),
+    ),
 }
 
 
@@ -265,9 +337,17 @@ def get_configs(
     """Every kernel at every size; the reference is timed too when the op would not run it."""
     time_ref = K.backend(device) != "reference"
     return [
-        ExperimentConfig(kernel=k, numel=n, device=device, repeats=repeats, budget_s=budget_s, time_ref=time_ref,
-                         check=time_ref or n == min(sizes))
-        for n in sizes for k in kernels
+        ExperimentConfig(
+            kernel=k,
+            numel=n,
+            device=device,
+            repeats=repeats,
+            budget_s=budget_s,
+            time_ref=time_ref,
+            check=time_ref or n == min(sizes),
+        )
+        for n in sizes
+        for k in kernels
     ]
 
 
@@ -310,7 +390,9 @@ def run_experiment(config: ExperimentConfig, inputs: Inputs | None = None) -> Ex
     backend = K.backend(device)
     if config.check:
         try:
-            spec.check(spec.op(_copy_inputs(inputs, spec.mutates)), spec.ref(_copy_inputs(inputs, spec.mutates)), inputs)
+            spec.check(
+                spec.op(_copy_inputs(inputs, spec.mutates)), spec.ref(_copy_inputs(inputs, spec.mutates)), inputs
+            )
         except AssertionError as exc:
             return ExperimentResult(config=config, backend=backend, failure=str(exc).splitlines()[0])
     x = inputs["x"]
@@ -322,8 +404,14 @@ def run_experiment(config: ExperimentConfig, inputs: Inputs | None = None) -> Ex
     copy_gbps = 2 * x.numel() * x.element_size() / copy_ms / 1e6
     ref_ms = ref[0] if ref else None
     return ExperimentResult(
-        config=config, backend=backend, ms=ms, gbps=gbps, copy_gbps=copy_gbps, x_copy=gbps / copy_gbps,
-        ref_ms=ref_ms, x_ref=ref_ms / ms if ref_ms is not None else None,
+        config=config,
+        backend=backend,
+        ms=ms,
+        gbps=gbps,
+        copy_gbps=copy_gbps,
+        x_copy=gbps / copy_gbps,
+        ref_ms=ref_ms,
+        x_ref=ref_ms / ms if ref_ms is not None else None,
     )
 
 
@@ -367,24 +455,38 @@ def _meets(r: ExperimentResult) -> str:
     return "yes" if ok else "no"
 
 
-HEADER = "| kernel | values | backend | ms | GB/s | copy GB/s | x copy | ref ms | x ref | target met |"
+COLUMNS = ("kernel", "values", "backend", "ms", "GB/s", "copy GB/s", "x copy", "ref ms", "x ref", "target met")
+
+
+def _cells(r: ExperimentResult) -> list[str]:
+    """One result's row of the table."""
+    c = r.config
+    if r.failure:
+        return [c.kernel, _size(c.numel), r.backend, f"failed: {r.failure}", "", "", "", "", "", "FAILED"]
+    ref = [f"{r.ref_ms:.3f}", f"{r.x_ref:.1f}x"] if r.ref_ms is not None else ["-", "-"]
+    return [
+        c.kernel,
+        _size(c.numel),
+        r.backend,
+        f"{r.ms:.3f}",
+        f"{r.gbps:.1f}",
+        f"{r.copy_gbps:.1f}",
+        f"{r.x_copy:.2f}",
+        *ref,
+        _meets(r),
+    ]
 
 
 def format_row(r: ExperimentResult) -> str:
     """One markdown table row."""
-    c = r.config
-    if r.failure:
-        return f"| {c.kernel} | {_size(c.numel)} | {r.backend} | failed: {r.failure} | | | | | | FAILED |"
-    ref = f"{r.ref_ms:.3f} | {r.x_ref:.1f}x" if r.ref_ms is not None else "- | -"
-    return (f"| {c.kernel} | {_size(c.numel)} | {r.backend} | {r.ms:.3f} | {r.gbps:.1f} | {r.copy_gbps:.1f} | "
-            f"{r.x_copy:.2f} | {ref} | {_meets(r)} |")
+    return common.markdown_row(_cells(r))
 
 
 def format_table(results: Sequence[ExperimentResult]) -> str:
     """A markdown table, kernels grouped together, sizes ascending."""
     order = {k: i for i, k in enumerate(KERNELS)}
     rows = sorted(results, key=lambda r: (order[r.config.kernel], r.config.numel))
-    return "\n".join([HEADER, "|" + "---|" * 10, *map(format_row, rows)])
+    return common.markdown_table(COLUMNS, map(_cells, rows))
 
 
 def describe_machine(device: str) -> str:
@@ -400,22 +502,28 @@ def describe_machine(device: str) -> str:
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = common.make_parser(__doc__)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--sizes", default=None, help="comma-separated value counts, e.g. 1M,16M "
-                   "(default: 1M,4M,16M,64M,256M on CUDA; 1M,4M,16M,64M on CPU, to stay within a few minutes)")
+    p.add_argument(
+        "--sizes",
+        default=None,
+        help="comma-separated value counts, e.g. 1M,16M "
+        "(default: 1M,4M,16M,64M,256M on CUDA; 1M,4M,16M,64M on CPU, to stay within a few minutes)",
+    )
     p.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated kernels to run")
     p.add_argument("--repeats", type=int, default=10, help="timed calls per measurement (median reported)")
-    p.add_argument("--budget", type=float, default=2.0, help="seconds of timed calls per measurement (at least 3 calls)")
+    p.add_argument(
+        "--budget", type=float, default=2.0, help="seconds of timed calls per measurement (at least 3 calls)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
-    return p.parse_args(argv)
+    common.add_output_args(p)
+    return common.parse_args(p, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run, print the table; exit status 1 if any correctness check failed."""
     args = _parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    common.log_to_console()
     if args.threads:
         torch.set_num_threads(args.threads)
     default_sizes = "1M,4M,16M,64M,256M" if args.device == "cuda" else "1M,4M,16M,64M"
@@ -428,11 +536,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad:
         raise SystemExit(f"sizes must be multiples of {SIGN_BLOCK} (the sign block), got {bad}")
     results = run_all(get_configs(names, sizes, args.device, args.repeats, args.budget))
-    print(f"\n{describe_machine(args.device)}\n")
-    print(format_table(results))
-    if args.json:
-        doc = {"machine": describe_machine(args.device), "results": [asdict(r) for r in results]}
-        Path(args.json).write_text(json.dumps(doc, indent=2))
+    device, table = describe_machine(args.device), format_table(results)
+    print(f"\n{device}\n")
+    print(table)
+    common.write_results(
+        args,
+        f"kernels-{args.device}",
+        title=f"Kernels on {args.device}",
+        command=common.command_line(__file__, argv),
+        report=f"{device}\n\n{table}",
+        figures={"device": device, "results": [asdict(r) for r in results]},
+    )
     return 1 if any(r.failure for r in results) else 0
 
 

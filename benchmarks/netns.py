@@ -20,9 +20,9 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 logger = logging.getLogger("distcomp.bench.netns")
 
@@ -109,8 +109,21 @@ def _create(hosts: tuple[Host, Host], rate: str) -> None:
     a, b = hosts
     for host in hosts:
         _sh("ip", "netns", "add", host.namespace)
-    _sh("ip", "link", "add", a.iface, "netns", a.namespace,
-        "type", "veth", "peer", "name", b.iface, "netns", b.namespace)
+    _sh(
+        "ip",
+        "link",
+        "add",
+        a.iface,
+        "netns",
+        a.namespace,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b.iface,
+        "netns",
+        b.namespace,
+    )
     for host in hosts:
         _sh("ip", "-n", host.namespace, "link", "set", "lo", "up")
         _sh("ip", "-n", host.namespace, "addr", "add", f"{host.address}/24", "dev", host.iface)

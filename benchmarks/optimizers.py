@@ -3,6 +3,8 @@
     python benchmarks/optimizers.py speed                  # 10.8M-parameter GPT, 2 ranks on gloo (loopback)
     python benchmarks/optimizers.py speed --steps 20 --json speed.json
     python benchmarks/optimizers.py convergence --steps 300 # the language model of `distcomp train`
+    python benchmarks/optimizers.py speed --no-save        # print only; by default each run is saved as
+                                                           # benchmarks/results/<date>-optimizers-<mode>.json and .md
 
 ``speed``: every method trains its own copy of the byte-level GPT from the same
 weights on the same batches, in the same two rank processes, interleaved round
@@ -24,15 +26,13 @@ optimizer + DDP + register at the same step count; final held-out loss.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import math
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
@@ -45,17 +45,21 @@ from distcomp.models.gpt import GPT, GPTConfig
 from distcomp.testing import run_ranks
 
 try:
-    from benchmarks.common import batch, corpus, param_digest
+    from benchmarks import common
 except ImportError:  # run as a script: the script's own folder is on sys.path
-    from common import batch, corpus, param_digest
+    import common
 
 logger = logging.getLogger("distcomp.bench")
 
 WORLD_SIZE = 2
 Method = Literal["adamw", "noop", "onebit_adam", "onebit_adam_alone", "zero_one_adam", "onebit_lamb"]
 LABELS = {
-    "adamw": "AdamW + DDP", "noop": "AdamW + noop_hook (bound)", "onebit_adam": "OneBitAdam + DDP",
-    "onebit_adam_alone": "OneBitAdam, no DDP", "zero_one_adam": "ZeroOneAdam + DDP", "onebit_lamb": "OneBitLamb + DDP",
+    "adamw": "AdamW + DDP",
+    "noop": "AdamW + noop_hook (bound)",
+    "onebit_adam": "OneBitAdam + DDP",
+    "onebit_adam_alone": "OneBitAdam, no DDP",
+    "zero_one_adam": "ZeroOneAdam + DDP",
+    "onebit_lamb": "OneBitLamb + DDP",
 }
 
 
@@ -105,8 +109,12 @@ def get_configs(kind: Literal["speed", "convergence"], warmup: int) -> list[Expe
     if kind == "convergence":
         # kappa 32: the first 32 steps exact, 1-bit gradients at 14 of the remaining variance-phase steps (with
         # kappa 8 or 16 the 1-bit gradient steps start so early in this short run that it ends 4-8% behind AdamW).
-        zo = (("var_freeze_step", warmup), ("var_update_scaler", 32), ("local_step_scaler", 60),
-              ("local_step_clipper", 4))
+        zo = (
+            ("var_freeze_step", warmup),
+            ("var_update_scaler", 32),
+            ("local_step_scaler", 60),
+            ("local_step_clipper", 4),
+        )
     out = [ExperimentConfig(method="adamw", lr=2e-3 if kind == "convergence" else 3e-4)]
     if kind == "speed":
         out.append(ExperimentConfig(method="noop"))
@@ -114,8 +122,11 @@ def get_configs(kind: Literal["speed", "convergence"], warmup: int) -> list[Expe
     out += [
         ExperimentConfig(method="onebit_adam", lr=lr, options=(("freeze_step", warmup),)),
         ExperimentConfig(method="zero_one_adam", lr=lr, options=zo),
-        ExperimentConfig(method="onebit_lamb", lr=2e-2 if kind == "convergence" else 3e-3,
-                         options=(("freeze_step", warmup), ("coeff_beta", 0.9))),
+        ExperimentConfig(
+            method="onebit_lamb",
+            lr=2e-2 if kind == "convergence" else 3e-3,
+            options=(("freeze_step", warmup), ("coeff_beta", 0.9)),
+        ),
     ]
     if kind == "speed":
         out.insert(3, ExperimentConfig(method="onebit_adam_alone", options=(("freeze_step", warmup),)))
@@ -126,8 +137,12 @@ def _optimizer(config: ExperimentConfig, groups: Any, betas: tuple[float, float]
     options = {"betas": betas, **dict(config.options)}
     if config.method in ("adamw", "noop"):
         return torch.optim.AdamW(groups, lr=config.lr, betas=betas, weight_decay=0.0)
-    cls = {"onebit_adam": optim.OneBitAdam, "onebit_adam_alone": optim.OneBitAdam,
-           "zero_one_adam": optim.ZeroOneAdam, "onebit_lamb": optim.OneBitLamb}[config.method]
+    cls = {
+        "onebit_adam": optim.OneBitAdam,
+        "onebit_adam_alone": optim.OneBitAdam,
+        "zero_one_adam": optim.ZeroOneAdam,
+        "onebit_lamb": optim.OneBitLamb,
+    }[config.method]
     return cls(groups, lr=config.lr, **options)
 
 
@@ -152,8 +167,9 @@ class _Replica:
             optim.register(wrapped, opt)
         return cls(config, model, wrapped, opt)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float | None = None, clip: float = 0.0
-             ) -> tuple[float, float, float, float]:
+    def step(
+        self, x: torch.Tensor, y: torch.Tensor, lr: float | None = None, clip: float = 0.0
+    ) -> tuple[float, float, float, float]:
         """``(wall s, CPU s, optimizer.step() wall s, loss)`` of one training step."""
         if lr is not None:
             for group in self.opt.param_groups:
@@ -181,7 +197,7 @@ class _Replica:
         return not isinstance(self.opt, optim.ZeroOneAdam) or self.opt.phase(self.opt.steps - 1) != "local"
 
     def digest(self) -> str:
-        return param_digest(self.model)
+        return common.param_digest(self.model)
 
 
 # -- speed ---------------------------------------------------------------------------
@@ -190,24 +206,22 @@ class _Replica:
 def _rank_logging(rank: int) -> None:
     """One thread per rank (2 ranks share the cores); progress lines from rank 0 only."""
     torch.set_num_threads(1)
-    if rank == 0 and not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s [rank 0] %(message)s", datefmt="%H:%M:%S")
+    if rank == 0:
+        common.log_to_console("[rank 0] ")
 
 
-
-
-
-
-def speed_rank(rank: int, world_size: int, configs: Sequence[ExperimentConfig], warmup: int, steps: int
-               ) -> dict[str, Any]:
+def speed_rank(
+    rank: int, world_size: int, configs: Sequence[ExperimentConfig], warmup: int, steps: int
+) -> dict[str, Any]:
     """One rank of the speed run (module-level so that spawned processes can import it)."""
     _rank_logging(rank)
-    gpt, data = GPTConfig(), corpus()
+    gpt, data = GPTConfig(), common.corpus()
     reps = [_Replica.build(c, gpt, 0, (0.9, 0.999)) for c in configs]
-    rec: dict[str, dict[str, list]] = {c.label: {"wall": [], "cpu": [], "opt": [], "loss": [], "sent": [], "ok": []}
-                                       for c in configs}
+    rec: dict[str, dict[str, list]] = {
+        c.label: {"wall": [], "cpu": [], "opt": [], "loss": [], "sent": [], "ok": []} for c in configs
+    }
     for step in range(warmup + steps):
-        x, y = batch(data, rank, step, 8, gpt.context)
+        x, y = common.batch(data, rank, step, 8, gpt.context)
         for j in range(len(reps)):
             rep = reps[(step + j) % len(reps)]
             dist.barrier()  # every method starts its step with the ranks in step
@@ -224,11 +238,13 @@ def speed_rank(rank: int, world_size: int, configs: Sequence[ExperimentConfig], 
     return {"records": rec, "numel": sum(p.numel() for p in reps[0].model.parameters())}
 
 
-def run_experiment(configs: Sequence[ExperimentConfig], warmup: int, steps: int, timeout: float = 3600
-                   ) -> tuple[list[ExperimentResult], dict[str, Any]]:
+def run_experiment(
+    configs: Sequence[ExperimentConfig], warmup: int, steps: int, timeout: float = 3600
+) -> tuple[list[ExperimentResult], dict[str, Any]]:
     """The speed run: every method in one 2-rank job; ``(results, facts)``."""
-    outs = run_ranks(speed_rank, WORLD_SIZE, args=(tuple(configs), warmup, steps), timeout=timeout,
-                     collective_timeout=600)
+    outs = run_ranks(
+        speed_rank, WORLD_SIZE, args=(tuple(configs), warmup, steps), timeout=timeout, collective_timeout=600
+    )
     recs = {c.label: [o["records"][c.label] for o in outs] for c in configs}
     failures = {}
     for c in configs:
@@ -239,7 +255,8 @@ def run_experiment(configs: Sequence[ExperimentConfig], warmup: int, steps: int,
             failures[c.label] = "ranks hold different parameters"
 
     def med(label: str, key: str) -> float:
-        return statistics.median(max(v) for v in zip(*(r[key] for r in recs[label])))
+        return common.median_step(r[key] for r in recs[label])
+
     wall = {c.label: med(c.label, "wall") for c in configs if c.label not in failures}
     dense = 2 * (WORLD_SIZE - 1) / WORLD_SIZE * 4 * outs[0]["numel"]
     results = []
@@ -248,16 +265,20 @@ def run_experiment(configs: Sequence[ExperimentConfig], warmup: int, steps: int,
             results.append(ExperimentResult(config=c, failure=failures[c.label]))
             continue
         sent = statistics.fmean(recs[c.label][0]["sent"])
-        results.append(ExperimentResult(
-            config=c, step_ms=wall[c.label] * 1e3, x_bound=_over(wall, c.label, LABELS["noop"]),
-            x_adamw=_over(wall, c.label, LABELS["adamw"]), cpu_ms=med(c.label, "cpu") * 1e3,
-            opt_ms=med(c.label, "opt") * 1e3, sent_mb=sent / 1e6, ratio=dense / sent if sent else None,
-            final_loss=statistics.fmean(r["loss"][-1] for r in recs[c.label])))
+        results.append(
+            ExperimentResult(
+                config=c,
+                step_ms=wall[c.label] * 1e3,
+                x_bound=common.ratio(wall, c.label, LABELS["noop"]),
+                x_adamw=common.ratio(wall, c.label, LABELS["adamw"]),
+                cpu_ms=med(c.label, "cpu") * 1e3,
+                opt_ms=med(c.label, "opt") * 1e3,
+                sent_mb=sent / 1e6,
+                ratio=dense / sent if sent else None,
+                final_loss=statistics.fmean(r["loss"][-1] for r in recs[c.label]),
+            )
+        )
     return results, {"numel": outs[0]["numel"], "warmup": warmup, "steps": steps}
-
-
-def _over(values: dict[str, float], key: str, base: str) -> float | None:
-    return values[key] / values[base] if base in values else None
 
 
 # -- convergence ------------------------------------------------------------------------
@@ -283,11 +304,18 @@ def convergence_rank(rank: int, world_size: int, configs: Sequence[ExperimentCon
             losses.append(rep.step(x, y, lr=lr, clip=cfg.optimizer.grad_clip)[3])
             if rank == 0 and (step + 1) % 50 == 0:
                 logger.info("%s: step %d, loss %.4f", c.label, step + 1, losses[-1])
-        val = _val_loss(rep.model, val_batches(corpus.val, cfg.model.context, cfg.data.batch_size,
-                                                cfg.eval.batches, rank, world_size))
+        val = _val_loss(
+            rep.model,
+            val_batches(corpus.val, cfg.model.context, cfg.data.batch_size, cfg.eval.batches, rank, world_size),
+        )
         stats = rep.opt.stats()["total"] if isinstance(rep.opt, optim.CompressedOptimizer) else {}
-        out[c.label] = {"losses": losses, "val": val, "seconds": time.perf_counter() - start,
-                        "sent_bytes": stats.get("sent_bytes"), "dense_bytes": stats.get("dense_bytes")}
+        out[c.label] = {
+            "losses": losses,
+            "val": val,
+            "seconds": time.perf_counter() - start,
+            "sent_bytes": stats.get("sent_bytes"),
+            "dense_bytes": stats.get("dense_bytes"),
+        }
         if rank == 0:
             logger.info("%s: val loss %.4f after %d steps", c.label, val, steps)
     return out
@@ -307,72 +335,117 @@ def _val_loss(model: GPT, batches: list[torch.Tensor]) -> float:
 # -- output ------------------------------------------------------------------------------
 
 
-def _fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
+SPEED_FIGURES = (
+    ("ms/step", "step_ms", ".0f"),
+    ("x bound", "x_bound", ".2f"),
+    ("x AdamW+DDP", "x_adamw", ".2f"),
+    ("cpu ms/step", "cpu_ms", ".0f"),
+    ("optimizer.step() ms", "opt_ms", ".0f"),
+    ("MB sent/step", "sent_mb", ".2f"),
+    ("ratio", "ratio", ".1f"),
+)
+"""The speed table's figures: column, :class:`ExperimentResult` field, format."""
 
 
 def format_speed(results: Sequence[ExperimentResult]) -> str:
-    head = "| method | ms/step | x bound | x AdamW+DDP | cpu ms/step | optimizer.step() ms | MB sent/step | ratio |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in results:
-        cells = [r.config.label]
-        if r.failure:
-            cells += [f"FAILED: {r.failure}"] + [""] * 6
-        else:
-            cells += [_fmt(r.step_ms, ".0f"), _fmt(r.x_bound, ".2f"), _fmt(r.x_adamw, ".2f"), _fmt(r.cpu_ms, ".0f"),
-                      _fmt(r.opt_ms, ".0f"), _fmt(r.sent_mb, ".2f"), _fmt(r.ratio, ".1f")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """A markdown table of the speed run, one row per method."""
+    return common.results_table(results, ("method",), lambda r: (r.config.label,), SPEED_FIGURES)
 
 
 def format_convergence(configs: Sequence[ExperimentConfig], outs: list[dict[str, Any]], steps: int) -> str:
     base = outs[0][LABELS["adamw"]]["val"]
     target = {"onebit_adam": 0.02, "zero_one_adam": 0.03, "onebit_lamb": 0.03}
-    head = "| method | lr | options | steps | train loss (last 10) | held-out loss | vs AdamW | target | ratio |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    columns = (
+        "method",
+        "lr",
+        "options",
+        "steps",
+        "train loss (last 10)",
+        "held-out loss",
+        "vs AdamW",
+        "target",
+        "ratio",
+    )
+    rows = []
     for c in configs:
         r = outs[0][c.label]
         tail = statistics.fmean(statistics.fmean(o[c.label]["losses"][-10:]) for o in outs)
         rel = r["val"] / base - 1
-        verdict = "-" if c.method not in target else f"<= {target[c.method]:.0%}: " + (
-            "met" if rel <= target[c.method] else "NOT met")
+        verdict = (
+            "-"
+            if c.method not in target
+            else f"<= {target[c.method]:.0%}: " + ("met" if rel <= target[c.method] else "NOT met")
+        )
         ratio = r["dense_bytes"] / r["sent_bytes"] if r["sent_bytes"] else None
         opts = ", ".join(f"{k}={v}" for k, v in c.options) or "-"
-        lines.append(f"| {c.label} | {c.lr:g} | {opts} | {steps} | {tail:.4f} | {r['val']:.4f} | {rel:+.2%} | "
-                     f"{verdict} | {_fmt(ratio, '.1f')} |")
-    return "\n".join(lines)
+        rows.append(
+            [
+                c.label,
+                f"{c.lr:g}",
+                opts,
+                str(steps),
+                f"{tail:.4f}",
+                f"{r['val']:.4f}",
+                f"{rel:+.2%}",
+                verdict,
+                common.fmt(ratio, ".1f"),
+            ]
+        )
+    return common.markdown_table(columns, rows)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """Run ``speed`` or ``convergence``, print its table and write the results files."""
+    p = common.make_parser(__doc__)
     p.add_argument("mode", choices=["speed", "convergence"])
-    p.add_argument("--steps", type=int, default=None, help="timed steps (speed, default 10) or training steps "
-                   "(convergence, default 300)")
-    p.add_argument("--warmup", type=int, default=None, help="exact steps before compression (speed: untimed; "
-                   "default 5 for speed, 20%% of --steps for convergence)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps (speed, default 10) or training steps (convergence, default 300)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="exact steps before compression (speed: untimed; default 5 for speed, 20%% of --steps for convergence)",
+    )
+    common.add_output_args(p)
+    args = common.parse_args(p, argv)
+    common.log_to_console()
     if args.mode == "speed":
         steps, warmup = args.steps or 10, args.warmup or 5
         configs = get_configs("speed", max(warmup - 2, 1))  # the first two compressed steps allocate: untimed
         results, facts = run_experiment(configs, warmup, steps)
-        print(f"\n{facts['numel'] / 1e6:.1f}M-parameter GPT, {WORLD_SIZE} ranks on gloo (loopback), median of "
-              f"{steps} steps after {warmup}; compressed optimizers in their compressed phase\n")
-        print(format_speed(results))
-        doc: Any = {"facts": facts, "results": [asdict(r) for r in results]}
+        summary = (
+            f"{facts['numel'] / 1e6:.1f}M-parameter GPT, {WORLD_SIZE} ranks on gloo (loopback), median of "
+            f"{steps} steps after {warmup}; compressed optimizers in their compressed phase"
+        )
+        table = format_speed(results)
+        figures: dict[str, Any] = {"facts": facts, "results": [asdict(r) for r in results]}
     else:
         steps = args.steps or 300
         configs = get_configs("convergence", args.warmup or steps // 5)
-        outs = run_ranks(convergence_rank, WORLD_SIZE, args=(tuple(configs), steps), timeout=4 * 3600,
-                         collective_timeout=600)
-        print(f"\n`distcomp train` defaults (3.3M-parameter GPT, batch 8 x 128 per rank, cosine schedule, clip 1.0), "
-              f"{WORLD_SIZE} ranks, {steps} steps\n")
-        print(format_convergence(configs, outs, steps))
-        doc = {"steps": steps, "configs": [asdict(c) for c in configs], "ranks": outs}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(doc, f, indent=2)
+        outs = run_ranks(
+            convergence_rank, WORLD_SIZE, args=(tuple(configs), steps), timeout=4 * 3600, collective_timeout=600
+        )
+        summary = (
+            f"`distcomp train` defaults (3.3M-parameter GPT, batch 8 x 128 per rank, cosine schedule, "
+            f"clip 1.0), {WORLD_SIZE} ranks, {steps} steps"
+        )
+        table = format_convergence(configs, outs, steps)
+        figures = {"steps": steps, "configs": [asdict(c) for c in configs], "ranks": outs}
+    print(f"\n{summary}\n")
+    print(table)
+    title = {"speed": "Compressed optimizers: step time", "convergence": "Compressed optimizers: convergence"}
+    common.write_results(
+        args,
+        f"optimizers-{args.mode}",
+        title=title[args.mode],
+        command=common.command_line(__file__, argv),
+        report=f"{summary}\n\n{table}",
+        figures=figures,
+    )
     return 0
 
 
