@@ -10,9 +10,9 @@
   all-gathered. Phase 1 alone (:func:`compressed_reduce_scatter`) is a
   compressed reduce-scatter.
 
-Every payload carries a health word (see :func:`~distcomp.numerics.local_health`)
-so that all ranks learn, without an extra collective, whether any rank's input
-held an inf or a NaN.
+The payload formats live in :mod:`distcomp.codecs`. Every payload carries a
+health word (see :func:`~distcomp.numerics.local_health`) so that all ranks
+learn, without an extra collective, whether any rank's input held an inf or a NaN.
 """
 
 from __future__ import annotations
@@ -20,12 +20,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Protocol
 
 import torch
 
+from distcomp.codecs import BlockCodec, ChunkCodec, TopKCodec, is_fused
 from distcomp.comm import Comm
-from distcomp.kernels import topk_pack, topk_scatter_add
 from distcomp.numerics import local_health
 from distcomp.workspace import Workspace
 
@@ -38,65 +37,6 @@ def exact_mean(buffer: torch.Tensor, comm: Comm) -> torch.Tensor:
     comm.all_reduce(buffer)
     comm.record.nonfinite = bool(local_health(buffer).isnan())
     return buffer
-
-
-class ChunkCodec(Protocol):
-    """Encodes fp32 rows into fixed-size byte rows and back."""
-
-    align: int
-    """Row lengths must be a multiple of this."""
-
-    def payload_bytes(self, length: int) -> int:
-        """Bytes of one encoded row of ``length`` values (a multiple of 4)."""
-
-    def encode(self, rows: torch.Tensor, out: torch.Tensor) -> None:
-        """Write the encoding of fp32 ``rows [r, L]`` into uint8 ``out [r, payload_bytes(L)]``."""
-
-    def decode(self, payload: torch.Tensor, length: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 rows ``[r, length]`` from uint8 ``payload [r, payload_bytes(length)]`` (into ``out`` if given)."""
-
-
-class FusedChunkCodec(ChunkCodec, Protocol):
-    """A codec whose blocks are independent, which fuses error feedback into encoding and decodes by adding.
-
-    With such a codec (``sign``, ``int8``, ``int4``) the two-phase schedule never
-    copies the bucket: full payload rows are encoded straight from views of it
-    and only the last partial block is padded; worker and server error feedback
-    happen inside the encode; the chunks received in the all-to-all are summed
-    by decoding into the sum.
-    """
-
-    def encode_ef(
-        self,
-        grad: torch.Tensor,
-        residual: torch.Tensor | None,
-        residual_out: torch.Tensor | None,
-        out: torch.Tensor,
-        length: int | None = None,
-        start: int = 0,
-    ) -> torch.Tensor:
-        """Encode rows ``grad [r, l]`` (any float dtype) plus the fp32 ``residual`` (none: plain encoding).
-
-        The codes go to columns ``start .. start + l`` (block-aligned) of payload
-        rows ``out`` holding ``length`` values each (default ``l``); the new
-        residual ``grad + residual - decoded`` goes to ``residual_out`` (default:
-        over ``residual``). Returns a health word (see
-        :func:`~distcomp.numerics.local_health`) that is NaN when any encoded
-        block held an inf or a NaN.
-        """
-
-    def decode(
-        self, payload: torch.Tensor, length: int, out: torch.Tensor | None = None, start: int = 0, stop: int | None = None
-    ) -> torch.Tensor:
-        """Columns ``start .. stop`` (block-aligned; default all) of the payload rows, as fp32 rows."""
-
-    def decode_add(self, payload: torch.Tensor, length: int, out: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-        """``out += alpha * decode(payload)`` (``out`` of ``r * length`` values) or of the rows' sum (``length`` values)."""
-
-
-def is_fused(codec: ChunkCodec) -> bool:
-    """Whether ``codec`` implements :class:`FusedChunkCodec` (otherwise the schedule pads and decodes with copies)."""
-    return all(callable(getattr(codec, name, None)) for name in ("encode_ef", "decode_add"))
 
 
 @dataclass
@@ -183,7 +123,7 @@ def _piece_of(flat: torch.Tensor, p: _Piece, ws: Workspace, name: str) -> torch.
 
 
 def _encode_pieces(
-    codec: FusedChunkCodec,
+    codec: BlockCodec,
     x: torch.Tensor,
     residual: torch.Tensor | None,
     residual_out: torch.Tensor | None,
@@ -191,25 +131,26 @@ def _encode_pieces(
     body: torch.Tensor,
     ws: Workspace,
 ) -> torch.Tensor:
-    """Encode flat ``x`` (plus ``residual``) as ``[w, c]`` rows into the payload ``body``, piece by piece; returns the health."""
+    """Encode flat ``x`` (plus ``residual``) as ``[w, c]`` rows into ``body`` piece by piece; returns the health."""
     health = torch.zeros(1, dtype=torch.float32, device=x.device)
-    target = residual_out if residual_out is not None else residual
     for p in _pieces(x.numel(), body.shape[0], c, codec.align):
         grad = _piece_of(x, p, ws, "pad")
         if residual is None or p.size == 0:  # rows past the end have no residual to keep
             health = health + codec.encode_ef(grad, None, None, body[p.rows], c, p.start)
             continue
-        if p.padded:
-            new = ws.get("pad_res_out", grad.numel(), torch.float32, x.device).view(p.shape)
-        else:
-            new = None if residual_out is None else residual_out[p.src : p.src + p.size].view(p.shape)
+        target = residual_out if residual_out is not None else residual
+        scratch = ws.get("pad_res_out", grad.numel(), torch.float32, x.device).view(p.shape) if p.padded else None
+        new = scratch if scratch is not None else (
+            None if residual_out is None else residual_out[p.src : p.src + p.size].view(p.shape))
         health = health + codec.encode_ef(grad, _piece_of(residual, p, ws, "pad_res"), new, body[p.rows], c, p.start)
-        if p.padded:  # the copied piece's new residual goes back to its place (the padding's is dropped)
-            target[p.src : p.src + p.size].copy_(new.view(-1)[: p.size])
+        if scratch is not None:  # the copied piece's new residual goes back to its place (the padding's is dropped)
+            target[p.src : p.src + p.size].copy_(scratch.view(-1)[: p.size])
     return health
 
 
-def _decode_pieces(codec: FusedChunkCodec, body: torch.Tensor, c: int, n: int, out: torch.Tensor, ws: Workspace) -> torch.Tensor:
+def _decode_pieces(
+    codec: BlockCodec, body: torch.Tensor, c: int, n: int, out: torch.Tensor, ws: Workspace
+) -> torch.Tensor:
     """The first ``n`` values of the ``[w, c]`` rows in payload ``body``, decoded into flat fp32 ``out``."""
     for p in _pieces(n, body.shape[0], c, codec.align):
         if p.size == 0:
@@ -259,7 +200,7 @@ def compressed_reduce_scatter(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Phase 1: ``(mean of this rank's chunk [c], this rank's decoded input [n], health [1])``.
 
-    With ``residual`` (flat fp32, ``x``'s size; a :class:`FusedChunkCodec` only),
+    With ``residual`` (flat fp32, ``x``'s size; a :class:`~distcomp.codecs.BlockCodec` only),
     ``x + residual`` is sent and the new worker residual goes to
     ``residual_out`` (default: over ``residual``), all in the encode. ``health``
     of ``None`` is derived from the encoding (a fused codec) or from ``x``.
@@ -374,10 +315,10 @@ def sparse_mean(
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Top-``k`` of flat ``x`` on each rank, gathered and averaged: ``(mean, local_decoded, nonfinite)``."""
     ws = ws if ws is not None else Workspace()
-    n = x.numel()
-    payload = torch.cat([topk_pack(x, k), health.view(torch.int32)])
+    n, codec = x.numel(), TopKCodec(k)
+    payload = torch.cat([codec.encode(x), health.view(torch.int32)])
     gathered = comm.all_gather(payload)
     healths = gathered[:, -1:].contiguous().view(torch.float32)
-    out = topk_scatter_add(ws.zeros("mean", n, torch.float32, x.device), gathered[:, :-1])
-    local = topk_scatter_add(ws.zeros("local", n, torch.float32, x.device), payload[:-1].view(1, -1))
+    out = codec.decode_add(gathered[:, :-1], ws.zeros("mean", n, torch.float32, x.device))
+    local = codec.decode_add(payload[:-1].view(1, -1), ws.zeros("local", n, torch.float32, x.device))
     return out.div_(comm.world_size), local, not bool(torch.isfinite(healths.sum()))

@@ -23,12 +23,15 @@ from __future__ import annotations
 import torch
 
 from distcomp.bucket import Bucket
-from distcomp.numerics import l2_norm
 from distcomp.errors import CheckpointError
+from distcomp.numerics import l2_norm
 
 
 class ErrorFeedback:
     """Per-rank residual memory keyed by parameter name.
+
+    It is the worker-residual store (:class:`~distcomp.exchange.WorkerResiduals`,
+    keyed by :class:`~distcomp.bucket.Bucket`) of the staged two-phase exchange.
 
     Checkpointing: :meth:`state_dict` returns ``{name: residual}`` in fp32 for
     this rank; residuals differ between ranks, so save one file per rank.

@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 
 from distcomp.bucket import Bucket
+from distcomp.codecs import CastCodec
 from distcomp.comm import Comm
 from distcomp.compressor import Compressor, CompressorConfig
 from distcomp.numerics import local_health
@@ -29,12 +30,12 @@ class _Cast(Compressor):
 
     def compress(self, bucket: Bucket, comm: Comm, step: int) -> torch.Tensor:
         buf = bucket.buffer.div_(comm.world_size)
-        wire = buf
+        codec, wire = CastCodec(self.wire_dtype), buf
         if buf.dtype != self.wire_dtype:
-            wire = self.ws.get("wire", buf.numel(), self.wire_dtype, buf.device).copy_(buf)
+            wire = codec.encode(buf, out=self.ws.get("wire", buf.numel(), self.wire_dtype, buf.device))
         comm.all_reduce(wire)
         if wire is not buf:
-            buf.copy_(wire)
+            codec.decode(wire, out=buf)
         comm.record.nonfinite = bool(local_health(buf).isnan())
         return buf
 

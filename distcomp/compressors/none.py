@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from distcomp.bucket import Bucket
-from distcomp.comm import Comm
 from distcomp.collectives import exact_mean
+from distcomp.comm import Comm
 from distcomp.compressor import Compressor, CompressorConfig
 from distcomp.registry import register_compressor
 

@@ -26,10 +26,10 @@ import torch
 from distcomp.bucket import Bucket
 from distcomp.comm import Comm
 from distcomp.compressor import Compressor, CompressorConfig
-from distcomp.validation import require
 from distcomp.error_feedback import ErrorFeedback
 from distcomp.errors import CheckpointError
 from distcomp.registry import register_compressor
+from distcomp.validation import require
 from distcomp.workspace import Workspace
 
 logger = logging.getLogger("distcomp")

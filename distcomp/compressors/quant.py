@@ -14,44 +14,13 @@ from typing import Any, ClassVar
 
 import torch
 
+from distcomp.codecs import IntCodec
 from distcomp.comm import Comm
 from distcomp.compressor import CompressorConfig
-from distcomp.compressors.twophase import BlockCodec, TwoPhaseCompressor
-from distcomp.validation import require
+from distcomp.compressors.twophase import TwoPhaseCompressor
 from distcomp.errors import CheckpointError
-from distcomp.kernels import dequantize_codes, dequantize_codes_add, quantize_codes, quantize_codes_ef
 from distcomp.registry import register_compressor
-
-
-@dataclass(frozen=True)
-class IntCodec(BlockCodec):
-    """Rows of fp32 to ``[codes | fp32 scales]`` byte rows; ``bits`` is 8 or 4 (see :class:`~distcomp.collectives.ChunkCodec`).
-
-    Every method works in place on payload rows: codes and scales are written
-    into, and read from, their columns of the payload, never through a copy.
-    Each encode draws its rounding noise from ``generator`` (round to nearest without one).
-    """
-
-    bits: int
-    block: int
-    generator: torch.Generator | None
-
-    @property
-    def code_bits(self) -> int:  # type: ignore[override]
-        return self.bits
-
-    def _encode_parts(self, grad: torch.Tensor, residual: torch.Tensor | None, residual_out: torch.Tensor | None,
-                      parts: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        if residual is None:
-            return quantize_codes(grad, self.bits, self.block, self.generator, out=parts)[1]
-        return quantize_codes_ef(grad, residual, self.bits, self.block, self.generator, residual_out, out=parts)[1]
-
-    def _decode_parts(self, codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-        return dequantize_codes(codes, scales, self.bits, self.block, out=out)
-
-    def _decode_add_parts(self, codes: torch.Tensor, scales: torch.Tensor, out: torch.Tensor,
-                          alpha: float) -> torch.Tensor:
-        return dequantize_codes_add(codes, scales, self.bits, self.block, out, alpha)
+from distcomp.validation import require
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -71,7 +40,8 @@ class QuantConfig(CompressorConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self.block >= 32 and self.block % 32 == 0, "block", f"must be a positive multiple of 32, got {self.block}")
+        require(self.block >= 32 and self.block % 32 == 0, "block",
+                f"must be a positive multiple of 32, got {self.block}")
 
 
 class _Quant(TwoPhaseCompressor):

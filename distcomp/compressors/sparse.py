@@ -16,15 +16,15 @@ from typing import Any
 import torch
 
 from distcomp.bucket import Bucket
-from distcomp.collectives import sparse_mean
+from distcomp.codecs import RandomKCodec
+from distcomp.collectives import exact_mean, sparse_mean
 from distcomp.comm import Comm
-from distcomp.collectives import exact_mean
 from distcomp.compressor import Compressor, CompressorConfig
-from distcomp.numerics import local_health
-from distcomp.validation import require
 from distcomp.error_feedback import ErrorFeedback
 from distcomp.errors import CheckpointError
+from distcomp.numerics import local_health
 from distcomp.registry import register_compressor
+from distcomp.validation import require
 from distcomp.workspace import Workspace
 
 logger = logging.getLogger("distcomp")
@@ -63,7 +63,13 @@ class _Sparse(Compressor):
         self.ws = Workspace()
 
     def _finish(
-        self, bucket: Bucket, comm: Comm, corrected: torch.Tensor, mean: torch.Tensor, local: torch.Tensor, nonfinite: bool
+        self,
+        bucket: Bucket,
+        comm: Comm,
+        corrected: torch.Tensor,
+        mean: torch.Tensor,
+        local: torch.Tensor,
+        nonfinite: bool,
     ) -> torch.Tensor:
         if nonfinite:
             comm.record.nonfinite = True
@@ -163,15 +169,12 @@ class RandomK(_Sparse):
 
     def compress(self, bucket: Bucket, comm: Comm, step: int) -> torch.Tensor:
         corrected = self.ef.corrected(bucket)
-        n = corrected.numel()
-        # Drawn with replacement (O(k), where a permutation is O(n)); a repeated index
-        # just sends the same value twice, which the decoding below tolerates.
-        idx = torch.randint(n, (self.config.k_for(n),), generator=self.generator).to(corrected.device)
-        values = corrected[idx]
+        n, dev = corrected.numel(), corrected.device
+        codec = RandomKCodec.draw(n, self.config.k_for(n), self.generator, dev)
+        values = codec.encode(corrected)
         summed = comm.all_reduce(torch.cat([values, local_health(corrected)]))
-        local = self.ws.zeros("local", n, torch.float32, corrected.device).index_copy_(0, idx, values)
-        mean = self.ws.zeros("mean", n, torch.float32, corrected.device)
-        mean.index_copy_(0, idx, summed[:-1].div_(comm.world_size))
+        local = codec.decode(values, n, out=self.ws.get("local", n, torch.float32, dev))
+        mean = codec.decode(summed[:-1].div_(comm.world_size), n, out=self.ws.get("mean", n, torch.float32, dev))
         nonfinite = not bool(torch.isfinite(summed[-1]))
         return self._finish(bucket, comm, corrected, mean, local, nonfinite)
 

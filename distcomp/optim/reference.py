@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
+from distcomp.codecs import SignCodec
 from distcomp.collectives import chunk_length
-from distcomp.compressors.sign import SignCodec
 from distcomp.optim import functional as F
 from distcomp.optim.adam import OneBitAdam
 from distcomp.optim.lamb import OneBitLamb

@@ -14,11 +14,10 @@ import torch
 
 import distcomp
 from distcomp import Bucket
+from distcomp.codecs import IntCodec, SignCodec
 from distcomp.collectives import _pieces, chunk_length, compressed_reduce_scatter, sparse_mean, two_phase_mean
 from distcomp.comm import BucketRecord, Comm
 from distcomp.numerics import local_health
-from distcomp.compressors.quant import IntCodec
-from distcomp.compressors.sign import SignCodec
 from distcomp.testing import run_ranks
 
 pytestmark = pytest.mark.slow  # the module's job runs on 2 and 4 ranks
@@ -151,7 +150,9 @@ def _fused_scenario(rank: int, world: int, x: torch.Tensor) -> dict[str, Any]:
             fused = two_phase_mean(Comm(None), _codec(name, rank), xs, server, None, residual=residual.clone(),
                                    residual_out=new, out=dest)
             corrected = xs + residual
-            plain = two_phase_mean(Comm(None), _codec(name, rank), corrected.clone(), prev.clone(), local_health(corrected))
+            plain = two_phase_mean(
+                Comm(None), _codec(name, rank), corrected.clone(), prev.clone(), local_health(corrected)
+            )
             out[f"{name}-n{n}"] = {
                 "x": xs, "residual": residual, "new": new, "out": fused.out.clone(), "out_is_dest": fused.out is dest,
                 "server": fused.server_error.clone(), "server_in_place": fused.server_error is server,
@@ -335,7 +336,9 @@ def test_two_phase_compressor_byte_accounting(job) -> None:
         assert rec["dense_bytes"] / rec["sent_bytes"] > 5  # 1 bit + scales against 32-bit all-reduce
 
 
-@pytest.mark.parametrize("n,world,align", [(1001, 2, 32), (1001, 4, 64), (70, 4, 32), (64, 2, 32), (5, 4, 32), (1, 1, 32)])
+@pytest.mark.parametrize(
+    "n,world,align", [(1001, 2, 32), (1001, 4, 64), (70, 4, 32), (64, 2, 32), (5, 4, 32), (1, 1, 32)]
+)
 def test_pieces_tile_the_rows_and_copy_only_the_last_block(n: int, world: int, align: int) -> None:
     c = chunk_length(n, world, align)
     covered = torch.zeros(world, c, dtype=torch.int32)

@@ -1,19 +1,20 @@
-"""The chunk codecs of the two-phase schedule: ``SignCodec`` and ``IntCodec``.
+"""The payload formats of :mod:`distcomp.codecs`, against the plain-torch math they stand for.
 
-A codec turns fp32 rows into fixed-size byte rows; the collectives append a
-4-byte health word to each row and view it as fp32, so every payload size must
-be a multiple of 4, and encoding must work into a strided slice of a bigger buffer.
+A block codec (``SignCodec``, ``IntCodec``) turns fp32 rows into fixed-size byte
+rows; the collectives append a 4-byte health word to each row and view it as
+fp32, so every payload size must be a multiple of 4, and encoding must work into
+a strided slice of a bigger buffer. The sparse and cast codecs are checked at
+the end.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
 
-from distcomp.compressors.quant import IntCodec
-from distcomp.compressors.sign import SignCodec
+from distcomp.codecs import CastCodec, IntCodec, RandomKCodec, SignCodec, TopKCodec, is_fused
 
 QMAX = {8: 127, 4: 7}
 
@@ -199,3 +200,85 @@ def test_encode_health_reports_nonfinite_input(name: str, bad: float, gen: torch
     buf = torch.empty(2, codec.payload_bytes(x.shape[1]), dtype=torch.uint8)
     assert not bool(torch.isfinite(codec.encode_ef(x, None, None, buf)).all())
     assert not bool(torch.isfinite(codec.encode_ef(x, torch.zeros_like(x), torch.empty_like(x), buf)).all())
+
+
+@pytest.mark.parametrize("name", [n for n in CODECS if "stochastic" not in n])
+def test_encode_ef_is_the_encode_of_the_corrected_rows(name: str, gen: torch.Generator) -> None:
+    """Fused: the payload of ``grad + residual``, and the new residual is ``grad + residual - decoded``, bit for bit."""
+    codec = CODECS[name]()
+    grad = torch.randn(3, 2 * codec.block, generator=gen)
+    residual = torch.randn(grad.shape, generator=gen) * 0.1
+    corrected = grad + residual
+    plain = _encode_strided(codec, corrected)
+    nbytes = codec.payload_bytes(grad.shape[1])
+    fused, new = torch.empty(3, nbytes, dtype=torch.uint8), torch.empty_like(grad)
+    codec.encode_ef(grad, residual, new, fused)
+    assert torch.equal(fused, plain)
+    assert torch.equal(new, corrected - codec.decode(plain, grad.shape[1]))
+    in_place = residual.clone()
+    codec.encode_ef(grad, in_place, None, fused)  # no residual_out: the new residual goes over the old
+    assert torch.equal(in_place, new)
+
+
+def test_block_codecs_are_fused_and_others_are_not() -> None:
+    assert all(is_fused(make()) for make in CODECS.values())
+    assert not any(is_fused(c) for c in (TopKCodec(3), CastCodec(torch.float16)))
+
+
+# -- sparse and cast codecs ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n,k", [(50, 1), (50, 7), (5, 5)], ids=["k1", "k7", "k-all"])
+def test_topk_codec_round_trip(n: int, k: int, gen: torch.Generator) -> None:
+    codec = TopKCodec(k)
+    x = torch.randn(n, generator=gen)
+    payload = codec.encode(x)
+    assert payload.dtype == torch.int32 and payload.shape == (codec.payload_numel(),)
+    idx = x.abs().topk(k).indices
+    want = torch.zeros(n).index_copy_(0, idx, x[idx])
+    assert torch.equal(codec.decode(payload, n), want)
+    out = torch.full((n,), float("nan"))
+    assert codec.decode(payload, n, out=out) is out and torch.equal(out, want)
+
+
+def test_topk_codec_decode_add_sums_every_row(gen: torch.Generator) -> None:
+    codec, n = TopKCodec(4), 30
+    xs = [torch.randn(n, generator=gen) for _ in range(3)]
+    rows = torch.stack([codec.encode(x) for x in xs])
+    start = torch.randn(n, generator=gen)
+    want = start + sum(codec.decode(r, n) for r in rows)
+    torch.testing.assert_close(codec.decode_add(rows, start.clone()), want, rtol=0, atol=1e-6)
+
+
+def test_randomk_codec_round_trip_with_repeated_indices(gen: torch.Generator) -> None:
+    n = 20
+    codec = RandomKCodec(torch.tensor([3, 7, 3, 0]))
+    x = torch.randn(n, generator=gen)
+    payload = codec.encode(x)
+    assert torch.equal(payload, x[[3, 7, 3, 0]])
+    want = torch.zeros(n)
+    want[[0, 3, 7]] = x[[0, 3, 7]]
+    assert torch.equal(codec.decode(payload, n), want)  # a repeat is written, not added, twice
+    start = torch.randn(n, generator=gen)
+    summed = codec.decode_add(payload, start.clone(), alpha=0.5)
+    assert torch.equal(summed, start + 0.5 * want)
+
+
+def test_randomk_codec_draws_alike_from_alike_generators() -> None:
+    a = RandomKCodec.draw(1000, 10, torch.Generator().manual_seed(4), torch.device("cpu"))
+    b = RandomKCodec.draw(1000, 10, torch.Generator().manual_seed(4), torch.device("cpu"))
+    assert torch.equal(a.indices, b.indices)
+    assert a.indices.dtype == torch.int64 and bool((a.indices < 1000).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_cast_codec_round_trip(dtype: torch.dtype, gen: torch.Generator) -> None:
+    codec = CastCodec(dtype)
+    x = torch.randn(33, generator=gen)
+    payload = codec.encode(x)
+    assert payload.dtype == dtype and torch.equal(payload, x.to(dtype))
+    wire = torch.empty(33, dtype=dtype)
+    assert codec.encode(x, out=wire) is wire and torch.equal(wire, payload)
+    assert torch.equal(codec.decode(payload, out=torch.empty(33)), payload.float())
+    start = torch.randn(33, generator=gen)
+    assert torch.equal(codec.decode_add(payload, start.clone(), alpha=0.5), start + 0.5 * payload.float())
