@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import yaml
@@ -12,6 +12,7 @@ import yaml
 import distcomp
 from distcomp import ConfigError
 from distcomp.config import config_digest
+from distcomp.schema import build
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 BUILT_IN = ["bf16", "fp16", "int4", "int8", "none", "powersgd", "randomk", "sign", "topk"]
@@ -148,6 +149,92 @@ def test_good_values_build_a_frozen_config() -> None:
     assert cfg.k_for(3) == 3 and cfg.k_for(100) == 5
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.k = 6
+
+
+# -- the one builder (distcomp.schema.build) ------------------------------------------
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class _Inner:
+    size: int = 1
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ConfigError(f"config key 'size': must be >= 1, got {self.size}")
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class _Outer:
+    name: str
+    mode: Literal["a", "b"] = "a"
+    limit: int | None = None
+    pair: tuple[float, float] = (0.0, 1.0)
+    names: tuple[str, ...] = ()
+    inner: _Inner = dataclasses.field(default_factory=lambda: _Inner(size=4))
+    extra: _Inner | None = None
+
+
+def test_builder_converts_what_yaml_gives() -> None:
+    cfg = build(_Outer, {"name": "x", "pair": [1, "2e-1"], "names": ["p", "q"], "inner": {"scale": 3}, "extra": {}})
+    assert cfg == _Outer(name="x", pair=(1.0, 0.2), names=("p", "q"), inner=_Inner(size=4, scale=3.0), extra=_Inner())
+    assert type(cfg.pair[0]) is float and type(cfg.inner.scale) is float
+    assert build(_Outer, {"name": "x", "limit": None, "extra": None}) == _Outer(name="x")
+
+
+@pytest.mark.parametrize(
+    "values,message",
+    [
+        ({"name": "x", "mode": "c"}, "config key 'mode': must be one of 'a', 'b', got 'c'"),
+        ({"name": "x", "limit": "3"}, "config key 'limit': must be an integer or null, got '3'"),
+        ({"name": "x", "pair": [1.0]}, "config key 'pair': must be a list of 2 values, got [1.0]"),
+        ({"name": "x", "pair": [1.0, "0.5"]}, "config key 'pair[1]': must be a number, got '0.5'"),
+        ({"name": "x", "pair": [float("nan"), 1.0]}, "config key 'pair[0]': must be a finite number, got nan"),
+        ({"name": "x", "names": "pq"}, "config key 'names': must be a list, got 'pq'"),
+        ({"name": "x\0"}, "config key 'name': must not contain a NUL byte"),
+        ({"name": True}, "config key 'name': must be a string, got True"),
+        ({"name": "x", "inner": 3}, "config key 'inner': must be a mapping (a section), got 3"),
+        (
+            {"name": "x", "inner": {"sise": 2}},
+            "unknown key 'inner.sise' in section 'inner' (did you mean 'size'?); allowed keys: scale, size",
+        ),
+        ({"name": "x", "inner": {"size": False}}, "config key 'inner.size': must be an integer, got False"),
+        ({"name": "x", "inner": {"size": 0}}, "in section 'inner': config key 'size': must be >= 1, got 0"),
+        ({"nmae": "x"}, "unknown key 'nmae' at the top level (did you mean 'name'?); allowed keys: extra, inner"),
+        ({}, "config key 'name' is required; add it"),
+        ([("name", "x")], "expected a mapping of keys to values"),
+    ],
+    ids=[
+        "literal",
+        "optional",
+        "tuple-length",
+        "float-string",
+        "nan-element",
+        "variadic",
+        "nul",
+        "str",
+        "section",
+        "section-key",
+        "section-type",
+        "section-post-init",
+        "top-key",
+        "required",
+        "not-a-mapping",
+    ],
+)
+def test_builder_names_the_dotted_key_and_what_is_accepted(values: Any, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build(_Outer, values)
+    assert message in str(info.value)
+
+
+def test_exponent_numbers_that_pyyaml_reads_as_strings_are_floats() -> None:
+    assert yaml.safe_load("ratio: 1e-2") == {"ratio": "1e-2"}  # the reason for the rule
+    assert distcomp.build_config("topk", {"ratio": "1e-2"}).ratio == 0.01
+    assert distcomp.build_config("powersgd", {"epsilon": "+1.5E+3"}).epsilon == 1500.0
+    for text in ("0.1", "1e", "e-3", "nan", "inf", "1e-3x"):
+        with pytest.raises(ConfigError, match="must be a number"):
+            distcomp.build_config("topk", {"ratio": text})
 
 
 # -- config_to_dict / config_from_dict ------------------------------------------------

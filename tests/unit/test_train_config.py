@@ -25,7 +25,7 @@ from distcomp.train.config import (
     load_train_config,
 )
 from distcomp.train.data import ShardedBatches, load_corpus, read_text, val_batches
-from distcomp.train.optim import build_optimizer, lr_at
+from distcomp.train.optim import build_optimizer, first_compressed_step, lr_at
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -282,6 +282,36 @@ def test_a_compressed_optimizer_may_set_its_own_peak_lr() -> None:
     opt = build_optimizer(torch.nn.Linear(2, 2), cfg.optimizer, "onebit_lamb")
     assert all(g["lr"] == 2e-2 for g in opt.param_groups)
     assert lr_at(cfg.optimizer, 0, 10, peak=2e-2) == 1e-2 and lr_at(cfg.optimizer, 0, 10) == 1e-3
+
+
+def test_compressed_optimizer_sections_are_typed_configs_over_the_shared_keys() -> None:
+    raw = {
+        "version": 1,
+        "optimizer": {
+            "lr": 3e-3,
+            "betas": [0.8, 0.9],
+            "weight_decay": 0.1,
+            "onebit_adam": {"freeze_step": 5, "eps": 1e-6},
+            "onebit_lamb": {"lr": 2e-2, "weight_decay": 0.0},
+        },
+    }
+    opt = config_from_raw(raw).optimizer
+    assert isinstance(opt.onebit_adam, distcomp.optim.OneBitAdam.Config) and opt.zero_one_adam is None
+    adam, lamb = opt.compressed_config("onebit_adam"), opt.compressed_config("onebit_lamb")
+    assert (adam.lr, adam.betas, adam.eps, adam.weight_decay, adam.freeze_step) == (3e-3, (0.8, 0.9), 1e-6, 0.1, 5)
+    assert (lamb.lr, lamb.betas, lamb.weight_decay) == (2e-2, (0.8, 0.9), 0.0)
+    zero_one = opt.compressed_config("zero_one_adam")  # no section: the optimizer's defaults with the shared keys
+    assert zero_one == distcomp.optim.ZeroOneAdam.Config(lr=3e-3, betas=(0.8, 0.9), weight_decay=0.1)
+    assert first_compressed_step(opt, "onebit_adam") == 5 and first_compressed_step(opt, "zero_one_adam") == 0
+    assert first_compressed_step(opt, "adamw") == 0
+    cfg = config_from_raw(raw)
+    assert config_from_raw(config_to_raw(cfg)) == cfg
+
+
+def test_a_bad_shared_key_is_named_in_its_own_section_not_in_the_optimizers() -> None:
+    with pytest.raises(ConfigError) as err:
+        config_from_raw({"version": 1, "optimizer": {"lr": -1, "onebit_adam": {"freeze_step": 5}}})
+    assert "in section 'optimizer': config key 'lr': must be > 0" in str(err.value)
 
 
 def test_compare_mixes_compressors_and_compressed_optimizers() -> None:
