@@ -37,8 +37,9 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from threading import Event
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, TextIO
 
 import torch.distributed as dist
 
