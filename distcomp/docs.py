@@ -86,12 +86,15 @@ def optimizer_reference() -> str:
     """One section per compressed optimizer (its keyword arguments, DeepSpeed's names)."""
     from distcomp.train.config import COMPRESSED_OPTIMIZERS
 
-    parts = ["Keyword arguments of the optimizers, which are also the keys of their sections in a training "
-             "config (`optimizer.onebit_adam:` ...). There, `lr`, `betas`, `eps` and `weight_decay` default to "
-             "the `optimizer:` section's values."]
+    parts = [
+        "Keyword arguments of the optimizers, which are also the keys of their sections in a training "
+        "config (`optimizer.onebit_adam:` ...). There, `lr`, `betas`, `eps` and `weight_decay` default to "
+        "the `optimizer:` section's values."
+    ]
     for name, cls in COMPRESSED_OPTIMIZERS.items():
-        parts.append(f"#### `distcomp.optim.{cls.__name__}` (`optimizer.name: {name}`)\n\n{summary(cls)}\n\n"
-                     f"{table(cls.Config)}")
+        parts.append(
+            f"#### `distcomp.optim.{cls.__name__}` (`optimizer.name: {name}`)\n\n{summary(cls)}\n\n{table(cls.Config)}"
+        )
     return "\n\n".join(parts)
 
 
@@ -114,8 +117,15 @@ def train_reference() -> str:
 
 def reference() -> str:
     """The whole configuration reference, as embedded in docs/config.md."""
-    return ("### Training config\n\n" + train_reference() + "\n\n### Compressors\n\n" + compression_reference()
-            + "\n\n### Compressed optimizers\n\n" + optimizer_reference() + "\n")
+    return (
+        "### Training config\n\n"
+        + train_reference()
+        + "\n\n### Compressors\n\n"
+        + compression_reference()
+        + "\n\n### Compressed optimizers\n\n"
+        + optimizer_reference()
+        + "\n"
+    )
 
 
 CONFIG_PAGE = Path(__file__).resolve().parents[1] / "docs" / "config.md"
