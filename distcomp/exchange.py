@@ -93,6 +93,8 @@ class TwoPhaseExchange(Generic[K]):
     side. ``staged``: new server residuals go to a second buffer and become
     current at :meth:`end_step` (the worker store stages its own); otherwise the
     server residual is updated in place once the step is known finite.
+    ``server``: the dict to keep the server residuals in (a caller's that its
+    own checkpoint code reads; the exchange only ever updates it in place).
 
     Checkpointing: :meth:`state_dict` holds the server residuals by server key
     and the world size they were made for; the worker residuals are the caller's
@@ -106,12 +108,13 @@ class TwoPhaseExchange(Generic[K]):
         worker: WorkerResiduals[K] | None = None,
         *,
         staged: bool = True,
+        server: dict[Any, torch.Tensor] | None = None,
     ) -> None:
         self.owner = owner
         self.server_key = server_key
         self.worker = worker
         self.staged = staged
-        self.server: dict[Hashable, torch.Tensor] = {}
+        self.server: dict[Any, torch.Tensor] = server if server is not None else {}
         """The current server residuals by server key (fp32, one chunk each)."""
         self.world_size: int | None = None
         """The world the server residuals were made for (set by the first exchange)."""
@@ -144,26 +147,15 @@ class TwoPhaseExchange(Generic[K]):
         chunk = chunk_length(x.numel(), comm.world_size, codec.align)
         server = self._server_error(skey, chunk, x.device)
         server_out = self._server_out(skey, chunk, x.device) if self.staged else None
-        residual, residual_out = self.worker.residual(key), self.worker.next_residual(key)
-        fused = residual_out is not None
+        residual, ef_out = self.worker.residual(key), self.worker.next_residual(key)
+        fused = ef_out is not None
         if not fused:
             x.add_(residual)
-        res = _record(
-            comm,
-            two_phase_mean(
-                comm,
-                codec,
-                x,
-                server,
-                health,
-                self.ws,
-                residual=residual if fused else None,
-                residual_out=residual_out,
-                server_out=server_out,
-                out=out,
-            ),
+        ef_in = residual if fused else None
+        res = two_phase_mean(
+            comm, codec, x, server, health, self.ws, residual=ef_in, residual_out=ef_out, server_out=server_out, out=out
         )
-        if res.nonfinite:
+        if _record(comm, res).nonfinite:
             if server_out is not None:
                 self._spare[skey] = server_out
             return res
@@ -240,9 +232,15 @@ class TwoPhaseExchange(Generic[K]):
         if missing:
             raise CheckpointError(f"{self.owner} state is missing {sorted(missing)}: not a {self.owner} checkpoint")
         self.world_size = None if state["world_size"] < 0 else int(state["world_size"])
-        self.server = {k: v.detach().to(torch.float32, copy=True) for k, v in state["server"].items()}
+        self.server.clear()
+        self.server.update({k: v.detach().to(torch.float32, copy=True) for k, v in state["server"].items()})
         self._next.clear()
         self._spare.clear()
+
+    def zero_(self) -> None:
+        """Zero every server residual in place (the worker residuals are the caller's to reset)."""
+        for residual in self.server.values():
+            residual.zero_()
 
 
 def _record(comm: Comm, res: TwoPhaseResult) -> TwoPhaseResult:

@@ -18,11 +18,10 @@ import torch
 import torch.distributed as dist
 
 from distcomp.agreement import check_agreement
-from distcomp.collectives import chunk_length, two_phase_mean
+from distcomp.codecs import SignCodec
 from distcomp.comm import BucketRecord, Comm
-from distcomp.compressors.sign import SignCodec
-from distcomp.errors import CheckpointError
-from distcomp.numerics import l2_norm, local_health
+from distcomp.exchange import ImmediateResiduals, TwoPhaseExchange
+from distcomp.numerics import local_health
 from distcomp.optim.layout import FlatLayout
 from distcomp.optim.state import FlatState
 from distcomp.telemetry import Telemetry
@@ -64,8 +63,12 @@ class GradientComm:
         self._world: int | None = None
         self._rank = 0
         self._codec = SignCodec(block)
+        # Worker errors live in the optimizer's state (viewed per parameter), server errors in
+        # ``state.server`` by bucket index; both are renewed as soon as a step is known finite.
+        self._exchange = TwoPhaseExchange(
+            self.algorithm, _bucket_index, ImmediateResiduals(self._worker_error), staged=False, server=state.server
+        )
         self._grads_ws = Workspace()
-        self._comm_ws = Workspace()
         self.ddp: OptimizerHookState | None = None
         """The DDP hook that communicates the gradients during backward, once ``register`` attached one."""
 
@@ -172,22 +175,7 @@ class GradientComm:
         start = time.perf_counter()
         comm = self._bucket(layout.index, layout.numel)
         comm.record.compressed = True
-        werr = self._state.buffer(layout, "worker_error")
-        x.add_(werr)
-        chunk = chunk_length(layout.numel, self.world, self._codec.align)
-        server = self._state.server.get(layout.index)
-        if server is None:
-            server = self._state.server[layout.index] = torch.zeros(chunk, dtype=torch.float32, device=layout.device)
-        elif server.numel() != chunk:
-            raise CheckpointError(f"{self.algorithm}: the server error of bucket {layout.index} has {server.numel()} "
-                                  f"values but this world size needs {chunk}")
-        res = two_phase_mean(comm, self._codec, x, server, health, self._comm_ws)
-        if res.nonfinite:
-            comm.record.nonfinite = True
-        else:
-            torch.sub(x, res.local_decoded, out=werr)
-            self._state.server[layout.index] = res.server_error
-            comm.record.residual_norm = l2_norm(werr)
+        res = self._exchange.reduce(comm, self._codec, x, layout, health=health)
         comm.record.total_s = time.perf_counter() - start
         self.record(comm.record)
         return None if res.nonfinite else res.out
@@ -198,11 +186,18 @@ class GradientComm:
             werr = self._state.existing(layout, "worker_error")
             if werr is not None:
                 werr.zero_()
-            if layout.index in self._state.server:
-                self._state.server[layout.index].zero_()
+        self._exchange.zero_()
+
+    def _worker_error(self, layout: FlatLayout) -> torch.Tensor:
+        return self._state.buffer(layout, "worker_error")
 
     def _bucket(self, index: int, numel: int) -> Comm:
         return Comm(self.group, BucketRecord(index=index, numel=numel))
+
+
+def _bucket_index(layout: FlatLayout) -> int:
+    """A bucket's server error is kept by its index (its place in the checkpoint's ``buckets``)."""
+    return layout.index
 
 
 def _finite(health: torch.Tensor) -> bool:

@@ -150,7 +150,8 @@ class FlatState:
         ``state``; with ``reset_errors`` the error keys and server errors are
         left out, so they start again from zero.
         """
-        self._layouts, self._flats, self.server, self.scalars = None, {}, {}, {}
+        self._layouts, self._flats, self.scalars = None, {}, {}
+        self.server.clear()  # in place: the optimizer's exchange keeps its server errors in this dict
         layouts = self.layouts
         ids = [list(b["params"]) for b in section["buckets"]]
         if ids != [list(layout.ids) for layout in layouts]:

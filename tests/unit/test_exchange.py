@@ -199,3 +199,16 @@ def test_state_of_another_world_size_raises(pg1: None, gen: torch.Generator) -> 
 def test_load_of_a_partial_state_raises() -> None:
     with pytest.raises(CheckpointError, match=r"missing \['world_size'\]"):
         _staged()[0].load_state_dict({"server": {}})
+
+
+def test_a_callers_server_dict_is_only_ever_updated_in_place(pg1: None, gen: torch.Generator) -> None:
+    """The optimizers' checkpoint code reads the server errors from its own dict: the exchange never replaces it."""
+    servers: dict[int, torch.Tensor] = {}
+    werr = torch.zeros(40)
+    exchange = TwoPhaseExchange("test", lambda i: i, ImmediateResiduals(lambda i: werr), staged=False, server=servers)
+    exchange.reduce(_comm(40), CODEC, torch.randn(40, generator=gen), 0)
+    assert set(servers) == {0} and bool(servers[0].abs().sum() > 0)
+    exchange.load_state_dict(_round_trip(exchange.state_dict()))
+    assert exchange.server is servers and set(servers) == {0}
+    exchange.zero_()
+    assert torch.equal(servers[0], torch.zeros_like(servers[0]))
