@@ -1,6 +1,6 @@
 """distcomp: compress what data-parallel PyTorch ranks send each other.
 
-    state = distcomp.register(ddp_model, "powersgd", rank=4)
+state = distcomp.register(ddp_model, "powersgd", rank=4)
 """
 
 from distcomp import compressors as _compressors  # noqa: F401 - registers the built-in compressors

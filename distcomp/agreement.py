@@ -14,7 +14,9 @@ import torch.distributed as dist
 from distcomp.errors import RankMismatchError
 
 
-def check_agreement(settings: dict[str, Any], group: dist.ProcessGroup | None = None, what: str = "compression config") -> None:
+def check_agreement(
+    settings: dict[str, Any], group: dist.ProcessGroup | None = None, what: str = "compression config"
+) -> None:
     """All-gather ``settings`` (plain values) and raise :class:`RankMismatchError` on every rank if they differ."""
     gathered: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, settings, group=group)

@@ -29,30 +29,50 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distcomp", description="Compressed data-parallel training for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = sub.add_parser("train", help="train a byte-level GPT with compression and print what it bought",
-                           description="Train on local ranks (or join torchrun's job) and print a summary table.")
+    train = sub.add_parser(
+        "train",
+        help="train a byte-level GPT with compression and print what it bought",
+        description="Train on local ranks (or join torchrun's job) and print a summary table.",
+    )
     train.add_argument("config", help="a YAML train config, e.g. configs/quickstart.yaml")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config field (repeatable): --set compression.rank=8 --set steps=200. "
-                            "Setting compression.compressor drops the file's options for the old compressor.")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field (repeatable): --set compression.rank=8 --set steps=200. "
+        "Setting compression.compressor drops the file's options for the old compressor.",
+    )
     start = train.add_mutually_exclusive_group()
-    start.add_argument("--resume", metavar="PATH",
-                       help="continue from a checkpoint directory (or the newest one in a checkpoints folder); "
-                            "'auto': from this run's newest checkpoint if it has one, else from the start "
-                            "(what a restarted job wants: distcomp launch --max-restarts); a folder or 'auto' "
-                            "skips damaged checkpoints with a warning")
-    start.add_argument("--overwrite", action="store_true",
-                       help="start over even though the run's folder holds an earlier run's checkpoints: its files "
-                            "are moved to <log.dir>/<name>/previous/<time>/, nothing is deleted")
-    train.add_argument("--device", choices=("auto", "cpu", "cuda"),
-                       help="where ranks run (default: the config's dist.device, auto = CUDA when available)")
+    start.add_argument(
+        "--resume",
+        metavar="PATH",
+        help="continue from a checkpoint directory (or the newest one in a checkpoints folder); "
+        "'auto': from this run's newest checkpoint if it has one, else from the start "
+        "(what a restarted job wants: distcomp launch --max-restarts); a folder or 'auto' "
+        "skips damaged checkpoints with a warning",
+    )
+    start.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over even though the run's folder holds an earlier run's checkpoints: its files "
+        "are moved to <log.dir>/<name>/previous/<time>/, nothing is deleted",
+    )
+    train.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        help="where ranks run (default: the config's dist.device, auto = CUDA when available)",
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bar; log lines every log.every steps")
     train.set_defaults(func=_train)
 
-    launch = sub.add_parser("launch", help="start a script (or distcomp train) on many nodes: torchrun, "
-                                           "hostfile over ssh/pdsh, mpirun, SLURM",
-                            description="Start one torch elastic agent per node (or MPI ranks) running SCRIPT. "
-                                        "Example: distcomp launch --hostfile hosts -- distcomp train CONFIG")
+    launch = sub.add_parser(
+        "launch",
+        help="start a script (or distcomp train) on many nodes: torchrun, hostfile over ssh/pdsh, mpirun, SLURM",
+        description="Start one torch elastic agent per node (or MPI ranks) running SCRIPT. "
+        "Example: distcomp launch --hostfile hosts -- distcomp train CONFIG",
+    )
     launch_cli.add_arguments(launch)
     launch.set_defaults(func=launch_cli.run)
 

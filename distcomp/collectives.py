@@ -140,8 +140,11 @@ def _encode_pieces(
             continue
         target = residual_out if residual_out is not None else residual
         scratch = ws.get("pad_res_out", grad.numel(), torch.float32, x.device).view(p.shape) if p.padded else None
-        new = scratch if scratch is not None else (
-            None if residual_out is None else residual_out[p.src : p.src + p.size].view(p.shape))
+        new = (
+            scratch
+            if scratch is not None
+            else (None if residual_out is None else residual_out[p.src : p.src + p.size].view(p.shape))
+        )
         health = health + codec.encode_ef(grad, _piece_of(residual, p, ws, "pad_res"), new, body[p.rows], c, p.start)
         if scratch is not None:  # the copied piece's new residual goes back to its place (the padding's is dropped)
             target[p.src : p.src + p.size].copy_(scratch.view(-1)[: p.size])
@@ -238,6 +241,7 @@ def _reduce_scatter(
 
         def local() -> torch.Tensor:
             return codec.decode(body, c, out=ws.get("local", w * c, torch.float32, dev)).view(-1)[:n]
+
     _with_health(payload, nbytes, derived if health is None else health)
     received, healths = _split_health(comm.all_to_all(payload))
     return _mean_of_rows(codec, received, c, ws), local, healths.sum().reshape(1)

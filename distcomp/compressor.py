@@ -18,8 +18,8 @@ import torch
 from distcomp.bucket import Bucket
 from distcomp.collectives import exact_mean
 from distcomp.comm import Comm
-from distcomp.validation import require
 from distcomp.errors import CheckpointError
+from distcomp.validation import require
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -83,10 +83,10 @@ class Compressor(abc.ABC):
             self.end_step(keep)
         self._step_open = self._step_nonfinite = False
 
-    def begin_step(self) -> None:
+    def begin_step(self) -> None:  # noqa: B027 - optional hook: stateless compressors keep nothing
         """Called before the first compressed bucket of a step: remember what a dropped step restores (RNG states)."""
 
-    def end_step(self, keep: bool) -> None:
+    def end_step(self, keep: bool) -> None:  # noqa: B027 - optional hook, as begin_step
         """Make the state this step's buckets staged current (``keep``), or drop it and restore what
         :meth:`begin_step` remembered, so that a skipped step leaves no trace."""
 

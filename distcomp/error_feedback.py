@@ -155,6 +155,5 @@ def _split(
 ) -> dict[str, torch.Tensor]:
     """Cut a flat residual back into per-name tensors (copies)."""
     return {
-        name: flat[off : off + shape.numel()].view(shape).clone()
-        for name, shape, off in zip(names, shapes, offsets)
+        name: flat[off : off + shape.numel()].view(shape).clone() for name, shape, off in zip(names, shapes, offsets)
     }

@@ -1,4 +1,4 @@
-"""Numerics every layer shares: the health word that carries non-finite inputs, and an L2 norm that does not overflow."""
+"""Numerics every layer shares: the health word that carries non-finite inputs, an L2 norm that cannot overflow."""
 
 from __future__ import annotations
 

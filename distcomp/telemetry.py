@@ -137,8 +137,13 @@ class Telemetry:
         if self.log_every and self.steps % self.log_every == 0:
             logger.info(
                 "step %d: sent %.3f MB (dense %.3f MB, ratio %.1fx), comm %.1f ms, codec %.1f ms, residual %.3g",
-                cur.step, cur.sent_bytes / 1e6, cur.dense_bytes / 1e6, cur.ratio,
-                cur.comm_s * 1e3, cur.codec_s * 1e3, cur.residual_norm,
+                cur.step,
+                cur.sent_bytes / 1e6,
+                cur.dense_bytes / 1e6,
+                cur.ratio,
+                cur.comm_s * 1e3,
+                cur.codec_s * 1e3,
+                cur.residual_norm,
             )
         return cur
 

@@ -22,7 +22,8 @@ import queue
 import tempfile
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class RankFailed(RuntimeError):
@@ -30,8 +31,14 @@ class RankFailed(RuntimeError):
 
 
 def _entry(
-    fn: Callable[..., Any], rank: int, world_size: int, store: str, coll_timeout: float, args: tuple,
-    results: Any, allow_exit: bool,
+    fn: Callable[..., Any],
+    rank: int,
+    world_size: int,
+    store: str,
+    coll_timeout: float,
+    args: tuple,
+    results: Any,
+    allow_exit: bool,
 ) -> None:
     import torch
     import torch.distributed as dist
@@ -81,7 +88,11 @@ def run_ranks(
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
         procs = [
-            ctx.Process(target=_entry, args=(fn, r, world_size, store, collective_timeout, args, results, allow_exit), daemon=True)
+            ctx.Process(
+                target=_entry,
+                args=(fn, r, world_size, store, collective_timeout, args, results, allow_exit),
+                daemon=True,
+            )
             for r in range(world_size)
         ]
         for p in procs:
@@ -113,7 +124,9 @@ def _collect(procs: list, results: Any, world_size: int, timeout: float, allow_e
                 if not results.empty():
                     continue
                 if not allow_exit:
-                    raise RankFailed(f"ranks {dead} died (exit codes {[procs[i].exitcode for i in dead]})" + _fmt(errors))
+                    raise RankFailed(
+                        f"ranks {dead} died (exit codes {[procs[i].exitcode for i in dead]})" + _fmt(errors)
+                    ) from None
                 got.update(dict.fromkeys(dead))
             continue
         (got if status == "ok" else errors)[rank] = payload

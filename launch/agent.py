@@ -77,8 +77,9 @@ class BoundTCPStore(dist.TCPStore):
         if is_master and kwargs.get("master_listen_fd") is None:
             sock = bound_listener(host_name, port)
             if sock is None:
-                logger.info("%s is a name or not an address of this machine: the store listens on every "
-                            "interface", host_name)
+                logger.info(
+                    "%s is a name or not an address of this machine: the store listens on every interface", host_name
+                )
             else:
                 self._listener = sock  # the server uses this descriptor: it must live as long as the store
                 port = sock.getsockname()[1]
@@ -87,8 +88,14 @@ class BoundTCPStore(dist.TCPStore):
         super().__init__(host_name, port, *args, is_master=is_master, **kwargs)
 
 
-def tail_whole_lines(header: str, file: str, dst: TextIO, finished: Event, interval_sec: float,
-                     log_line_filter: Callable[[str], bool] | None = None) -> None:
+def tail_whole_lines(
+    header: str,
+    file: str,
+    dst: TextIO,
+    finished: Event,
+    interval_sec: float,
+    log_line_filter: Callable[[str], bool] | None = None,
+) -> None:
     """torch's ``tail_logfile``, except that a line is written only once its newline is there."""
     while not os.path.exists(file):
         if finished.is_set():
@@ -116,8 +123,11 @@ def _fresh_store_each_round(handler_cls: type) -> bool:
     original = getattr(handler_cls, "next_rendezvous", None)
     code = getattr(handler_cls.__init__, "__code__", None)
     # The two attributes torch caches the worker store in: reset, the round builds a new store as the first does.
-    if original is None or code is None or not {"_shared_tcp_store_server", "_bootstrap_store_info"} <= set(
-            code.co_names):
+    if (
+        original is None
+        or code is None
+        or not {"_shared_tcp_store_server", "_bootstrap_store_info"} <= set(code.co_names)
+    ):
         return False
 
     def next_rendezvous(self: Any) -> Any:
@@ -141,8 +151,11 @@ def patch_torch() -> None:
     if not _fresh_store_each_round(dynamic_rendezvous.DynamicRendezvousHandler):
         logger.warning("torch's rendezvous handler changed: restarted workers get a store of their own")
         os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    replacements = ((dist, "TCPStore", BoundTCPStore), (c10d_rendezvous_backend, "TCPStore", BoundTCPStore),
-                    (tail_log, "tail_logfile", tail_whole_lines))
+    replacements = (
+        (dist, "TCPStore", BoundTCPStore),
+        (c10d_rendezvous_backend, "TCPStore", BoundTCPStore),
+        (tail_log, "tail_logfile", tail_whole_lines),
+    )
     for module, name, replacement in replacements:
         if hasattr(module, name):
             setattr(module, name, replacement)

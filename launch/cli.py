@@ -1,9 +1,9 @@
 """``distcomp launch``: its options, and the choice of launcher mode from them and the environment.
 
-    distcomp launch --nproc-per-node 2 train.py --lr 0.1                  # one node: torchrun here
-    distcomp launch --hostfile hosts -- distcomp train configs/quickstart.yaml   # one agent per host over ssh/pdsh
-    distcomp launch --launcher mpich --hostfile hosts train.py            # mpiexec starts the ranks
-    srun --nodes=$SLURM_NNODES --ntasks=$SLURM_NNODES distcomp launch train.py   # SLURM: one agent per node
+distcomp launch --nproc-per-node 2 train.py --lr 0.1                  # one node: torchrun here
+distcomp launch --hostfile hosts -- distcomp train configs/quickstart.yaml   # one agent per host over ssh/pdsh
+distcomp launch --launcher mpich --hostfile hosts train.py            # mpiexec starts the ranks
+srun --nodes=$SLURM_NNODES --ntasks=$SLURM_NNODES distcomp launch train.py   # SLURM: one agent per node
 """
 
 from __future__ import annotations
@@ -38,14 +38,23 @@ DRY_RUN_PORT = 29500
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``distcomp launch`` (also ``python -m distcomp.launch``)."""
     where = parser.add_argument_group("where ranks run")
-    where.add_argument("--nproc-per-node", type=int, metavar="N", help="ranks per node (default: the hostfile's "
-                       "slots; 1 on a single node; under SLURM its GPUs or --ntasks-per-node)")
+    where.add_argument(
+        "--nproc-per-node",
+        type=int,
+        metavar="N",
+        help="ranks per node (default: the hostfile's "
+        "slots; 1 on a single node; under SLURM its GPUs or --ntasks-per-node)",
+    )
     where.add_argument("--hostfile", metavar="PATH", help="'HOST slots=N [addr=IP] [ifname=IFACE]' lines")
     where.add_argument("--include", default="", metavar="SEL", help="only these hosts/slots, e.g. 'a:0,2@b'")
     where.add_argument("--exclude", default="", metavar="SEL", help="all but these hosts/slots, e.g. 'c@a:1'")
     where.add_argument("--num-nodes", type=int, metavar="N", help="the first N hosts of the selection")
-    where.add_argument("--launcher", choices=LAUNCHERS, default="auto", help="how ranks start (auto: srun step -> "
-                       "slurm, hostfile -> pdsh when installed else ssh, otherwise local)")
+    where.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        default="auto",
+        help="how ranks start (auto: srun step -> slurm, hostfile -> pdsh when installed else ssh, otherwise local)",
+    )
     net = parser.add_argument_group("rendezvous")
     net.add_argument("--master-addr", metavar="ADDR", help="rendezvous address (default: the first host's addr)")
     net.add_argument("--master-port", type=int, metavar="PORT", help="rendezvous port (default: a free one)")
@@ -61,11 +70,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("the program")
     run.add_argument("-m", "--module", action="store_true", help="SCRIPT is a Python module (python -m)")
     run.add_argument("--no-python", action="store_true", help="SCRIPT is an executable, not Python")
-    run.add_argument("--stop-timeout", type=float, default=30.0, metavar="S",
-                     help="seconds the other nodes get to stop after one fails, before they are killed")
+    run.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds the other nodes get to stop after one fails, before they are killed",
+    )
     run.add_argument("--dry-run", action="store_true", help="print the command of every host and exit")
-    run.add_argument("program", nargs=argparse.REMAINDER, metavar="SCRIPT [ARGS]",
-                     help="what every rank runs; 'distcomp train CONFIG' runs the main job")
+    run.add_argument(
+        "program",
+        nargs=argparse.REMAINDER,
+        metavar="SCRIPT [ARGS]",
+        help="what every rank runs; 'distcomp train CONFIG' runs the main job",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,17 +110,21 @@ def check_options(args: argparse.Namespace) -> None:
     for name, value in vars(args).items():
         for text in value if isinstance(value, list) else [value]:
             if isinstance(text, str) and "\0" in text:
-                raise LaunchConfigError(f"--{name.replace('_', '-')} {text!r}: contains a NUL byte "
-                                        "(no process can be given it)")
+                raise LaunchConfigError(
+                    f"--{name.replace('_', '-')} {text!r}: contains a NUL byte (no process can be given it)"
+                )
     for flag, port in (("--master-port", args.master_port), ("--ssh-port", args.ssh_port)):
         if port is not None and not 1 <= port <= 65535:
             raise LaunchConfigError(f"{flag} {port}: a TCP port is 1 to 65535")
     if args.nproc_per_node is not None and not 1 <= args.nproc_per_node <= MAX_SLOTS:
-        raise LaunchConfigError(f"--nproc-per-node {args.nproc_per_node}: must be 1 to {MAX_SLOTS} "
-                                "(ranks per node: one process each)")
+        raise LaunchConfigError(
+            f"--nproc-per-node {args.nproc_per_node}: must be 1 to {MAX_SLOTS} (ranks per node: one process each)"
+        )
     if not math.isfinite(args.stop_timeout) or args.stop_timeout < 0:
-        raise LaunchConfigError(f"--stop-timeout {args.stop_timeout}: must be a finite number of seconds >= 0 "
-                                "(the time nodes get to stop before they are killed)")
+        raise LaunchConfigError(
+            f"--stop-timeout {args.stop_timeout}: must be a finite number of seconds >= 0 "
+            "(the time nodes get to stop before they are killed)"
+        )
     problem = host_name_problem(args.master_addr) if args.master_addr is not None else None
     if problem:
         raise LaunchConfigError(f"--master-addr {args.master_addr!r}: {problem}")
@@ -120,16 +142,23 @@ def _run(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         return _run_mpi(args, job, mode)
     remote = _remote_argv(mode, args)
     if not args.dry_run:
-        port = (preflight.local_port(args.master_port) if remote is None
-                else preflight.probe_hosts(job, remote, args.master_port))
+        port = (
+            preflight.local_port(args.master_port)
+            if remote is None
+            else preflight.probe_hosts(job, remote, args.master_port)
+        )
         job = _with_port(job, port)
     commands = build_commands(job, mode, _ssh_options(args))
     if args.dry_run:
         return _print(commands, job, args, remote is not None)
-    logger.info("launching %d rank(s) on %d node(s) (%s): %s", job.world_size, len(job.hosts), mode,
-                ", ".join(h.name for h in job.hosts))
-    return run_nodes(commands, prefix_output=remote is not None, stop_timeout_s=args.stop_timeout,
-                     elastic=job.elastic)
+    logger.info(
+        "launching %d rank(s) on %d node(s) (%s): %s",
+        job.world_size,
+        len(job.hosts),
+        mode,
+        ", ".join(h.name for h in job.hosts),
+    )
+    return run_nodes(commands, prefix_output=remote is not None, stop_timeout_s=args.stop_timeout, elastic=job.elastic)
 
 
 def resolve_mode(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
@@ -145,8 +174,13 @@ def resolve_mode(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
 
 def _hosts(args: argparse.Namespace) -> list[Host]:
     if args.hostfile:
-        return select_hosts(parse_hostfile(args.hostfile), include=args.include, exclude=args.exclude,
-                            num_nodes=args.num_nodes, nproc_per_node=args.nproc_per_node)
+        return select_hosts(
+            parse_hostfile(args.hostfile),
+            include=args.include,
+            exclude=args.exclude,
+            num_nodes=args.num_nodes,
+            nproc_per_node=args.nproc_per_node,
+        )
     if args.include or args.exclude or args.num_nodes:
         raise LaunchConfigError("--include/--exclude/--num-nodes select hosts of a --hostfile; none was given")
     if args.launcher in ("ssh", "pdsh"):
@@ -154,8 +188,7 @@ def _hosts(args: argparse.Namespace) -> list[Host]:
     return [Host("localhost", args.nproc_per_node or 1, addr="127.0.0.1")]
 
 
-def _job(args: argparse.Namespace, program: Program, hosts: list[Host], mode: str,
-         environ: Mapping[str, str]) -> Job:
+def _job(args: argparse.Namespace, program: Program, hosts: list[Host], mode: str, environ: Mapping[str, str]) -> Job:
     env_file = Path(args.env_file) if args.env_file else default_env_file(Path.cwd())
     env = job_env(environ, env_file, args.env)
     if not args.hostfile and mode != "slurm":
@@ -163,11 +196,19 @@ def _job(args: argparse.Namespace, program: Program, hosts: list[Host], mode: st
     _check_nnodes(args.nnodes, len(hosts))
     if args.max_restarts < 0:
         raise LaunchConfigError(f"--max-restarts {args.max_restarts}: must be >= 0")
-    return Job(hosts=tuple(hosts), program=program, python=args.python,
-               master_addr=args.master_addr or hosts[0].address, master_port=args.master_port or DRY_RUN_PORT,
-               rdzv_id=args.rdzv_id or f"distcomp-{uuid.uuid4().hex[:12]}", cwd=str(Path.cwd()),
-               env=tuple(env.items()), max_restarts=args.max_restarts, nnodes=args.nnodes,
-               stop_timeout_s=args.stop_timeout)
+    return Job(
+        hosts=tuple(hosts),
+        program=program,
+        python=args.python,
+        master_addr=args.master_addr or hosts[0].address,
+        master_port=args.master_port or DRY_RUN_PORT,
+        rdzv_id=args.rdzv_id or f"distcomp-{uuid.uuid4().hex[:12]}",
+        cwd=str(Path.cwd()),
+        env=tuple(env.items()),
+        max_restarts=args.max_restarts,
+        nnodes=args.nnodes,
+        stop_timeout_s=args.stop_timeout,
+    )
 
 
 def _check_nnodes(nnodes: str | None, started: int) -> None:
@@ -214,8 +255,9 @@ def build_commands(job: Job, mode: str, ssh_options: Sequence[str] = ()) -> list
 
 def _print(commands: Sequence[Command], job: Job, args: argparse.Namespace, remote: bool) -> int:
     if args.master_port is None:
-        print(f"# master port {job.master_port}: not probed (--dry-run contacts no host); a free one is picked "
-              "at launch")
+        print(
+            f"# master port {job.master_port}: not probed (--dry-run contacts no host); a free one is picked at launch"
+        )
     for i, command in enumerate(commands):
         print(f"# node {i}: {command.label}")
         print(command.shell())
@@ -246,8 +288,12 @@ def _run_mpi(args: argparse.Namespace, job: Job, flavor: str) -> int:
 def node_options(args: argparse.Namespace) -> list[str]:
     """The options each SLURM node's launcher needs again (the rest are set by :func:`slurm.srun_command`)."""
     out: list[str] = []
-    for flag, value in (("--master-addr", args.master_addr), ("--rdzv-id", args.rdzv_id),
-                        ("--nnodes", args.nnodes), ("--env-file", args.env_file)):
+    for flag, value in (
+        ("--master-addr", args.master_addr),
+        ("--rdzv-id", args.rdzv_id),
+        ("--nnodes", args.nnodes),
+        ("--env-file", args.env_file),
+    ):
         if value is not None:
             out += [flag, value]
     if args.max_restarts:

@@ -53,7 +53,7 @@ def _parents() -> dict[int, int]:
         except OSError:
             continue  # it exited while we looked
         # The command name (field 2) may hold spaces and parentheses: the fields after it follow the last ')'.
-        out[int(entry)] = int(stat[stat.rindex(b")") + 2:].split()[1])
+        out[int(entry)] = int(stat[stat.rindex(b")") + 2 :].split()[1])
     return out
 
 

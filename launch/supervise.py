@@ -78,15 +78,24 @@ def _start(index: int, command: Command, prefix: bool) -> _Node:
     pipe = subprocess.PIPE if prefix else None
     stdin = subprocess.PIPE if command.lifeline else subprocess.DEVNULL
     try:
-        proc = subprocess.Popen(command.argv, env=current_env(dict(command.env)), stdout=pipe, stderr=pipe,
-                                stdin=stdin, text=True, start_new_session=True,
-                                preexec_fn=die_with_parent(signal.SIGTERM))
+        proc = subprocess.Popen(
+            command.argv,
+            env=current_env(dict(command.env)),
+            stdout=pipe,
+            stderr=pipe,
+            stdin=stdin,
+            text=True,
+            start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGTERM),
+        )
     except FileNotFoundError:
         raise LaunchError(f"`{command.argv[0]}` is not installed here (needed to start {command.label})") from None
     node = _Node(index, command, proc)
     if prefix:
-        node.threads = [threading.Thread(target=_pump, args=(s, sink, command.label), daemon=True)
-                        for s, sink in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))]
+        node.threads = [
+            threading.Thread(target=_pump, args=(s, sink, command.label), daemon=True)
+            for s, sink in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr))
+        ]
         for t in node.threads:
             t.start()
     return node
@@ -115,9 +124,9 @@ def _stop(nodes: Sequence[_Node], timeout_s: float, signum: int = signal.SIGTERM
             n.proc.wait()
 
 
-def run_nodes(commands: Sequence[Command], *, prefix_output: bool, stop_timeout_s: float,
-              elastic: bool = False) -> int:
+def run_nodes(commands: Sequence[Command], *, prefix_output: bool, stop_timeout_s: float, elastic: bool = False) -> int:
     """Start ``commands`` (node ``i`` is ``commands[i]``), wait, and return the launcher's exit code."""
+
     def interrupted(signum: int, frame: object) -> None:
         raise _Interrupted(signum)
 
@@ -172,6 +181,11 @@ def _fail(nodes: list[_Node], first: _Node, stop_timeout_s: float) -> int:
             how = "stopped by the launcher" if n.stopped else "exited on its own"
             logger.error("node %d (%s): %s, %s", n.index, n.command.label, describe_exit(n.proc.returncode), how)
     code = node_failed_code(first.index)
-    logger.error("the job failed: node %d (%s) failed first (%s); launcher exit code %d",
-                 first.index, first.command.label, describe_exit(first.proc.returncode), code)
+    logger.error(
+        "the job failed: node %d (%s) failed first (%s); launcher exit code %d",
+        first.index,
+        first.command.label,
+        describe_exit(first.proc.returncode),
+        code,
+    )
     return code

@@ -67,8 +67,9 @@ class _Watch:
     def tick(self) -> None:
         """Kill the agent and its descendants once the grace period is over."""
         if self.deadline is not None and time.monotonic() >= self.deadline:
-            logger.warning("the agent did not stop within %g s after %s: killing it and its workers",
-                           self.grace_s, self.reason)
+            logger.warning(
+                "the agent did not stop within %g s after %s: killing it and its workers", self.grace_s, self.reason
+            )
             kill_tree(self.proc.pid, signal.SIGKILL)
             self.deadline = None
 
@@ -116,8 +117,9 @@ def run(argv: Sequence[str], grace_s: float, watch_stdin: bool = True) -> int:
     """Run ``argv`` under the watchdog; the agent's exit status (``-N``: killed by signal N)."""
     become_subreaper()
     # SIGTERM if the watchdog itself is SIGKILLed: the agent then stops its workers as on any SIGTERM.
-    proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, start_new_session=True,
-                            preexec_fn=die_with_parent(signal.SIGTERM))
+    proc = subprocess.Popen(
+        list(argv), stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent(signal.SIGTERM)
+    )
     watch = _Watch(proc, grace_s)
     for signum in STOP_SIGNALS:
         # SIGHUP means the terminal or session is gone: the agent gets SIGTERM, like on any other stop.
@@ -157,10 +159,18 @@ def watchdog_argv(python: str, argv: Sequence[str], grace_s: float, watch_stdin:
 def main(args: Sequence[str] | None = None) -> None:
     """``python -m distcomp.launch.watchdog``."""
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.splitlines()[0])
-    parser.add_argument("--grace", type=float, default=30.0, metavar="S",
-                        help="seconds the agent gets to stop before it and its workers are killed")
-    parser.add_argument("--ignore-stdin", action="store_true",
-                        help="do not treat EOF on stdin as the launcher's death (where stdin is not forwarded)")
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds the agent gets to stop before it and its workers are killed",
+    )
+    parser.add_argument(
+        "--ignore-stdin",
+        action="store_true",
+        help="do not treat EOF on stdin as the launcher's death (where stdin is not forwarded)",
+    )
     parser.add_argument("argv", nargs=argparse.REMAINDER)
     ns = parser.parse_args(args)
     argv = ns.argv[1:] if ns.argv[:1] == ["--"] else ns.argv

@@ -134,8 +134,12 @@ class PowerSGD(Compressor):
         return bucket.buffer
 
     def _stage1(
-        self, comm: Comm, bucket: Bucket, dense: list[tuple[str, torch.Tensor]],
-        groups: list[list[tuple[str, torch.Tensor]]], batched: bool,
+        self,
+        comm: Comm,
+        bucket: Bucket,
+        dense: list[tuple[str, torch.Tensor]],
+        groups: list[list[tuple[str, torch.Tensor]]],
+        batched: bool,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """All-reduce the mean of the exact tensors and the sum of P = M Q, in one buffer; returns it and the Ps."""
         r, device = self.config.rank, bucket.buffer.device
@@ -156,8 +160,13 @@ class PowerSGD(Compressor):
         return stage1, ps
 
     def _stage2(
-        self, comm: Comm, bucket: Bucket, dense: list[tuple[str, torch.Tensor]],
-        groups: list[list[tuple[str, torch.Tensor]]], ps: list[torch.Tensor], batched: bool,
+        self,
+        comm: Comm,
+        bucket: Bucket,
+        dense: list[tuple[str, torch.Tensor]],
+        groups: list[list[tuple[str, torch.Tensor]]],
+        ps: list[torch.Tensor],
+        batched: bool,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Orthogonalize P, Q = M^T P, stage this rank's own error, all-reduce the mean of Q; returns it and the Qs."""
         r, device = self.config.rank, bucket.buffer.device
@@ -165,7 +174,7 @@ class PowerSGD(Compressor):
         qs, pos = [], 0
         for g, p in zip(groups, ps):
             orthogonalize_(p, self.config.epsilon)
-            b, (n, m) = len(g), g[0][1].shape
+            b, m = len(g), g[0][1].shape[1]
             q = stage2[pos : pos + b * m * r].view(b, m, r)
             pos += q.numel()
             _matmul([mat for _, mat in g], p, q, transpose=True, batched=batched)
@@ -209,13 +218,18 @@ class PowerSGD(Compressor):
             logger.warning(
                 "powersgd: rank %d compresses none of the %d matrices (each needs rank <= min(n, m) and "
                 "n m >= min_compression_rate=%s x (n + m) rank): every gradient is sent dense, as a plain "
-                "all-reduce would; lower rank", r, self._step_matrices, rate,
+                "all-reduce would; lower rank",
+                r,
+                self._step_matrices,
+                rate,
             )
         else:
             logger.warning(
                 "powersgd: rank %d sends %.2fx the values of the dense gradient (P and Q take (n + m) rank values "
                 "per n x m matrix): lower rank, or raise min_compression_rate=%s to at least 1",
-                r, self._step_sent / self._step_values, rate,
+                r,
+                self._step_sent / self._step_values,
+                rate,
             )
 
     def _store_residual(

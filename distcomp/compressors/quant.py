@@ -40,8 +40,9 @@ class QuantConfig(CompressorConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        require(self.block >= 32 and self.block % 32 == 0, "block",
-                f"must be a positive multiple of 32, got {self.block}")
+        require(
+            self.block >= 32 and self.block % 32 == 0, "block", f"must be a positive multiple of 32, got {self.block}"
+        )
 
 
 class _Quant(TwoPhaseCompressor):
@@ -53,7 +54,10 @@ class _Quant(TwoPhaseCompressor):
         self.generator: torch.Generator | None = None
         self._saved_generator: torch.Tensor | None = None
         self._generator_before: tuple[torch.Generator | None, torch.Tensor | None, torch.Tensor | None] = (
-            None, None, None)
+            None,
+            None,
+            None,
+        )
 
     def codec(self, comm: Comm, device: torch.device) -> IntCodec:
         if not self.config.stochastic_rounding:

@@ -36,8 +36,11 @@ class SignCompression(TwoPhaseCompressor):
 
         def __post_init__(self) -> None:
             super().__post_init__()
-            require(self.block >= 32 and self.block % 32 == 0, "block",
-                    f"must be a positive multiple of 32, got {self.block}")
+            require(
+                self.block >= 32 and self.block % 32 == 0,
+                "block",
+                f"must be a positive multiple of 32, got {self.block}",
+            )
 
     config: Config
 

@@ -130,7 +130,11 @@ class TopK(_Sparse):
                 "topk: %s keeps %d of a bucket's %d values; gathering them from %d ranks would send more than a "
                 "dense all-reduce (top-k pays only while k < numel / world_size = %d), so such buckets are "
                 "averaged exactly instead; lower %s",
-                setting, k, corrected.numel(), comm.world_size, corrected.numel() // comm.world_size,
+                setting,
+                k,
+                corrected.numel(),
+                comm.world_size,
+                corrected.numel() // comm.world_size,
                 setting.split("=")[0],
             )
         # Everything is sent, so the new residual is zero: the mean minus itself.

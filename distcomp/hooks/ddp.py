@@ -12,18 +12,19 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from distcomp.agreement import check_agreement
 from distcomp.bucket import Bucket
 from distcomp.comm import BucketRecord, Comm
 from distcomp.compressor import Compressor
 from distcomp.config import config_to_dict
 from distcomp.errors import CheckpointError
-from distcomp.agreement import check_agreement
 from distcomp.hooks.executor import InlineExecutor, WorkerExecutor
 from distcomp.registry import build_config, compressor_for_config, get_compressor
 from distcomp.telemetry import Telemetry
@@ -171,8 +172,11 @@ class CompressionState:
             raise CheckpointError(f"not a distcomp compression state (expected format {STATE_FORMAT!r})")
         mine = config_to_dict(self.compressor.config)
         if state["config"] != mine:
-            diffs = {k: (state["config"].get(k), mine.get(k)) for k in mine.keys() | state["config"].keys()
-                     if state["config"].get(k) != mine.get(k)}
+            diffs = {
+                k: (state["config"].get(k), mine.get(k))
+                for k in mine.keys() | state["config"].keys()
+                if state["config"].get(k) != mine.get(k)
+            }
             raise CheckpointError(f"checkpoint was written with another compression config: {diffs} (saved, current)")
         if state["world_size"] != self.world_size:
             raise CheckpointError(
@@ -294,8 +298,13 @@ def register(
             "wrap it first (DDP(model)), or use distcomp.fsdp.register for FSDP"
         )
     hook, state = ddp_comm_hook(
-        compressor, model=model, group=model.process_group, overlap=overlap, log_every=log_every,
-        timeout=timeout, **config,
+        compressor,
+        model=model,
+        group=model.process_group,
+        overlap=overlap,
+        log_every=log_every,
+        timeout=timeout,
+        **config,
     )
     model.register_comm_hook(state, hook)
     return state

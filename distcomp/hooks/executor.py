@@ -28,7 +28,7 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -64,9 +64,12 @@ class WorkerExecutor:
         self.group: dist.ProcessGroup | None = group
         # torch's intra-op thread count is per thread: a fresh thread would use every core, so its first matrix
         # products (PowerSGD's, right after a resume) would round differently from the caller's.
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=name,
-                                                           initializer=torch.set_num_threads,
-                                                           initargs=(torch.get_num_threads(),))
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix=name,
+            initializer=torch.set_num_threads,
+            initargs=(torch.get_num_threads(),),
+        )
         _OPEN.add(self)
 
     def submit(self, job: Callable[[], torch.Tensor]) -> torch.futures.Future:
@@ -106,7 +109,6 @@ def _shutdown_open_workers() -> None:
             worker.shutdown()
         except Exception:  # noqa: BLE001 - one failed teardown must not stop the others
             logger.exception("shutting down distcomp's communication worker at exit failed")
-
 
 
 def release_group(group: dist.ProcessGroup) -> None:

@@ -70,8 +70,11 @@ class OneBitAdam(AdamSteps):
 
         def __post_init__(self) -> None:
             super().__post_init__()
-            require(self.freeze_step >= 1, "freeze_step", f"must be >= 1 (the variance needs a warm-up), "
-                    f"got {self.freeze_step}")
+            require(
+                self.freeze_step >= 1,
+                "freeze_step",
+                f"must be >= 1 (the variance needs a warm-up), got {self.freeze_step}",
+            )
 
     def phase(self, t: int | None = None) -> Phase:
         """Phase of step ``t`` (default: the next step)."""

@@ -69,12 +69,19 @@ class CompressedOptimizer(torch.optim.Optimizer):
     ) -> None:
         """``options`` are the fields of the class's ``Config`` (DeepSpeed's key names); unknown ones fail."""
         self.config = config = build(self.Config, {"lr": lr, **options}, self.algorithm)
-        self.flat = FlatState(self, self.algorithm, config.bucket_cap_numel, element_keys=self.element_keys,
-                              scalar_keys=self.scalar_keys, error_keys=self.error_keys)
+        self.flat = FlatState(
+            self,
+            self.algorithm,
+            config.bucket_cap_numel,
+            element_keys=self.element_keys,
+            scalar_keys=self.scalar_keys,
+            error_keys=self.error_keys,
+        )
         """The fused buckets and their buffers (package-internal: subclasses read and write their state here)."""
         self.telemetry = Telemetry(log_every=log_every)
-        self.comm = GradientComm(self.flat, process_group, block=config.block, telemetry=self.telemetry,
-                                 clock=lambda: self._step)
+        self.comm = GradientComm(
+            self.flat, process_group, block=config.block, telemetry=self.telemetry, clock=lambda: self._step
+        )
         """Everything sent to other ranks (package-internal: subclasses and ``distcomp.optim.register`` use it)."""
         super().__init__(params, {k: getattr(config, k) for k in config.GROUP_KEYS})
         self._step = 0
@@ -157,8 +164,9 @@ class CompressedOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state plus this rank's server errors, step and world (see :mod:`distcomp.optim.state`)."""
         out = super().state_dict()
-        out["distcomp"] = self.flat.section(config=self.config.trajectory(), world=self.comm.world,
-                                            rank=self.comm.rank, step=self._step)
+        out["distcomp"] = self.flat.section(
+            config=self.config.trajectory(), world=self.comm.world, rank=self.comm.rank, step=self._step
+        )
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any], *, reset_errors: bool = False) -> None:
@@ -170,8 +178,9 @@ class CompressedOptimizer(torch.optim.Optimizer):
         needs the checkpoint to be at a synchronisation point.
         """
         world, rank = world_of(self.process_group)
-        section = self.flat.check(state_dict, config=self.config.trajectory(), world=world, rank=rank,
-                                  reset_errors=reset_errors)
+        section = self.flat.check(
+            state_dict, config=self.config.trajectory(), world=world, rank=rank, reset_errors=reset_errors
+        )
         super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
         self._denoms = {}
         self.flat.load(state_dict["state"], section, reset_errors)
@@ -184,10 +193,18 @@ class CompressedOptimizer(torch.optim.Optimizer):
         """Layouts, world, and (once, on every rank) a check that the ranks agree on everything that matters."""
         if self.comm.connected:
             return
-        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
-                  for g in self.param_groups]
-        self.comm.connect({"algorithm": self.algorithm, **self.config.trajectory(), "groups": groups,
-                           "buckets": [layout.numels() for layout in self.flat.layouts]})
+        groups = [
+            {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
+            for g in self.param_groups
+        ]
+        self.comm.connect(
+            {
+                "algorithm": self.algorithm,
+                **self.config.trajectory(),
+                "groups": groups,
+                "buckets": [layout.numels() for layout in self.flat.layouts],
+            }
+        )
 
     # -- update-rule helpers ------------------------------------------------------------------
 
@@ -198,12 +215,19 @@ class CompressedOptimizer(torch.optim.Optimizer):
         cached = self._denoms.get(layout.index) if frozen else None
         if cached is not None and cached[0] == key:
             return cached[1]
-        out = cached[1] if cached is not None else (
-            torch.empty(layout.numel, dtype=torch.float32, device=layout.device) if frozen
-            else self._scratch("denom", layout))
+        out = (
+            cached[1]
+            if cached is not None
+            else (
+                torch.empty(layout.numel, dtype=torch.float32, device=layout.device)
+                if frozen
+                else self._scratch("denom", layout)
+            )
+        )
         bc2 = bias_correction(group["betas"][1], v_updates, group["bias_correction"])
-        adam_denominator(self.flat.buffer(layout, "exp_avg_sq"), bc2, group["eps"], self.config.eps_inside_sqrt,
-                         out=out)
+        adam_denominator(
+            self.flat.buffer(layout, "exp_avg_sq"), bc2, group["eps"], self.config.eps_inside_sqrt, out=out
+        )
         if frozen:
             self._denoms[layout.index] = (key, out)
         return out

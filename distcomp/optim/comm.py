@@ -95,8 +95,7 @@ class GradientComm:
             return
         self._world, self._rank = world_of(self.group)
         if self._world > 1:
-            check_agreement({**settings, "ddp": self.ddp is not None}, self.group,
-                            what=f"{self.algorithm} settings")
+            check_agreement({**settings, "ddp": self.ddp is not None}, self.group, what=f"{self.algorithm} settings")
 
     def attach_ddp(self, hook: OptimizerHookState) -> None:
         """Let ``hook`` (``distcomp.optim.register``) communicate the gradients; only before :attr:`connected`."""

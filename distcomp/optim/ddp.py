@@ -128,8 +128,10 @@ def register(model: DistributedDataParallel, optimizer: CompressedOptimizer) -> 
         raise RuntimeError("distcomp.optim.register must be called before the optimizer's first step")
     module_params = {id(p) for p in model.module.parameters()}
     if any(id(p) not in module_params for g in optimizer.param_groups for p in g["params"]):
-        raise ValueError("the optimizer holds parameters that are not in the DDP model; register it with the model "
-                         "whose gradients it consumes")
+        raise ValueError(
+            "the optimizer holds parameters that are not in the DDP model; register it with the model "
+            "whose gradients it consumes"
+        )
     group = model.process_group
     mine, theirs = optimizer.world_size, dist.get_world_size(group)
     if mine != theirs:

@@ -32,9 +32,7 @@ def adam_moments_(m: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta1: floa
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
 
 
-def adam_denominator(
-    v: torch.Tensor, bc2: float, eps: float, eps_inside_sqrt: bool, out: torch.Tensor
-) -> torch.Tensor:
+def adam_denominator(v: torch.Tensor, bc2: float, eps: float, eps_inside_sqrt: bool, out: torch.Tensor) -> torch.Tensor:
     """``sqrt(v / bc2) + eps`` as AdamW computes it, or ``sqrt(v / bc2 + eps)`` (written into ``out``)."""
     if eps_inside_sqrt:
         return torch.div(v, bc2, out=out).add_(eps).sqrt_()

@@ -79,11 +79,17 @@ class OneBitLamb(CompressedOptimizer):
         def __post_init__(self) -> None:
             super().__post_init__()
             require(self.freeze_step >= 1, "freeze_step", f"must be >= 1, got {self.freeze_step}")
-            require(0 < self.min_coeff <= self.max_coeff, "min_coeff", "must be > 0 and <= max_coeff, "
-                    f"got {self.min_coeff} and {self.max_coeff}")
+            require(
+                0 < self.min_coeff <= self.max_coeff,
+                "min_coeff",
+                f"must be > 0 and <= max_coeff, got {self.min_coeff} and {self.max_coeff}",
+            )
             require(0.0 <= self.coeff_beta < 1.0, "coeff_beta", f"must be in [0, 1), got {self.coeff_beta}")
-            require(0 < self.factor_min <= 1.0 <= self.factor_max, "factor_min",
-                    f"need 0 < factor_min <= 1 <= factor_max, got {self.factor_min} and {self.factor_max}")
+            require(
+                0 < self.factor_min <= 1.0 <= self.factor_max,
+                "factor_min",
+                f"need 0 < factor_min <= 1 <= factor_max, got {self.factor_min} and {self.factor_max}",
+            )
             require(self.factor_threshold >= 0, "factor_threshold", f"must be >= 0, got {self.factor_threshold}")
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, **kwargs: Any) -> None:
@@ -168,22 +174,25 @@ class OneBitLamb(CompressedOptimizer):
         fresh.mul_(b2).addcmul_(rebuilt, rebuilt, value=1 - b2)
         m.copy_(mean)
         denom = self._denominator(layout, c.freeze_step, frozen=True)
-        ratio = adam_denominator(fresh, bias_correction(b2, t + 1, group["bias_correction"]), group["eps"],
-                                 c.eps_inside_sqrt, out=rebuilt)
+        ratio = adam_denominator(
+            fresh, bias_correction(b2, t + 1, group["bias_correction"]), group["eps"], c.eps_inside_sqrt, out=rebuilt
+        )
         ratio = torch.div(denom, ratio, out=rebuilt)
         ratio_max = torch.stack(torch._foreach_max(layout.views(ratio))).tolist()
         update, prelim = self._update(layout, g, t + 1, c.freeze_step, denom)
         coeffs = []
         for p, rmax, pn, un in zip(layout.params, ratio_max, prelim, _norms(layout.views(update))):
             st = self.state[p]
-            st["last_factor"] = lamb_frozen_factor(rmax, pn, un, group["weight_decay"], st["last_factor"],
-                                                   c.factor_min, c.factor_max, c.factor_threshold)
+            st["last_factor"] = lamb_frozen_factor(
+                rmax, pn, un, group["weight_decay"], st["last_factor"], c.factor_min, c.factor_max, c.factor_threshold
+            )
             coeffs.append(st["lamb_coeff_freeze"] * st["last_factor"])
         self._apply(layout, update, coeffs)
         return coeffs
 
-    def _update(self, layout: FlatLayout, out: torch.Tensor, s: int, v_updates: int,
-                denom: torch.Tensor | None = None) -> tuple[torch.Tensor, list[float]]:
+    def _update(
+        self, layout: FlatLayout, out: torch.Tensor, s: int, v_updates: int, denom: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[float]]:
         """``(m_hat / (sqrt(v_hat) + eps) + wd x`` written into ``out``, the per-tensor norms before the decay term)."""
         group = self.param_groups[layout.group]
         denom = self._denominator(layout, v_updates) if denom is None else denom

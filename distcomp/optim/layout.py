@@ -84,6 +84,7 @@ def build_layouts(param_groups: Sequence[dict[str, Any]], cap_numel: int) -> lis
                 for p in params:
                     offsets.append(pos)
                     pos += p.numel()
-                layouts.append(FlatLayout(len(layouts), g, tuple(params), tuple(ids[id(p)] for p in params),
-                                          tuple(offsets), pos))
+                layouts.append(
+                    FlatLayout(len(layouts), g, tuple(params), tuple(ids[id(p)] for p in params), tuple(offsets), pos)
+                )
     return layouts

@@ -47,8 +47,9 @@ class Rank:
             setattr(self, name, [torch.zeros_like(p) for p in self.params])
 
 
-def two_phase_reference(xs: list[torch.Tensor], servers: list[torch.Tensor | None], block: int
-                        ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+def two_phase_reference(
+    xs: list[torch.Tensor], servers: list[torch.Tensor | None], block: int
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """``(mean, each rank's decoded input, each rank's new server error)`` of flat ``xs`` (one per rank)."""
     codec, w, n = SignCodec(block), len(xs), xs[0].numel()
     c = chunk_length(n, w, block)
@@ -69,8 +70,16 @@ def two_phase_reference(xs: list[torch.Tensor], servers: list[torch.Tensor | Non
     return torch.cat(own)[:n], [d.view(-1)[:n] for d in decoded], new_servers
 
 
-def simulate(algorithm: str, init: Sequence[torch.Tensor], grad_fn: GradFn, *, world_size: int, steps: int,
-             buckets: list[list[int]], options: dict[str, Any]) -> list[list[list[torch.Tensor]]]:
+def simulate(
+    algorithm: str,
+    init: Sequence[torch.Tensor],
+    grad_fn: GradFn,
+    *,
+    world_size: int,
+    steps: int,
+    buckets: list[list[int]],
+    options: dict[str, Any],
+) -> list[list[list[torch.Tensor]]]:
     """Parameters of every rank after every step: ``out[step][rank][param]``."""
     opts = _defaults(algorithm) | options
     ranks = [Rank([p.detach().clone().float() for p in init]) for _ in range(world_size)]
@@ -97,8 +106,9 @@ def _mean(grads: list[list[torch.Tensor]], i: int) -> torch.Tensor:
     return total
 
 
-def _compress(ranks: list[Rank], values: list[list[torch.Tensor]], buckets: list[list[int]], block: int
-              ) -> list[torch.Tensor]:
+def _compress(
+    ranks: list[Rank], values: list[list[torch.Tensor]], buckets: list[list[int]], block: int
+) -> list[torch.Tensor]:
     """Per parameter, the 1-bit mean of ``values[rank][param]`` with worker and server error feedback."""
     w = len(ranks)
     if w == 1:
@@ -126,8 +136,9 @@ def _adam_param(p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, o: dict[str, 
     p.addcdiv_(m, (v.sqrt() / bc2**0.5).add_(o["eps"]), value=-o["lr"] / bc1)
 
 
-def _onebit_adam(t: int, ranks: list[Rank], grads: list[list[torch.Tensor]], buckets: list[list[int]],
-                 o: dict[str, Any]) -> None:
+def _onebit_adam(
+    t: int, ranks: list[Rank], grads: list[list[torch.Tensor]], buckets: list[list[int]], o: dict[str, Any]
+) -> None:
     b1, b2 = o["betas"]
     n = len(ranks[0].params)
     if t < o["freeze_step"]:
@@ -146,8 +157,9 @@ def _onebit_adam(t: int, ranks: list[Rank], grads: list[list[torch.Tensor]], buc
             _adam_param(rk.params[i], rk.m[i], rk.v[i], o, t + 1, o["freeze_step"])
 
 
-def _zero_one_adam(t: int, ranks: list[Rank], grads: list[list[torch.Tensor]], buckets: list[list[int]],
-                   o: dict[str, Any]) -> None:
+def _zero_one_adam(
+    t: int, ranks: list[Rank], grads: list[list[torch.Tensor]], buckets: list[list[int]], o: dict[str, Any]
+) -> None:
     b1, b2 = o["betas"]
     n, s, tv, kappa = len(ranks[0].params), t + 1, o["var_freeze_step"], o["var_update_scaler"]
     if t < tv:
@@ -173,8 +185,12 @@ def _zero_one_adam(t: int, ranks: list[Rank], grads: list[list[torch.Tensor]], b
         for rk in ranks:
             rk.werr = [torch.zeros_like(p) for p in rk.params]
             rk.server = {}
-            rk.extra = {"u": [torch.zeros_like(p) for p in rk.params], "anchor": [p.clone() for p in rk.params],
-                        "lrs": [0.0], "shrink": [1.0]}
+            rk.extra = {
+                "u": [torch.zeros_like(p) for p in rk.params],
+                "anchor": [p.clone() for p in rk.params],
+                "lrs": [0.0],
+                "shrink": [1.0],
+            }
     sync = F.zero_one_is_sync(t, tv, o["local_step_scaler"], o["local_step_clipper"])
     local = [[torch.lerp(rk.m[i], grads[r][i], 1 - b1) for i in range(n)] for r, rk in enumerate(ranks)]
     if not sync:
@@ -200,8 +216,9 @@ def _zero_one_adam(t: int, ranks: list[Rank], grads: list[list[torch.Tensor]], b
         rk.extra["lrs"][0], rk.extra["shrink"][0] = 0.0, 1.0
 
 
-def _onebit_lamb(t: int, ranks: list[Rank], grads: list[list[torch.Tensor]], buckets: list[list[int]],
-                 o: dict[str, Any]) -> None:
+def _onebit_lamb(
+    t: int, ranks: list[Rank], grads: list[list[torch.Tensor]], buckets: list[list[int]], o: dict[str, Any]
+) -> None:
     b1, b2 = o["betas"]
     n, s, fs, wd = len(ranks[0].params), t + 1, o["freeze_step"], o["weight_decay"]
     bc1 = F.bias_correction(b1, s, o["bias_correction"])
@@ -216,8 +233,9 @@ def _onebit_lamb(t: int, ranks: list[Rank], grads: list[list[torch.Tensor]], buc
                 rk.v[i].mul_(b2).addcmul_(g, g, value=1 - b2)
                 denom = (rk.v[i].sqrt() / F.bias_correction(b2, s, o["bias_correction"]) ** 0.5).add_(o["eps"])
                 update = torch.add((rk.m[i] / denom) / bc1, rk.params[i], alpha=wd)
-                ratio = F.lamb_trust_ratio(float(rk.params[i].norm()), float(update.norm()), o["min_coeff"],
-                                           o["max_coeff"])
+                ratio = F.lamb_trust_ratio(
+                    float(rk.params[i].norm()), float(update.norm()), o["min_coeff"], o["max_coeff"]
+                )
                 if ratio is not None:
                     rk.extra["freeze"][i] = F.ema(rk.extra["freeze"][i], ratio, o["coeff_beta"])
                 rk.params[i].add_(update * (1.0 if ratio is None else ratio), alpha=-o["lr"])
@@ -227,8 +245,10 @@ def _onebit_lamb(t: int, ranks: list[Rank], grads: list[list[torch.Tensor]], buc
     if t == fs:
         for rk in ranks:
             rk.extra["scale"] = F.momentum_scaling([F.rms(float(m.norm()), m.numel()) for m in rk.m])
-    local = [[torch.lerp(rk.m[i], grads[r][i], 1 - b1) * rk.extra["scale"][i] for i in range(n)]
-             for r, rk in enumerate(ranks)]
+    local = [
+        [torch.lerp(rk.m[i], grads[r][i], 1 - b1) * rk.extra["scale"][i] for i in range(n)]
+        for r, rk in enumerate(ranks)
+    ]
     mean = _compress(ranks, local, buckets, o["block"])
     for rk in ranks:
         for i in range(n):
@@ -240,8 +260,15 @@ def _onebit_lamb(t: int, ranks: list[Rank], grads: list[list[torch.Tensor]], buc
             denom_fresh = (fresh.sqrt() / F.bias_correction(b2, s, o["bias_correction"]) ** 0.5).add_(o["eps"])
             prelim = (m_new / denom) / bc1
             update = torch.add(prelim, rk.params[i], alpha=wd)
-            factor = F.lamb_frozen_factor(float((denom / denom_fresh).max()), float(prelim.norm()),
-                                          float(update.norm()), wd, rk.extra["last"][i], o["factor_min"],
-                                          o["factor_max"], o["factor_threshold"])
+            factor = F.lamb_frozen_factor(
+                float((denom / denom_fresh).max()),
+                float(prelim.norm()),
+                float(update.norm()),
+                wd,
+                rk.extra["last"][i],
+                o["factor_min"],
+                o["factor_max"],
+                o["factor_threshold"],
+            )
             rk.extra["last"][i] = factor
             rk.params[i].add_(update * (rk.extra["freeze"][i] * factor), alpha=-o["lr"])

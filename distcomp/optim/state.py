@@ -122,12 +122,17 @@ class FlatState:
         """The checkpoint's ``distcomp`` section, once it is known to fit this optimizer, job and rank."""
         section = state_dict.get("distcomp") if isinstance(state_dict, dict) else None
         if not isinstance(section, dict) or section.get("format") != FORMAT:
-            raise CheckpointError(f"{self.algorithm}: not a distcomp optimizer state (no 'distcomp' section of "
-                                  f"format {FORMAT!r}); it may be a torch.optim or DeepSpeed checkpoint")
+            raise CheckpointError(
+                f"{self.algorithm}: not a distcomp optimizer state (no 'distcomp' section of "
+                f"format {FORMAT!r}); it may be a torch.optim or DeepSpeed checkpoint"
+            )
         if section["algorithm"] != self.algorithm:
             raise CheckpointError(f"{self.algorithm}: the checkpoint is a {section['algorithm']} state")
-        diffs = {k: (section["config"].get(k), config.get(k)) for k in config.keys() | section["config"].keys()
-                 if section["config"].get(k) != config.get(k)}
+        diffs = {
+            k: (section["config"].get(k), config.get(k))
+            for k in config.keys() | section["config"].keys()
+            if section["config"].get(k) != config.get(k)
+        }
         if diffs:
             raise CheckpointError(f"{self.algorithm}: checkpoint was written with other options: {diffs} (saved, now)")
         if reset_errors:
@@ -139,8 +144,10 @@ class FlatState:
                 "redistributed; resume with the same world size, or pass reset_errors=True to restart the errors"
             )
         if section["rank"] != rank:
-            raise CheckpointError(f"{self.algorithm}: checkpoint was written by rank {section['rank']} but this is "
-                                  f"rank {rank}: error buffers differ between ranks; load each rank's own file")
+            raise CheckpointError(
+                f"{self.algorithm}: checkpoint was written by rank {section['rank']} but this is "
+                f"rank {rank}: error buffers differ between ranks; load each rank's own file"
+            )
         return section
 
     def load(self, saved: dict[Any, dict[str, Any]], section: dict[str, Any], reset_errors: bool) -> None:
@@ -175,13 +182,17 @@ class FlatState:
         for index, entries in saved.items():
             p = by_index.get(int(index))
             if p is None:
-                raise CheckpointError(f"{self.algorithm}: the checkpoint has state for parameter {index}, "
-                                      f"which this optimizer does not have")
+                raise CheckpointError(
+                    f"{self.algorithm}: the checkpoint has state for parameter {index}, "
+                    f"which this optimizer does not have"
+                )
             for key, value in entries.items():
                 if key in self.element_keys:
                     if value.numel() != p.numel():
-                        raise CheckpointError(f"{self.algorithm}: state {key!r} of parameter {index} has "
-                                              f"{value.numel()} values, the parameter {p.numel()} ({tuple(p.shape)})")
+                        raise CheckpointError(
+                            f"{self.algorithm}: state {key!r} of parameter {index} has "
+                            f"{value.numel()} values, the parameter {p.numel()} ({tuple(p.shape)})"
+                        )
                     if not (reset_errors and key in self.error_keys):
                         self._opt.state[p][key] = value.detach().to(device=p.device, dtype=torch.float32, copy=True)
                 elif key in self.scalar_keys:

@@ -71,8 +71,16 @@ def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:06d}"
 
 
-def save(root: Path, step: int, *, rank: int, meta: dict[str, Any], model: torch.nn.Module,
-         rank_state: dict[str, Any], keep: int) -> Path:
+def save(
+    root: Path,
+    step: int,
+    *,
+    rank: int,
+    meta: dict[str, Any],
+    model: torch.nn.Module,
+    rank_state: dict[str, Any],
+    keep: int,
+) -> Path:
     """Write this rank's part of the checkpoint after ``step`` steps; collective (every rank calls it).
 
     ``meta`` holds ``run_id``: pruning keeps the newest ``keep`` checkpoints of that
@@ -87,8 +95,9 @@ def save(root: Path, step: int, *, rank: int, meta: dict[str, Any], model: torch
     manifest.write_state(tmp / f"rank{rank}.pt", rank_state)
     if rank == 0:
         manifest.write_state(tmp / "model.pt", model.state_dict())
-        manifest.write_bytes(tmp / "meta.json", (json.dumps({"format": FORMAT, "step": step, **meta}, indent=2)
-                                                 + "\n").encode())
+        manifest.write_bytes(
+            tmp / "meta.json", (json.dumps({"format": FORMAT, "step": step, **meta}, indent=2) + "\n").encode()
+        )
     dist.barrier()  # every rank's file is written and fsync-ed
     if rank == 0:
         _publish(tmp, final, meta["run_id"])
@@ -164,8 +173,15 @@ def read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def check_compatible(meta: dict[str, Any], *, path: Path, world_size: int, compressor: str,
-                     trajectory: dict[str, Any], data_fingerprint: str) -> None:
+def check_compatible(
+    meta: dict[str, Any],
+    *,
+    path: Path,
+    world_size: int,
+    compressor: str,
+    trajectory: dict[str, Any],
+    data_fingerprint: str,
+) -> None:
     """Refuse a checkpoint from another world size, compressor, config or corpus, naming what differs."""
     if meta["world_size"] != world_size:
         raise CheckpointError(
@@ -174,9 +190,7 @@ def check_compatible(meta: dict[str, Any], *, path: Path, world_size: int, compr
             f"Resume with {meta['world_size']} ranks (--set dist.nproc={meta['world_size']})"
         )
     if meta["compressor"] != compressor:
-        raise CheckpointError(
-            f"--resume {path}: the checkpoint is of a {meta['compressor']!r} run, not {compressor!r}"
-        )
+        raise CheckpointError(f"--resume {path}: the checkpoint is of a {meta['compressor']!r} run, not {compressor!r}")
     diffs = _diff(meta["config"], trajectory)
     if diffs:
         raise CheckpointError(
@@ -184,7 +198,9 @@ def check_compatible(meta: dict[str, Any], *, path: Path, world_size: int, compr
             + "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in diffs)
         )
     if meta["data"] != data_fingerprint:
-        raise CheckpointError(f"--resume {path}: the checkpoint was trained on other data (data.path or its content changed)")
+        raise CheckpointError(
+            f"--resume {path}: the checkpoint was trained on other data (data.path or its content changed)"
+        )
 
 
 def _diff(saved: Any, now: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:

@@ -112,7 +112,9 @@ def _require_batches(count: int, context: int, batch_size: int, world_size: int)
 class ShardedBatches:
     """This rank's training batches: ``batch(step)`` is deterministic, so resuming is exact."""
 
-    def __init__(self, data: torch.Tensor, context: int, batch_size: int, rank: int, world_size: int, seed: int) -> None:
+    def __init__(
+        self, data: torch.Tensor, context: int, batch_size: int, rank: int, world_size: int, seed: int
+    ) -> None:
         self.windows = windows(data, context)
         self.batch_size = batch_size
         self.sampler = DistributedSampler(
@@ -138,7 +140,9 @@ class ShardedBatches:
         return seqs[:, :-1], seqs[:, 1:]
 
 
-def val_batches(data: torch.Tensor, context: int, batch_size: int, batches: int, rank: int, world_size: int) -> list[torch.Tensor]:
+def val_batches(
+    data: torch.Tensor, context: int, batch_size: int, batches: int, rank: int, world_size: int
+) -> list[torch.Tensor]:
     """This rank's share of the fixed validation windows, as up to ``batches`` batches of ``[b, context + 1]``."""
     wins = windows(data, context)[: batches * batch_size * world_size]
     mine = wins[rank::world_size]

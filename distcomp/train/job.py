@@ -19,21 +19,29 @@ def rank_job(cfg: TrainConfig, ctx: RankContext, resume: Path | None) -> int:
     corpus = load_corpus(cfg.data, cfg.model.context)
     root = Path(cfg.log.dir) / cfg.name
     if ctx.rank == 0:
-        logger.info("distcomp train %s: %d ranks (%s on %s), data: %s, runs: %s", cfg.name, ctx.world_size,
-                    ctx.backend, ctx.device.type, corpus.source, ", ".join(r.name for r in cfg.runs()))
+        logger.info(
+            "distcomp train %s: %d ranks (%s on %s), data: %s, runs: %s",
+            cfg.name,
+            ctx.world_size,
+            ctx.backend,
+            ctx.device.type,
+            corpus.source,
+            ", ".join(r.name for r in cfg.runs()),
+        )
     results: list[RunResult] = []
     stopped = 0
     for spec in cfg.runs():
-        result, stopped = train_run(cfg, spec, ctx, corpus, run_dir=root / spec.name, resume=resume,
-                                    show=ctx.rank == 0)
+        result, stopped = train_run(cfg, spec, ctx, corpus, run_dir=root / spec.name, resume=resume, show=ctx.rank == 0)
         if result is not None:
             results.append(result)
         if stopped:
             break
     if ctx.rank == 0:
-        header = (f"distcomp train {cfg.name}: {ctx.world_size} ranks ({ctx.backend}, {ctx.device.type}), "
-                  f"GPT {results[0].params / 1e6:.1f}M parameters, batch {cfg.data.batch_size} x "
-                  f"{cfg.model.context} bytes per rank, {corpus.source}")
+        header = (
+            f"distcomp train {cfg.name}: {ctx.world_size} ranks ({ctx.backend}, {ctx.device.type}), "
+            f"GPT {results[0].params / 1e6:.1f}M parameters, batch {cfg.data.batch_size} x "
+            f"{cfg.model.context} bytes per rank, {corpus.source}"
+        )
         table = format_table(results, header)
         # The file first: after SIGHUP the terminal may be gone and printing fail.
         summary = {"runs": [r.as_dict() for r in results], "table": table, "config": config_to_raw(cfg)}

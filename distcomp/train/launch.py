@@ -67,9 +67,12 @@ def under_launcher() -> bool:
 def launch(cfg: TrainConfig, resume: str | Path | None) -> int:
     """Run ``distcomp train``: join the launcher's job or spawn local ranks; the process exit code."""
     if under_launcher():
-        place = Placement(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
-                          int(os.environ.get("LOCAL_RANK", os.environ["RANK"])),
-                          int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])))
+        place = Placement(
+            int(os.environ["RANK"]),
+            int(os.environ["WORLD_SIZE"]),
+            int(os.environ.get("LOCAL_RANK", os.environ["RANK"])),
+            int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"])),
+        )
         stop = StopRequest()
         # No supervisor watches this rank: it bounds its own stop by the grace period.
         stopping.handle_in_rank(stop, grace_s=cfg.dist.stop_grace_s)
@@ -89,8 +92,10 @@ def preflight(cfg: TrainConfig, resume: str | Path | None, world_size: int, loca
     """
     device, _ = select_device(cfg.dist, 0)
     if device.type == "cuda" and local_world_size > torch.cuda.device_count():
-        raise ConfigError(f"dist.nproc: {local_world_size} ranks on this machine but only "
-                          f"{torch.cuda.device_count()} CUDA devices (one GPU per rank); or use --device cpu")
+        raise ConfigError(
+            f"dist.nproc: {local_world_size} ranks on this machine but only "
+            f"{torch.cuda.device_count()} CUDA devices (one GPU per rank); or use --device cpu"
+        )
     if device.type == "cpu":
         check_cpu_ranks(local_world_size)
     corpus = load_corpus(cfg.data, cfg.model.context)
@@ -99,8 +104,14 @@ def preflight(cfg: TrainConfig, resume: str | Path | None, world_size: int, loca
     for spec in runs:
         first = first_compressed_step(cfg.optimizer, spec.optimizer)
         if first >= cfg.steps:
-            logger.warning("%s compresses from step %d (optimizer.%s.freeze_step) but the run has %d steps: "
-                           "it will only run its exact warm-up", spec.optimizer, first, spec.optimizer, cfg.steps)
+            logger.warning(
+                "%s compresses from step %d (optimizer.%s.freeze_step) but the run has %d steps: "
+                "it will only run its exact warm-up",
+                spec.optimizer,
+                first,
+                spec.optimizer,
+                cfg.steps,
+            )
     auto = resume == RESUME_AUTO
     if auto:
         resume = _newest_checkpoint(cfg)
@@ -116,15 +127,25 @@ def preflight(cfg: TrainConfig, resume: str | Path | None, world_size: int, loca
         )
     spec = runs[0]
     if meta["step"] > cfg.steps:
-        raise ConfigError(f"--resume {path}: the checkpoint is at step {meta['step']}, beyond steps={cfg.steps}; "
-                          f"raise steps (--set steps=...)")
-    checkpoint.check_compatible(meta, path=path, world_size=world_size, compressor=spec.name,
-                                trajectory=checkpoint.trajectory_config(cfg, spec),
-                                data_fingerprint=corpus.fingerprint)
+        raise ConfigError(
+            f"--resume {path}: the checkpoint is at step {meta['step']}, beyond steps={cfg.steps}; "
+            f"raise steps (--set steps=...)"
+        )
+    checkpoint.check_compatible(
+        meta,
+        path=path,
+        world_size=world_size,
+        compressor=spec.name,
+        trajectory=checkpoint.trajectory_config(cfg, spec),
+        data_fingerprint=corpus.fingerprint,
+    )
     if meta.get("schedule_steps") != (cfg.optimizer.decay_steps or cfg.steps):
-        logger.warning("the learning-rate schedule was %s steps long and is now %s: the curve will not match an "
-                       "uninterrupted run (set optimizer.decay_steps to keep it)", meta.get("schedule_steps"),
-                       cfg.optimizer.decay_steps or cfg.steps)
+        logger.warning(
+            "the learning-rate schedule was %s steps long and is now %s: the curve will not match an "
+            "uninterrupted run (set optimizer.decay_steps to keep it)",
+            meta.get("schedule_steps"),
+            cfg.optimizer.decay_steps or cfg.steps,
+        )
     rundir.prepare(cfg, fresh=False)
     return path
 
@@ -136,8 +157,10 @@ def _newest_checkpoint(cfg: TrainConfig) -> Path | None:
     """
     found = [p for spec in cfg.runs() if (p := manifest.newest(checkpoint.run_root(cfg, spec))) is not None]
     if not found:
-        logger.info("--resume auto: no checkpoint yet under %s; starting from step 0",
-                    ", ".join(str(checkpoint.run_root(cfg, spec)) for spec in cfg.runs()))
+        logger.info(
+            "--resume auto: no checkpoint yet under %s; starting from step 0",
+            ", ".join(str(checkpoint.run_root(cfg, spec)) for spec in cfg.runs()),
+        )
         return None
     return max(found, key=lambda p: p.name)
 
@@ -150,9 +173,11 @@ def check_cpu_ranks(local_world_size: int) -> None:
     """Refuse a number of CPU ranks on this machine that could only exhaust it."""
     cores = os.cpu_count() or 1
     if local_world_size > MAX_RANKS_PER_CORE * cores:
-        raise ConfigError(f"dist.nproc: {local_world_size} ranks on this machine, which has {cores} CPU cores; each "
-                          f"rank is a process with its own model copy: use at most {MAX_RANKS_PER_CORE * cores} here, "
-                          "or spread ranks over machines with distcomp launch --hostfile")
+        raise ConfigError(
+            f"dist.nproc: {local_world_size} ranks on this machine, which has {cores} CPU cores; each "
+            f"rank is a process with its own model copy: use at most {MAX_RANKS_PER_CORE * cores} here, "
+            "or spread ranks over machines with distcomp launch --hostfile"
+        )
 
 
 def select_device(cfg: DistConfig, local_rank: int) -> tuple[torch.device, str]:
@@ -179,8 +204,9 @@ def setup_logging(rank: int) -> None:
     root.propagate = False
 
 
-def run_rank(cfg: TrainConfig, resume: Path | None, place: Placement, stop: StopRequest,
-             store_port: int | None = None) -> int:
+def run_rank(
+    cfg: TrainConfig, resume: Path | None, place: Placement, stop: StopRequest, store_port: int | None = None
+) -> int:
     """The life of one rank: process group, the job, barrier, teardown. Raises on failure.
 
     The ranks meet through the TCP store on loopback ``store_port`` (spawned ranks)
@@ -193,8 +219,11 @@ def run_rank(cfg: TrainConfig, resume: Path | None, place: Placement, stop: Stop
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=cfg.dist.timeout_s)
-    meet: dict[str, Any] = ({"init_method": "env://"} if store_port is None else
-                            {"store": dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=timeout)})
+    meet: dict[str, Any] = (
+        {"init_method": "env://"}
+        if store_port is None
+        else {"store": dist.TCPStore("127.0.0.1", store_port, is_master=False, timeout=timeout)}
+    )
     dist.init_process_group(backend, rank=place.rank, world_size=place.world_size, timeout=timeout, **meet)
     ctx = RankContext(**dataclasses.asdict(place), device=device, backend=backend, stop_signal=stop.signal)
     code = rank_job(cfg, ctx, resume)
@@ -219,8 +248,10 @@ def describe_failure(exc: BaseException, cfg: TrainConfig) -> str:
     """One line for the user: the error, and what a collective timeout means."""
     text = f"{type(exc).__name__}: {exc}"
     if "timed out" in text.lower() or "timeout" in text.lower():
-        text += (f" -- another rank did not answer within dist.timeout_s = {cfg.dist.timeout_s:g} s (it hung, died "
-                 "or is far slower); raise dist.timeout_s if steps are legitimately that slow")
+        text += (
+            f" -- another rank did not answer within dist.timeout_s = {cfg.dist.timeout_s:g} s (it hung, died "
+            "or is far slower); raise dist.timeout_s if steps are legitimately that slow"
+        )
     return text
 
 
@@ -243,9 +274,15 @@ def _spawn(cfg: TrainConfig, resume: Path | None, stop: StopRequest) -> int:
     world = cfg.dist.nproc
     with _loopback_store(cfg.dist.timeout_s) as port:
         pipes = [ctx.Pipe(duplex=False) for _ in range(world)]
-        procs = [ctx.Process(target=_child, args=(cfg, resume, Placement(r, world, r, world), port, stop.shared,
-                                                  pipes[r][1], os.getpid()), name=f"distcomp-rank{r}", daemon=True)
-                 for r in range(world)]
+        procs = [
+            ctx.Process(
+                target=_child,
+                args=(cfg, resume, Placement(r, world, r, world), port, stop.shared, pipes[r][1], os.getpid()),
+                name=f"distcomp-rank{r}",
+                daemon=True,
+            )
+            for r in range(world)
+        ]
         # The ranks start with the stop signals blocked and unblock them once their handlers are in. Start
         # multiprocessing's resource tracker first: starting it unblocks SIGINT and SIGTERM in this process.
         resource_tracker.ensure_running()
@@ -276,16 +313,23 @@ def _loopback_store(timeout_s: float) -> Iterator[int]:
     sock.listen(128)
     port = sock.getsockname()[1]
     # The store takes the descriptor over and closes it: detach so that Python does not close it too.
-    store = dist.TCPStore("127.0.0.1", port, is_master=True, master_listen_fd=sock.detach(),
-                          wait_for_workers=False, timeout=datetime.timedelta(seconds=timeout_s))
+    store = dist.TCPStore(
+        "127.0.0.1",
+        port,
+        is_master=True,
+        master_listen_fd=sock.detach(),
+        wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
     try:
         yield port
     finally:
         del store
 
 
-def _child(cfg: TrainConfig, resume: Path | None, place: Placement, port: int, shared: Any,
-           report: Connection, supervisor: int) -> None:
+def _child(
+    cfg: TrainConfig, resume: Path | None, place: Placement, port: int, shared: Any, report: Connection, supervisor: int
+) -> None:
     with contextlib.suppress(OSError):  # not Linux: no such safety net
         die_with_parent(signal.SIGKILL, supervisor)()  # so that no rank is orphaned
     _name_process(f"distcomp-rank{place.rank}")

@@ -104,8 +104,9 @@ def build_run(cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: Corpus)
     return Run(model, ddp, state, optimizer, batches, val, peak_lr=cfg.optimizer.peak_lr(spec.optimizer))
 
 
-def train_run(cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: Corpus, *,
-              run_dir: Path, resume: Path | None, show: bool) -> tuple[RunResult | None, int]:
+def train_run(
+    cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: Corpus, *, run_dir: Path, resume: Path | None, show: bool
+) -> tuple[RunResult | None, int]:
     """Train one run to ``cfg.steps``: ``(result, stopped)``.
 
     ``result`` is rank 0's :class:`RunResult` (``None`` on other ranks); ``stopped``
@@ -115,9 +116,20 @@ def train_run(cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: Corpus,
     run = build_run(cfg, spec, ctx, corpus)
     if resume is not None:
         _restore(run, resume, ctx)
-    monitor = RunMonitor(run_dir=run_dir, label=spec.name, steps=cfg.steps, start=run.start,
-                         progress=cfg.log.progress, tensorboard=cfg.log.tensorboard, log_every=cfg.log.every,
-                         fresh=resume is None) if show else None
+    monitor = (
+        RunMonitor(
+            run_dir=run_dir,
+            label=spec.name,
+            steps=cfg.steps,
+            start=run.start,
+            progress=cfg.log.progress,
+            tensorboard=cfg.log.tensorboard,
+            log_every=cfg.log.every,
+            fresh=resume is None,
+        )
+        if show
+        else None
+    )
     saver = _Saver(cfg, spec, ctx, corpus, resume)
     try:
         loop_s, stopped = _loop(run, cfg, ctx, monitor, saver)
@@ -137,9 +149,16 @@ def train_run(cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: Corpus,
         monitor.close()
     if ctx.rank != 0:
         return None, stopped
-    result = summarize(spec.name, run.records, params=sum(p.numel() for p in run.model.parameters()),
-                       val_losses=run.val_losses, loop_s=loop_s, steps_run=len(run.records) - run.start,
-                       wall_s=time.perf_counter() - started, interrupted=stopped > 0)
+    result = summarize(
+        spec.name,
+        run.records,
+        params=sum(p.numel() for p in run.model.parameters()),
+        val_losses=run.val_losses,
+        loop_s=loop_s,
+        steps_run=len(run.records) - run.start,
+        wall_s=time.perf_counter() - started,
+        interrupted=stopped > 0,
+    )
     write_summary(run_dir / "summary.json", {"run": result.as_dict(), "config": config_to_raw(cfg)})
     return result, stopped
 
@@ -169,18 +188,29 @@ def _loop(run: Run, cfg: TrainConfig, ctx: RankContext, monitor: RunMonitor | No
 class _Saver:
     """Writes this run's checkpoints (collective: every rank calls :meth:`save` at the same step)."""
 
-    def __init__(self, cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: Corpus,
-                 resume: Path | None) -> None:
+    def __init__(self, cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: Corpus, resume: Path | None) -> None:
         self.ctx, self.keep = ctx, cfg.checkpoint.keep
         self.root = checkpoint.run_root(cfg, spec)
         # Pruning removes only checkpoints with this id; rank 0's is the one written.
-        self.meta = {"run_id": _run_id(resume), "world_size": ctx.world_size, "compressor": spec.name,
-                     "config": checkpoint.trajectory_config(cfg, spec), "data": corpus.fingerprint,
-                     "schedule_steps": cfg.optimizer.decay_steps or cfg.steps}
+        self.meta = {
+            "run_id": _run_id(resume),
+            "world_size": ctx.world_size,
+            "compressor": spec.name,
+            "config": checkpoint.trajectory_config(cfg, spec),
+            "data": corpus.fingerprint,
+            "schedule_steps": cfg.optimizer.decay_steps or cfg.steps,
+        }
 
     def save(self, run: Run, step: int) -> None:
-        checkpoint.save(self.root, step, rank=self.ctx.rank, meta=self.meta, model=run.model,
-                        rank_state=_rank_state(run, self.ctx, step), keep=self.keep)
+        checkpoint.save(
+            self.root,
+            step,
+            rank=self.ctx.rank,
+            meta=self.meta,
+            model=run.model,
+            rank_state=_rank_state(run, self.ctx, step),
+            keep=self.keep,
+        )
 
 
 def _run_id(resume: Path | None) -> str:
@@ -254,20 +284,28 @@ def _rank_state(run: Run, ctx: RankContext, step: int) -> dict[str, Any]:
 def _data_position(run: Run, step: int) -> dict[str, int]:
     """Where the batch of ``step`` comes from (a pure function of the step), stored to check it on resume."""
     epoch, batch = run.batches.position(step)
-    return {"epoch": epoch, "batch": batch, "steps_per_epoch": run.batches.steps_per_epoch,
-            "windows": len(run.batches.windows)}
+    return {
+        "epoch": epoch,
+        "batch": batch,
+        "steps_per_epoch": run.batches.steps_per_epoch,
+        "windows": len(run.batches.windows),
+    }
 
 
 def _restore(run: Run, path: Path, ctx: RankContext) -> None:
     meta = checkpoint.read_meta(path)
     model_state, state = checkpoint.load_rank(path, ctx.rank)
     if state.get("rank") != ctx.rank or state.get("world_size") != ctx.world_size:
-        raise CheckpointError(f"--resume {path}: rank{ctx.rank}.pt belongs to rank {state.get('rank')} "
-                              f"of {state.get('world_size')}, not rank {ctx.rank} of {ctx.world_size}")
+        raise CheckpointError(
+            f"--resume {path}: rank{ctx.rank}.pt belongs to rank {state.get('rank')} "
+            f"of {state.get('world_size')}, not rank {ctx.rank} of {ctx.world_size}"
+        )
     run.start = int(meta["step"])
     if state["data"] != _data_position(run, run.start):
-        raise CheckpointError(f"--resume {path}: the data position {state['data']} does not match this job's "
-                              f"{_data_position(run, run.start)}: the data, batch size or world size changed")
+        raise CheckpointError(
+            f"--resume {path}: the data position {state['data']} does not match this job's "
+            f"{_data_position(run, run.start)}: the data, batch size or world size changed"
+        )
     run.model.load_state_dict(model_state)
     run.optimizer.load_state_dict(state["optimizer"])
     if run.state is not None:

@@ -72,8 +72,11 @@ def fsync_dir(path: Path) -> None:
 
 def write_manifest(folder: Path) -> None:
     """Record the size and sha256 of every file in ``folder`` in its ``manifest.json`` (written last)."""
-    files = {p.name: {"size": p.stat().st_size, "sha256": sha256(p)}
-             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": sha256(p)}
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
     write_bytes(folder / MANIFEST, (json.dumps({"format": FORMAT, "files": files}, indent=2) + "\n").encode())
 
 
@@ -187,8 +190,10 @@ def resolve(path: str | Path) -> Path:
         return path
     found = newest(path)
     if found is None:
-        raise CheckpointError(f"--resume {path}: no checkpoint there (expected a step_NNNNNN directory with "
-                              "meta.json, or a folder of them)")
+        raise CheckpointError(
+            f"--resume {path}: no checkpoint there (expected a step_NNNNNN directory with "
+            "meta.json, or a folder of them)"
+        )
     return found
 
 
@@ -196,16 +201,19 @@ def verify(path: Path) -> None:
     """Refuse a damaged checkpoint, naming the file; warn when it has no manifest to verify it against."""
     damage = problem(path)
     if damage is not None:
-        raise CheckpointError(f"--resume {path}: checkpoint file {path / damage.file} is damaged: {damage}; "
-                              f"resume from an earlier checkpoint (--resume {path.parent} takes the newest "
-                              "complete one)")
+        raise CheckpointError(
+            f"--resume {path}: checkpoint file {path / damage.file} is damaged: {damage}; "
+            f"resume from an earlier checkpoint (--resume {path.parent} takes the newest "
+            "complete one)"
+        )
     if not has_manifest(path):
         _warn_unverified(path)
 
 
 def _warn_unverified(path: Path) -> None:
-    logger.warning("checkpoint %s has no %s (written by an older distcomp): its files cannot be verified",
-                   path, MANIFEST)
+    logger.warning(
+        "checkpoint %s has no %s (written by an older distcomp): its files cannot be verified", path, MANIFEST
+    )
 
 
 def load(path: Path) -> Any:
@@ -214,5 +222,6 @@ def load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch's messages (zip, unpickling) name no file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CheckpointError(f"checkpoint file {path} is damaged ({type(exc).__name__}: {first}); "
-                              "resume from an earlier checkpoint") from None
+        raise CheckpointError(
+            f"checkpoint file {path} is damaged ({type(exc).__name__}: {first}); resume from an earlier checkpoint"
+        ) from None

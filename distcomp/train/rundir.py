@@ -108,8 +108,10 @@ def _lock(folder: Path, key: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ConfigError(f"{folder} is in use by another distcomp train job ({_holder(path)}); wait for it to "
-                              f"end or stop it, or give this run another name (--set name=...)") from None
+            raise ConfigError(
+                f"{folder} is in use by another distcomp train job ({_holder(path)}); wait for it to "
+                f"end or stop it, or give this run another name (--set name=...)"
+            ) from None
         try:
             _record_holder(fd)
         except OSError as exc:
@@ -122,14 +124,16 @@ def _lock(folder: Path, key: str) -> Iterator[None]:
 def _unwritable(folder: Path, key: str, exc: OSError) -> ConfigError:
     why = exc.strerror or str(exc)
     fix = "free space there" if exc.errno == errno.ENOSPC else "make it writable"
-    return ConfigError(f"{key}: cannot write to {folder} ({why}); {fix}, or choose another folder "
-                       f"(--set {key}=PATH)")
+    return ConfigError(f"{key}: cannot write to {folder} ({why}); {fix}, or choose another folder (--set {key}=PATH)")
 
 
 def _record_holder(fd: int) -> None:
-    record = {"host": socket.gethostname(), "pid": os.getpid(),
-              "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-              "command": shlex.join(sys.argv)}
+    record = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "command": shlex.join(sys.argv),
+    }
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
     os.fsync(fd)
@@ -149,8 +153,11 @@ def _make_way(cfg: TrainConfig, *, overwrite: bool, nothing_to_resume: bool) -> 
     found = earlier_checkpoints(cfg)
     if found and not overwrite:
         # After --resume auto found every checkpoint damaged, suggesting it again would send a restart loop round.
-        way_on = ("none of them is complete (see the warnings above), so --resume auto cannot continue that run"
-                  if nothing_to_resume else "To continue that run: --resume auto")
+        way_on = (
+            "none of them is complete (see the warnings above), so --resume auto cannot continue that run"
+            if nothing_to_resume
+            else "To continue that run: --resume auto"
+        )
         raise ConfigError(
             f"{run_dir} holds checkpoints of an earlier run ({_describe(found)}). {way_on}; to start over: "
             f"--overwrite (its files are moved to {run_dir / PREVIOUS}/, nothing is deleted); to keep both: "
@@ -170,8 +177,11 @@ def earlier_checkpoints(cfg: TrainConfig) -> list[Path]:
     """Complete checkpoints already in the run's folders (outside ``previous/``)."""
     found: list[Path] = []
     for folder, _ in folders(cfg):
-        found += [p for p in folder.rglob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
-                  and PREVIOUS not in p.relative_to(folder).parts]
+        found += [
+            p
+            for p in folder.rglob("step_*")
+            if p.is_dir() and not p.name.endswith(".tmp") and PREVIOUS not in p.relative_to(folder).parts
+        ]
     return sorted(set(found))
 
 

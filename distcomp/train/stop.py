@@ -26,6 +26,7 @@ from distcomp.launch.proctree import STOP_SIGNALS, exit_code, signal_name
 
 logger = logging.getLogger("distcomp.train")
 
+
 class StopRequest:
     """Which signal asked this process to stop; 0 while none did.
 

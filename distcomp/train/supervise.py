@@ -57,8 +57,9 @@ def supervise(procs: Sequence[BaseProcess], reports: list[Connection], stop: Sto
         return _watch(procs, dict(enumerate(reports)), stop, grace_s, woken)
 
 
-def _watch(procs: Sequence[BaseProcess], open_reports: dict[int, Connection], stop: StopRequest, grace_s: float,
-           woken: int) -> int:
+def _watch(
+    procs: Sequence[BaseProcess], open_reports: dict[int, Connection], stop: StopRequest, grace_s: float, woken: int
+) -> int:
     oom_start = oom_kills()
     failures: dict[int, Failure] = {}
     deadline: float | None = None
@@ -68,8 +69,10 @@ def _watch(procs: Sequence[BaseProcess], open_reports: dict[int, Connection], st
         if deadline is None and stop.signal():
             deadline = time.monotonic() + grace_s
             name = signal_name(stop.signal())
-            sys.stderr.write(f"\n[distcomp] {name}: stopping after the current step (within dist.stop_grace_s = "
-                             f"{grace_s:g} s; {name} again to kill at once)\n")
+            sys.stderr.write(
+                f"\n[distcomp] {name}: stopping after the current step (within dist.stop_grace_s = "
+                f"{grace_s:g} s; {name} again to kill at once)\n"
+            )
         _collect(procs, open_reports, failures, stopping=deadline is not None)
         if failures:
             return _fail(procs, open_reports, failures, oom_start)
@@ -77,8 +80,12 @@ def _watch(procs: Sequence[BaseProcess], open_reports: dict[int, Connection], st
         if not live:
             return _finished(procs, stop)
         if deadline is not None and time.monotonic() > deadline:
-            return _killed(procs, stop, f"the ranks did not stop within dist.stop_grace_s = {grace_s:g} s; "
-                                        "killed them (no checkpoint or summary for this step)")
+            return _killed(
+                procs,
+                stop,
+                f"the ranks did not stop within dist.stop_grace_s = {grace_s:g} s; "
+                "killed them (no checkpoint or summary for this step)",
+            )
         if woken in wait(live + list(open_reports.values()) + [woken], timeout=0.2):
             os.read(woken, 512)
 
@@ -98,8 +105,9 @@ def _signal_wakeup() -> Iterator[int]:
         os.close(write)
 
 
-def _collect(procs: Sequence[BaseProcess], reports: dict[int, Connection], failures: dict[int, Failure],
-             stopping: bool) -> None:
+def _collect(
+    procs: Sequence[BaseProcess], reports: dict[int, Connection], failures: dict[int, Failure], stopping: bool
+) -> None:
     """Add the reports that arrived and the ranks that died without one; closed pipes leave ``reports``."""
     for rank, conn in list(reports.items()):
         try:
@@ -116,8 +124,13 @@ def _collect(procs: Sequence[BaseProcess], reports: dict[int, Connection], failu
         failures[rank] = Failure(rank, _death(code), "", time.time(), reported=False)
 
 
-def _fail(procs: Sequence[BaseProcess], reports: dict[int, Connection], failures: dict[int, Failure],
-          oom_start: int | None, window_s: float = 1.0) -> int:
+def _fail(
+    procs: Sequence[BaseProcess],
+    reports: dict[int, Connection],
+    failures: dict[int, Failure],
+    oom_start: int | None,
+    window_s: float = 1.0,
+) -> int:
     """Gather what else fails within ``window_s``, report the root cause, kill every rank."""
     end = time.monotonic() + window_s
     while (left := end - time.monotonic()) > 0 and len(failures) < len(procs):
@@ -142,8 +155,10 @@ def _oom_hint(cause: Failure, oom_start: int | None) -> str:
         return ""
     now = oom_kills()
     if oom_start is not None and now is not None and now > oom_start:
-        return (f" -- likely out of memory: the memory cgroup's oom_kill count went from {oom_start} to {now} "
-                "during the job; lower data.batch_size or model size, or give the job more memory")
+        return (
+            f" -- likely out of memory: the memory cgroup's oom_kill count went from {oom_start} to {now} "
+            "during the job; lower data.batch_size or model size, or give the job more memory"
+        )
     return " -- SIGKILL comes from kill -9 or from the out-of-memory killer (see dmesg)"
 
 

@@ -64,13 +64,22 @@ class RunResult:
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values for JSON (NaN becomes null)."""
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                for k, v in dataclasses.asdict(self).items()}
+        return {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in dataclasses.asdict(self).items()
+        }
 
 
 def summarize(
-    compressor: str, records: list[StepRecord], *, params: int, val_losses: list[tuple[int, float]],
-    loop_s: float, steps_run: int, wall_s: float, interrupted: bool,
+    compressor: str,
+    records: list[StepRecord],
+    *,
+    params: int,
+    val_losses: list[tuple[int, float]],
+    loop_s: float,
+    steps_run: int,
+    wall_s: float,
+    interrupted: bool,
 ) -> RunResult:
     """Fold a run's step records into its :class:`RunResult`."""
     steady = [r for r in records if r.compressed] or records
@@ -118,12 +127,25 @@ class TqdmHandler(logging.StreamHandler):
 class RunMonitor:
     """Rank 0's outputs for one run: TensorBoard scalars, the tqdm bar, periodic log lines."""
 
-    def __init__(self, *, run_dir: Path, label: str, steps: int, start: int, progress: bool,
-                 tensorboard: bool, log_every: int, fresh: bool) -> None:
+    def __init__(
+        self,
+        *,
+        run_dir: Path,
+        label: str,
+        steps: int,
+        start: int,
+        progress: bool,
+        tensorboard: bool,
+        log_every: int,
+        fresh: bool,
+    ) -> None:
         self.label, self.steps, self.log_every = label, steps, log_every
         self.writer = _writer(run_dir, start, fresh) if tensorboard else None
-        self.bar = tqdm(total=steps, initial=start, desc=label, unit="step", dynamic_ncols=True,
-                        file=sys.stderr, leave=True) if progress else None
+        self.bar = (
+            tqdm(total=steps, initial=start, desc=label, unit="step", dynamic_ncols=True, file=sys.stderr, leave=True)
+            if progress
+            else None
+        )
 
     def step(self, rec: StepRecord) -> None:
         """Report one finished step."""
@@ -136,8 +158,17 @@ class RunMonitor:
             self.bar.set_postfix(post, refresh=False)
             self.bar.update(1)
         elif (rec.step + 1) % self.log_every == 0 or rec.step + 1 == self.steps:
-            logger.info("%s step %d/%d: loss %.4f, lr %.2e, %.0f ms/step, sent %s (%s)", self.label, rec.step + 1,
-                        self.steps, rec.loss, rec.lr, 1e3 * rec.step_s, fmt_bytes(rec.sent_bytes), fmt_ratio(rec.ratio))
+            logger.info(
+                "%s step %d/%d: loss %.4f, lr %.2e, %.0f ms/step, sent %s (%s)",
+                self.label,
+                rec.step + 1,
+                self.steps,
+                rec.loss,
+                rec.lr,
+                1e3 * rec.step_s,
+                fmt_bytes(rec.sent_bytes),
+                fmt_ratio(rec.ratio),
+            )
 
     @staticmethod
     def _scalars(w: _Events, rec: StepRecord) -> None:
@@ -225,8 +256,11 @@ def write_summary(path: Path, data: dict[str, Any]) -> None:
 
 
 def _events_error(run_dir: Path, exc: OSError) -> OSError:
-    fix = (" (the disk is full: free space there, set log.dir to another disk, or log.tensorboard=false)"
-           if exc.errno == errno.ENOSPC else "")
+    fix = (
+        " (the disk is full: free space there, set log.dir to another disk, or log.tensorboard=false)"
+        if exc.errno == errno.ENOSPC
+        else ""
+    )
     return OSError(exc.errno, f"cannot write TensorBoard events to {run_dir}: {exc.strerror or exc}{fix}")
 
 
@@ -276,6 +310,9 @@ def format_table(results: list[RunResult], header: str) -> str:
         lines.append("  ".join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:]))]).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
-    lines += ["", "sent per step, ratio and encode/comm time: per rank, after the compressor's warm-up steps;",
-              "ratio = bytes of an fp32 ring all-reduce / bytes sent. Train loss: mean of the last 10 steps."]
+    lines += [
+        "",
+        "sent per step, ratio and encode/comm time: per rank, after the compressor's warm-up steps;",
+        "ratio = bytes of an fp32 ring all-reduce / bytes sent. Train loss: mean of the last 10 steps.",
+    ]
     return "\n".join(lines)
