@@ -257,7 +257,7 @@ class PowerSGD(Compressor):
         for name, view in bucket.views(flat):
             if self._gains(view.shape):
                 mat = view.reshape(view.shape[0], -1)
-                by_shape[tuple(mat.shape)].append((name, mat))
+                by_shape[(mat.shape[0], mat.shape[1])].append((name, mat))
             else:
                 dense.append((name, view))
         return dense, list(by_shape.values())

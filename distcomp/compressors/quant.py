@@ -16,15 +16,14 @@ import torch
 
 from distcomp.codecs import IntCodec
 from distcomp.comm import Comm
-from distcomp.compressor import CompressorConfig
-from distcomp.compressors.twophase import TwoPhaseCompressor
+from distcomp.compressors.twophase import TwoPhaseCompressor, TwoPhaseConfig
 from distcomp.errors import CheckpointError
 from distcomp.registry import register_compressor
 from distcomp.validation import require
 
 
 @dataclass(kw_only=True, frozen=True)
-class QuantConfig(CompressorConfig):
+class QuantConfig(TwoPhaseConfig):
     """Options shared by ``int8`` and ``int4``."""
 
     block: int = 256
@@ -33,8 +32,6 @@ class QuantConfig(CompressorConfig):
     """Round up with probability equal to the fraction (unbiased); otherwise round to nearest."""
     start_step: int = 2
     """First compressed step (DDP rebuilds buckets after step 1; earlier steps are exact)."""
-    error_feedback: bool = True
-    """Keep worker and server residuals."""
     seed: int = 0
     """Seed of the rounding generator; each rank offsets it by its rank so the noise is independent."""
 

@@ -13,8 +13,7 @@ import torch
 
 from distcomp.codecs import SignCodec
 from distcomp.comm import Comm
-from distcomp.compressor import CompressorConfig
-from distcomp.compressors.twophase import TwoPhaseCompressor
+from distcomp.compressors.twophase import TwoPhaseCompressor, TwoPhaseConfig
 from distcomp.registry import register_compressor
 from distcomp.validation import require
 
@@ -24,7 +23,7 @@ class SignCompression(TwoPhaseCompressor):
     """1-bit sign compression with one scale per block and two-sided error feedback (~30x fewer bytes)."""
 
     @dataclass(kw_only=True, frozen=True)
-    class Config(CompressorConfig):
+    class Config(TwoPhaseConfig):
         """Options of ``sign``."""
 
         block: int = 2048

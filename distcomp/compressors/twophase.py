@@ -12,6 +12,7 @@ a cast copy).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ import torch
 from distcomp.bucket import Bucket
 from distcomp.codecs import ChunkCodec
 from distcomp.comm import Comm
-from distcomp.compressor import Compressor
+from distcomp.compressor import Compressor, CompressorConfig
 from distcomp.error_feedback import ErrorFeedback
 from distcomp.errors import CheckpointError
 from distcomp.exchange import TwoPhaseExchange
@@ -30,6 +31,14 @@ def _layout(bucket: Bucket) -> tuple[str, ...]:
     return bucket.key
 
 
+@dataclass(kw_only=True, frozen=True)
+class TwoPhaseConfig(CompressorConfig):
+    """Options every two-phase compressor has."""
+
+    error_feedback: bool = True
+    """Keep worker and server residuals."""
+
+
 class TwoPhaseCompressor(Compressor):
     """Base of ``sign``, ``int8`` and ``int4``; subclasses provide :meth:`codec`.
 
@@ -38,7 +47,9 @@ class TwoPhaseCompressor(Compressor):
     bucket's parameters), with the world size they were made for.
     """
 
-    def __init__(self, config: Any = None) -> None:
+    config: TwoPhaseConfig
+
+    def __init__(self, config: TwoPhaseConfig | None = None) -> None:
         super().__init__(config)
         self.ef = ErrorFeedback(self.config.error_feedback)
         self.exchange = TwoPhaseExchange(self.name, _layout, self.ef if self.config.error_feedback else None)

@@ -27,8 +27,18 @@ from distcomp.validation import require
 Phase = Literal["warmup", "compressed"]
 
 
+@dataclass(kw_only=True, frozen=True)
+class AdamConfig(OptimizerConfig):
+    """Options of the Adam update that 1-bit Adam and 0/1 Adam share."""
+
+    adam_w_mode: bool = True
+    """Decoupled weight decay (AdamW); false: L2 added to the gradient (Adam)."""
+
+
 class AdamSteps(CompressedOptimizer):
     """The Adam update shared by 1-bit Adam and 0/1 Adam."""
+
+    config: AdamConfig
 
     def _l2(self, layout: FlatLayout, g: torch.Tensor) -> None:
         """Classic L2 regularisation (``adam_w_mode=False``): ``g += weight_decay * x`` before the moments."""
@@ -59,14 +69,12 @@ class OneBitAdam(AdamSteps):
     algorithm = "OneBitAdam"
 
     @dataclass(kw_only=True, frozen=True)
-    class Config(OptimizerConfig):
+    class Config(AdamConfig):
         """Options of :class:`OneBitAdam` (DeepSpeed's key names)."""
 
         freeze_step: int = 100000
         """Warm-up steps of exact Adam before the variance freezes and the momentum is compressed
         (DeepSpeed's default; 15-25% of the run is typical)."""
-        adam_w_mode: bool = True
-        """Decoupled weight decay (AdamW); false: L2 added to the gradient (Adam)."""
 
         def __post_init__(self) -> None:
             super().__post_init__()
@@ -75,6 +83,8 @@ class OneBitAdam(AdamSteps):
                 "freeze_step",
                 f"must be >= 1 (the variance needs a warm-up), got {self.freeze_step}",
             )
+
+    config: Config
 
     def phase(self, t: int | None = None) -> Phase:
         """Phase of step ``t`` (default: the next step)."""

@@ -75,6 +75,7 @@ def zero_one_variance_step(s: int, scaler: int) -> bool:
     for interval, first, last in _variance_runs(scaler):
         if s <= last:
             return s >= first and (s - first) % interval == 0
+    raise AssertionError("unreachable: the runs of variance updates never end")
 
 
 def zero_one_variance_updates(s: int, scaler: int) -> int:
@@ -86,6 +87,7 @@ def zero_one_variance_updates(s: int, scaler: int) -> int:
         if s <= last:
             return count + (s - first) // interval + 1
         count += scaler
+    raise AssertionError("unreachable: the runs of variance updates never end")
 
 
 def zero_one_local_interval(t: int, var_freeze_step: int, scaler: int, clipper: int) -> int:

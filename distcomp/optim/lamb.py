@@ -97,6 +97,8 @@ class OneBitLamb(CompressedOptimizer):
         self.lamb_coeffs: list[float] = []
         """The trust ratio applied to each tensor in the last step."""
 
+    config: Config
+
     def phase(self, t: int | None = None) -> Phase:
         """Phase of step ``t`` (default: the next step)."""
         return "warmup" if (self._step if t is None else t) < self.config.freeze_step else "compressed"

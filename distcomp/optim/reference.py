@@ -24,6 +24,7 @@ from distcomp.codecs import SignCodec
 from distcomp.collectives import chunk_length
 from distcomp.optim import functional as F
 from distcomp.optim.adam import OneBitAdam
+from distcomp.optim.config import OptimizerConfig
 from distcomp.optim.lamb import OneBitLamb
 from distcomp.optim.zoadam import ZeroOneAdam
 
@@ -63,8 +64,9 @@ def two_phase_reference(
     own, new_servers = [], []
     for j in range(w):
         chunk = torch.sum(torch.stack([decoded[r][j] for r in range(w)]), dim=0).div_(w)
-        if servers[j] is not None:
-            chunk.add_(servers[j])
+        server = servers[j]
+        if server is not None:
+            chunk.add_(server)
         own.append(roundtrip(chunk.view(1, c)).view(-1))
         new_servers.append(chunk - own[-1])
     return torch.cat(own)[:n], [d.view(-1)[:n] for d in decoded], new_servers
@@ -93,8 +95,12 @@ def simulate(
 
 
 def _defaults(algorithm: str) -> dict[str, Any]:
-    cls = {"OneBitAdam": OneBitAdam, "ZeroOneAdam": ZeroOneAdam, "OneBitLamb": OneBitLamb}[algorithm]
-    return dataclasses.asdict(cls.Config())
+    configs: dict[str, type[OptimizerConfig]] = {
+        "OneBitAdam": OneBitAdam.Config,
+        "ZeroOneAdam": ZeroOneAdam.Config,
+        "OneBitLamb": OneBitLamb.Config,
+    }
+    return dataclasses.asdict(configs[algorithm]())
 
 
 def _mean(grads: list[list[torch.Tensor]], i: int) -> torch.Tensor:

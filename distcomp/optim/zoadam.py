@@ -26,9 +26,8 @@ from typing import Literal
 import torch
 
 from distcomp.errors import CheckpointError
-from distcomp.optim.adam import AdamSteps
+from distcomp.optim.adam import AdamConfig, AdamSteps
 from distcomp.optim.base import GradientMode
-from distcomp.optim.config import OptimizerConfig
 from distcomp.optim.functional import (
     adam_apply_,
     adam_moments_,
@@ -57,7 +56,7 @@ class ZeroOneAdam(AdamSteps):
     element_keys = ("exp_avg", "exp_avg_sq", "worker_error", "momentum_accumulator", "anchor")
 
     @dataclass(kw_only=True, frozen=True)
-    class Config(OptimizerConfig):
+    class Config(AdamConfig):
         """Options of :class:`ZeroOneAdam` (DeepSpeed's key names and defaults)."""
 
         var_freeze_step: int = 100000
@@ -69,13 +68,13 @@ class ZeroOneAdam(AdamSteps):
         """Frozen-phase steps after which the interval between synchronisations doubles."""
         local_step_clipper: int = 16
         """Largest interval between synchronisations (H in the paper)."""
-        adam_w_mode: bool = True
-        """Decoupled weight decay (AdamW); false: L2 added to the gradient (Adam)."""
 
         def __post_init__(self) -> None:
             super().__post_init__()
             for key in ("var_freeze_step", "var_update_scaler", "local_step_scaler", "local_step_clipper"):
                 require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
+
+    config: Config
 
     def phase(self, t: int | None = None) -> Phase:
         """Phase of step ``t`` (default: the next step)."""
