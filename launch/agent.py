@@ -39,9 +39,12 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from threading import Event
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import DynamicRendezvousHandler
 
 logger = logging.getLogger("distcomp.launch.agent")
 
@@ -85,7 +88,9 @@ class BoundTCPStore(dist.TCPStore):
                 port = sock.getsockname()[1]
                 kwargs["master_listen_fd"] = sock.fileno()
                 kwargs.setdefault("wait_for_workers", False)
-        super().__init__(host_name, port, *args, is_master=is_master, **kwargs)
+        # In kwargs, not as is_master=: beside *args the type checker cannot rule out a positional is_master too.
+        kwargs["is_master"] = is_master
+        super().__init__(host_name, port, *args, **kwargs)
 
 
 def tail_whole_lines(
@@ -118,7 +123,7 @@ def tail_whole_lines(
                 time.sleep(interval_sec)
 
 
-def _fresh_store_each_round(handler_cls: type) -> bool:
+def _fresh_store_each_round(handler_cls: type[DynamicRendezvousHandler]) -> bool:
     """Make every rendezvous round of ``handler_cls`` build a new worker store; False where torch changed."""
     original = getattr(handler_cls, "next_rendezvous", None)
     code = getattr(handler_cls.__init__, "__code__", None)
@@ -135,7 +140,7 @@ def _fresh_store_each_round(handler_cls: type) -> bool:
         self._bootstrap_store_info = None
         return original(self)
 
-    handler_cls.next_rendezvous = next_rendezvous
+    handler_cls.next_rendezvous = next_rendezvous  # type: ignore[method-assign]  # the patch: torch's method replaced
     return True
 
 

@@ -324,8 +324,9 @@ def _run_slurm(args: argparse.Namespace, program: Program, environ: Mapping[str,
     job = _job(args, program, alloc.hosts(), "slurm", environ)
     argv, env = slurm_node_command(job, alloc)
     if args.dry_run:
-        print(f"# node {alloc.node_id}: {alloc.nodes[alloc.node_id]}")
-        print(Command(alloc.nodes[alloc.node_id], tuple(argv), tuple(env.items())).shell())
+        node_id = _slurm_node_id(alloc)
+        print(f"# node {node_id}: {alloc.nodes[node_id]}")
+        print(Command(alloc.nodes[node_id], tuple(argv), tuple(env.items())).shell())
         return 0
     sys.stdout.flush()
     os.execvpe(argv[0], argv, {**os.environ, **env})  # srun supervises this node from here on
@@ -334,9 +335,15 @@ def _run_slurm(args: argparse.Namespace, program: Program, environ: Mapping[str,
 
 def slurm_node_command(job: Job, alloc: slurm.SlurmAllocation) -> tuple[list[str], dict[str, str]]:
     """``(argv, env)`` of this node's agent inside an srun step."""
+    node_id = _slurm_node_id(alloc)
+    return agent_argv(job, node_id), agent_env(job, node_id)
+
+
+def _slurm_node_id(alloc: slurm.SlurmAllocation) -> int:
+    """This node's index in ``alloc.nodes`` (``SLURM_NODEID``); an error outside an srun step or the node list."""
     if alloc.node_id is None or not 0 <= alloc.node_id < len(alloc.nodes):
         raise LaunchConfigError(f"SLURM_NODEID {alloc.node_id} is not a node of {', '.join(alloc.nodes)}")
-    return agent_argv(job, alloc.node_id), agent_env(job, alloc.node_id)
+    return alloc.node_id
 
 
 def main(argv: Sequence[str] | None = None) -> int:

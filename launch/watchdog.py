@@ -28,7 +28,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from types import FrameType
 
 from distcomp.launch.proctree import (
     STOP_SIGNALS,
@@ -63,6 +64,14 @@ class _Watch:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.proc.pid, signum)
         self.wake.set()
+
+    def stop_on_signal(self, forwarded: int) -> Callable[[int, FrameType | None], None]:
+        """A handler for :func:`signal.signal`: stop the agent with ``forwarded``, naming the signal that arrived."""
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            self.request_stop(signal_name(signum), forwarded)
+
+        return handler
 
     def tick(self) -> None:
         """Kill the agent and its descendants once the grace period is over."""
@@ -124,7 +133,7 @@ def run(argv: Sequence[str], grace_s: float, watch_stdin: bool = True) -> int:
     for signum in STOP_SIGNALS:
         # SIGHUP means the terminal or session is gone: the agent gets SIGTERM, like on any other stop.
         forwarded = signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM
-        signal.signal(signum, lambda s, f, fw=forwarded: watch.request_stop(signal_name(s), fw))
+        signal.signal(signum, watch.stop_on_signal(forwarded))
     if watch_stdin:
         threading.Thread(target=_watch_stdin, args=(watch,), daemon=True).start()
     poller = _stdout_poller()

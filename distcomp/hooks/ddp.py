@@ -211,6 +211,8 @@ class CompressionState:
 def group_timeout(group: dist.ProcessGroup | None) -> datetime.timedelta | None:
     """The collective timeout ``group`` was created with, or None where torch does not expose it."""
     pg = group if group is not None else dist.group.WORLD
+    if pg is None:  # no default group (not initialized, or destroyed): no timeout to read
+        return None
     for device in ("cuda", "cpu"):
         try:
             return pg._get_backend(torch.device(device)).options._timeout

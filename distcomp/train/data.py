@@ -117,8 +117,14 @@ class ShardedBatches:
     ) -> None:
         self.windows = windows(data, context)
         self.batch_size = batch_size
-        self.sampler = DistributedSampler(
-            range(len(self.windows)), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+        # The sampler reads only len() of its dataset: the window indices serve, though torch types it as a Dataset.
+        self.sampler: DistributedSampler[int] = DistributedSampler(
+            range(len(self.windows)),  # type: ignore[arg-type]
+            num_replicas=world_size,
+            rank=rank,
+            shuffle=True,
+            seed=seed,
+            drop_last=True,
         )
         _require_batches(len(self.windows), context, batch_size, world_size)
         self.steps_per_epoch = self.sampler.num_samples // batch_size

@@ -112,7 +112,8 @@ def _collect(
     for rank, conn in list(reports.items()):
         try:
             if conn.poll():
-                failures.setdefault(rank, Failure(*conn.recv(), reported=True))
+                sender, message, trace, at = conn.recv()  # what the rank's report sends (train/launch.py)
+                failures.setdefault(rank, Failure(sender, message, trace, at, reported=True))
         except (EOFError, OSError):
             del reports[rank]  # exited: a report, if any, was read before the end of the pipe
     for rank, p in enumerate(procs):
