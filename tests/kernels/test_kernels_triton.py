@@ -561,8 +561,8 @@ def test_launchers_validate_their_parameters(call: Callable[[], object], match: 
 @pytest.mark.skipif(not INTERPRET, reason="checks the CPU interpreter route; on CUDA the public ops use Triton anyway")
 def test_public_ops_route_to_triton_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     from distcomp import kernels
-    from distcomp.compressors.quant import IntCodec
-    from distcomp.compressors.sign import SignCodec
+    from distcomp.codecs import IntCodec
+    from distcomp.codecs import SignCodec
 
     assert kernels.backend("cpu") == "reference"
     calls: list[str] = []
