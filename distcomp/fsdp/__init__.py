@@ -1,0 +1,12 @@
+"""Compression for FSDP2: a compressed gradient reduce-scatter, and HSDP's replica all-reduce.
+
+from torch.distributed.fsdp import fully_shard
+for block in model.blocks: fully_shard(block)
+fully_shard(model)
+state = distcomp.fsdp.register(model, "int8")
+"""
+
+from distcomp.fsdp.modules import fsdp_modules
+from distcomp.fsdp.register import register
+
+__all__ = ["fsdp_modules", "register"]
