@@ -247,6 +247,7 @@ def register_hsdp(
     compressor: str | Any,
     *,
     replicate_group: dist.ProcessGroup,
+    error_feedback: str = "fp32",
     log_every: int = 0,
     **config: Any,
 ) -> HSDPState:
@@ -255,12 +256,15 @@ def register_hsdp(
     ``model`` must be sharded with ``fully_shard`` on the *shard* sub-mesh only
     (not on the 2-D mesh: torch's native HSDP all-reduces on its own first).
     ``compressor`` is a registered name (options as keyword arguments) or a
-    compressor ``Config``. Raises :class:`~distcomp.errors.RankMismatchError` on
-    every rank if the ranks were given different settings.
+    compressor ``Config``. ``error_feedback`` is ``"fp32"`` (the compressor's own
+    residuals, as large as this rank's shard: 1/shard of what an FSDP2 residual
+    takes) or ``"none"`` (the compressor's ``error_feedback=False``). Raises
+    :class:`~distcomp.errors.RankMismatchError` on every rank if the ranks were
+    given different settings.
     """
     modules = fsdp_modules(model)
     shard_size = _shard_size(modules)
-    comp = _make_compressor(compressor, config)
+    comp = _make_compressor(compressor, {**config, **_error_feedback_option(error_feedback)})
     replicas = dist.get_world_size(replicate_group)
     if replicas * shard_size != dist.get_world_size():
         raise ConfigError(
@@ -276,6 +280,18 @@ def register_hsdp(
         module.set_all_reduce_hook(functools.partial(state.on_reduce, unit))
     logger.info("distcomp HSDP: %s on %d FSDP units, %d replicas", comp.name, len(units), replicas)
     return state
+
+
+def _error_feedback_option(mode: str) -> dict[str, Any]:
+    """The compressor option that ``error_feedback`` of ``distcomp.fsdp.register`` stands for under HSDP."""
+    if mode == "fp32":
+        return {}
+    if mode == "none":
+        return {"error_feedback": False}
+    raise ConfigError(
+        f"error_feedback={mode!r} is not available for HSDP: its residuals are fp32 shards of this rank "
+        '(1/shard of an FSDP2 residual); use "fp32" or "none"'
+    )
 
 
 def _shard_size(modules: list[FSDPModule]) -> int:

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow  # every test trains on 4 ranks
 
 STEPS = 30
 SAVE_AT = 12
+ACCUMULATED_STEPS = 4
 # Final loss (mean of the last 5 steps) may exceed native HSDP's by at most this fraction.
 TOLERANCE = {"none": 0.0, "powersgd": 0.06, "int8": 0.02, "sign": 0.15, "topk": 0.12, "bf16": 0.01}
 OPTIONS: dict[str, dict[str, Any]] = {
@@ -92,6 +93,18 @@ def _train(model: torch.nn.Module, rank: int, steps: range) -> list[float]:
     return losses
 
 
+def _train_accumulating(model: torch.nn.Module, rank: int, steps: int) -> None:
+    """Two micro-batches per step, the first without gradient sync: only the second backward reduces."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    for step in range(steps):
+        for micro in range(2):
+            model.set_requires_gradient_sync(micro == 1)
+            x, y = _batch(rank, 2 * step + micro)
+            ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+
 def _full(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p.full_tensor().clone() for p in model.parameters()]
 
@@ -113,6 +126,10 @@ def train_all(rank: int, world_size: int, runs: list[Run], ckpt: str) -> dict[st
         model, state = _build(run, mesh)
         losses = _train(model, rank, range(STEPS))
         out[run.method] = {"losses": losses, "full": _full(model), "stats": state.stats() if state else None}
+    for method in ("native", "none"):
+        model, state = _build(Run(method), mesh)
+        _train_accumulating(model, rank, ACCUMULATED_STEPS)
+        out[f"accumulated-{method}"] = {"full": _full(model), "stats": state.stats() if state else None}
     # The checkpointed run: save at SAVE_AT, as a training script would, then carry on uninterrupted.
     model, state = _build(Run(RESUMED, OPTIONS[RESUMED]), mesh)
     _train(model, rank, range(SAVE_AT))
@@ -210,6 +227,14 @@ def test_error_feedback_memory_is_reported(jobs: tuple) -> None:
     first, _ = jobs
     assert first[0]["int8"]["stats"]["ef_bytes"] > 0
     assert first[0]["none"]["stats"]["ef_bytes"] == 0
+
+
+def test_gradient_accumulation_matches_native_hsdp(jobs: tuple) -> None:
+    first, _ = jobs
+    for rank in first:
+        native, none = rank["accumulated-native"], rank["accumulated-none"]
+        assert all(torch.equal(a, b) for a, b in zip(native["full"], none["full"]))
+        assert none["stats"]["total"]["steps"] == ACCUMULATED_STEPS  # a backward without sync is no step
 
 
 def test_resume_is_bit_identical(jobs: tuple) -> None:
