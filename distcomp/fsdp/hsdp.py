@@ -70,12 +70,12 @@ class _Unit:
         """The parameters FSDP reduces (a frozen one gets no gradient and no room in the shard)."""
         return [(n, p) for n, p in self.params if p.requires_grad]
 
-    def bucket(self, output: torch.Tensor, shard_size: int) -> tuple[Bucket, bool]:
-        """``output`` (the flat padded shard) as a bucket of named shards; ``True`` when that is a copy.
+    def buckets(self, output: torch.Tensor, shard_size: int) -> tuple[Bucket, Bucket | None]:
+        """``output`` (the flat padded shard) as a bucket of named shards, and a compact copy if it has padding.
 
         FSDP pads every parameter's shard to ``ceil(dim0 / shard_size)`` rows; the
         padding belongs to no parameter, holds no gradient and must not reach a
-        compressor, so a shard with padding is compacted into a copy.
+        compressor, so a shard with padding is compressed from a compact copy.
         """
         names, shapes, offsets, pos = [], [], [], 0
         for name, param in self.trainable():
@@ -90,10 +90,10 @@ class _Unit:
                 "module.set_reduce_scatter_unused_params(True) on the FSDP modules so that every trainable "
                 "parameter is reduced (unused ones as zeros)"
             )
-        bucket = Bucket(output, tuple(names), tuple(shapes), tuple(offsets), self.index)
+        padded = Bucket(output, tuple(names), tuple(shapes), tuple(offsets), self.index)
         if sum(s.numel() for s in shapes) == pos:
-            return bucket, False
-        return bucket.subset(bucket.names, index=self.index), True
+            return padded, None
+        return padded, padded.subset(padded.names, index=self.index)
 
 
 def _local_shape(param: torch.Tensor) -> torch.Size:
@@ -149,16 +149,16 @@ class HSDPState:
         self._seen.add(unit.index)
         last = len(self._seen) == self._expected
         step = self.step
-        bucket, copied = unit.bucket(output, self.shard_size)
+        padded, compact = unit.buckets(output, self.shard_size)
+        bucket = compact if compact is not None else padded
         comm = Comm(self.group, BucketRecord(index=len(self._seen) - 1, numel=bucket.numel))
         try:
             # The step's staged state is kept or dropped as a whole at its last unit (see Compressor.reduce).
             mean = self.compressor.reduce(bucket, comm, step, ends_step=last)
         finally:
             self.telemetry.add(step, comm.record)
-        if copied:
-            target = Bucket(output, bucket.names, bucket.shapes, _padded_offsets(unit, self.shard_size))
-            for (_, dst), (_, src) in zip(target.views(), bucket.views(mean)):
+        if compact is not None:
+            for (_, dst), (_, src) in zip(padded.views(), compact.views(mean)):
                 dst.copy_(src)
         elif mean is not output:
             output.copy_(mean)
@@ -221,14 +221,6 @@ class HSDPState:
         state = self.__dict__.copy()
         state.pop("group", None)
         return state
-
-
-def _padded_offsets(unit: _Unit, shard_size: int) -> tuple[int, ...]:
-    offsets, pos = [], 0
-    for _, param in unit.trainable():
-        offsets.append(pos)
-        pos += padded_shard_numel(tuple(param.shape), shard_size)
-    return tuple(offsets)
 
 
 def state_bytes(state: Any) -> int:
