@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-from typing import Any
+import logging
+from typing import Any, cast
 
+import torch.distributed as dist
 from torch import nn
 
-from distcomp.errors import DistcompError
-from distcomp.fsdp.modules import fsdp_modules
+from distcomp.agreement import check_agreement
+from distcomp.compressor import Compressor
+from distcomp.config import config_to_dict
+from distcomp.errors import ConfigError, DistcompError
+from distcomp.fsdp.modules import fsdp_modules, module_names, reduce_scatter_layout
+from distcomp.fsdp.reduce_scatter import CompressedReduceScatter
+from distcomp.fsdp.state import RESIDUAL_DTYPES, ErrorFeedbackMode, FSDPCompressionState, Unit
+from distcomp.registry import build_config, compressor_for_config, get_compressor
+
+logger = logging.getLogger("distcomp")
+SUPPORTED = ("none", "sign", "int8", "int4", "bf16", "fp16", "topk", "randomk")
+EF_MODES = (*RESIDUAL_DTYPES, "none")
 
 
 def register(
@@ -23,17 +36,62 @@ def register(
 ) -> Any:
     """Compress ``model``'s gradient reduce-scatter: ``state = distcomp.fsdp.register(model, "int8")``.
 
-    Call on every rank after ``fully_shard`` wrapped the model. With ``replicate_group``
-    (HSDP built as 1-D ``fully_shard`` on the shard sub-mesh) the reduce-scatter stays
-    exact and the replica all-reduce over ``replicate_group`` is compressed instead.
+    Call on every rank after ``fully_shard`` wrapped the model. ``compressor`` is a
+    registered name (options as keyword arguments) or a compressor ``Config``.
+    ``error_feedback`` keeps each rank's compression error in ``"fp32"`` (exact),
+    ``"bf16"`` (half the memory) or not at all (``"none"``); a residual is as large
+    as its FSDP unit's unsharded gradient. With ``replicate_group`` (HSDP built as
+    1-D ``fully_shard`` on the shard sub-mesh) the reduce-scatter stays exact and
+    the replica all-reduce over ``replicate_group`` is compressed instead. Raises
+    :class:`~distcomp.errors.RankMismatchError` on every rank if ranks disagree.
     """
     if replicate_group is not None:
-        return _register_hsdp(model, compressor, replicate_group, log_every, config)
-    fsdp_modules(model)
-    raise DistcompError("the compressed FSDP2 reduce-scatter is not available yet")
+        return _register_hsdp(model, compressor, replicate_group, error_feedback, log_every, config)
+    modules = fsdp_modules(model)
+    comp = _make_compressor(compressor, config)
+    if error_feedback not in EF_MODES:
+        raise ConfigError(f"error_feedback={error_feedback!r} is not one of {', '.join(EF_MODES)}")
+    group = _shard_group(modules)
+    world_size, rank = dist.get_world_size(group), dist.get_rank(group)
+    names = module_names(model)
+    units = [Unit(names[id(m)], tuple(reduce_scatter_layout(model, m, world_size))) for m in modules]
+    settings = {**config_to_dict(comp.config), "error_feedback": error_feedback, "units": [u.name for u in units]}
+    check_agreement(settings, group)
+    mode = cast(ErrorFeedbackMode, error_feedback)
+    state = FSDPCompressionState(
+        model, comp, units, error_feedback=mode, world_size=world_size, rank=rank, log_every=log_every
+    )
+    for index, (module, unit) in enumerate(zip(modules, units)):
+        module.set_custom_reduce_scatter(CompressedReduceScatter(state, unit.name, index))
+    logger.info("distcomp.fsdp: %s reduce-scatter on %d FSDP modules", comp.name, len(modules))
+    return state
 
 
-def _register_hsdp(model: nn.Module, compressor: Any, replicate_group: Any, log_every: int, config: dict) -> Any:
+def _make_compressor(compressor: str | Any, config: dict[str, Any]) -> Compressor:
+    if isinstance(compressor, str):
+        comp = get_compressor(compressor)(build_config(compressor, config))
+    else:
+        cls = compressor_for_config(compressor)
+        comp = cls(dataclasses.replace(compressor, **config) if config else compressor)
+    if comp.name not in SUPPORTED:
+        raise ConfigError(
+            f"compressor {comp.name!r} does not compress an FSDP2 reduce-scatter; use one of "
+            f"{', '.join(SUPPORTED)} (PowerSGD fits HSDP's replica all-reduce: pass replicate_group)"
+        )
+    return comp
+
+
+def _shard_group(modules: list[Any]) -> dist.ProcessGroup | None:
+    """The process group FSDP reduce-scatters over (the first module with parameters tells)."""
+    for module in modules:
+        for group in module._get_fsdp_state()._fsdp_param_groups:
+            return group._reduce_scatter_process_group
+    return None
+
+
+def _register_hsdp(
+    model: nn.Module, compressor: Any, replicate_group: Any, error_feedback: str, log_every: int, config: dict
+) -> Any:
     try:
         hsdp = importlib.import_module("distcomp.fsdp.hsdp")
     except ModuleNotFoundError as error:
@@ -43,4 +101,6 @@ def _register_hsdp(model: nn.Module, compressor: Any, replicate_group: Any, log_
             "HSDP compression (replicate_group=...) is not available in this build: "
             "register without replicate_group to compress the FSDP2 reduce-scatter"
         ) from None
-    return hsdp.register_hsdp(model, compressor, replicate_group=replicate_group, log_every=log_every, **config)
+    return hsdp.register_hsdp(
+        model, compressor, replicate_group=replicate_group, error_feedback=error_feedback, log_every=log_every, **config
+    )

@@ -1,0 +1,232 @@
+"""The state of a compressed FSDP2 model: compressor, worker residuals per FSDP unit, telemetry.
+
+FSDP2 calls each FSDP module's reduce-scatter once per synchronizing backward, in
+the same order every step. A step ends when a module is called a second time
+(or when :meth:`FSDPCompressionState.stats` / :meth:`~FSDPCompressionState.state_dict`
+is asked for): its new residuals are staged until then, and dropped as a whole
+if any module's gradients were non-finite, so a step a scaler skips leaves no trace.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from distcomp.codecs import CastCodec, RandomKCodec, TopKCodec
+from distcomp.comm import Comm
+from distcomp.compressor import Compressor
+from distcomp.config import config_to_dict
+from distcomp.errors import CheckpointError, DistcompError
+from distcomp.fsdp.modules import ParamSlot
+from distcomp.telemetry import Telemetry
+
+STATE_FORMAT = "distcomp.fsdp/1"
+ErrorFeedbackMode = Literal["fp32", "bf16", "none"]
+RESIDUAL_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+logger = logging.getLogger("distcomp")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One FSDP module: its qualified name and the layout of its reduce-scatter chunks."""
+
+    name: str
+    slots: tuple[ParamSlot, ...]
+
+    @property
+    def shard_numel(self) -> int:
+        """Elements of one rank's chunk when every trainable parameter has a gradient."""
+        return sum(s.numel for s in self.slots)
+
+
+class FSDPCompressionState:
+    """What ``distcomp.fsdp.register`` returns: ``stats()``, ``state_dict()``, ``load_state_dict()``, ``close()``.
+
+    Checkpointing: :meth:`state_dict` holds this rank's worker residuals keyed by
+    parameter name (each ``[world_size, padded shard]``, one row per destination
+    rank), the compressor's own state (random streams), the step, and the config,
+    error-feedback mode, world size and rank it was made with. Save one file per rank.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        compressor: Compressor,
+        units: list[Unit],
+        *,
+        error_feedback: ErrorFeedbackMode,
+        world_size: int,
+        rank: int,
+        log_every: int = 0,
+    ) -> None:
+        self.compressor = compressor
+        self.units = {u.name: u for u in units}
+        self.error_feedback = error_feedback
+        self.world_size = world_size
+        self.rank = rank
+        self.step = 0
+        self.telemetry = Telemetry(log_every=log_every)
+        self._residuals: dict[str, torch.Tensor] = {}
+        self._staged: dict[str, torch.Tensor] = {}
+        self._called: set[str] = set()
+        self._nonfinite = False
+        self._model_name = type(model).__name__
+
+    # -- used by the reduce-scatter comms ----------------------------------------
+
+    def begin_call(self, unit: str) -> None:
+        """A module's reduce-scatter starts; a module seen before in this step closes the previous step."""
+        if unit in self._called:
+            self._end_step()
+        if not self._called:
+            self.compressor.begin_step()
+        self._called.add(unit)
+
+    def compressing(self) -> bool:
+        """Whether this step is compressed (``none`` never is; others from their ``start_step``)."""
+        return self.compressor.name != "none" and self.step >= self.compressor.config.start_step
+
+    def codec(self, comm: Comm, device: torch.device) -> tuple[str, Any]:
+        """``(kind, codec)``: ``block`` (sign, int8, int4), ``cast`` (bf16, fp16) or ``sparse`` (topk, randomk)."""
+        comp = self.compressor
+        if hasattr(comp, "codec"):
+            return "block", comp.codec(comm, device)
+        if hasattr(comp, "wire_dtype"):
+            return "cast", CastCodec(comp.wire_dtype)
+        return "sparse", None
+
+    def sparse_k(self, shard: int) -> int:
+        """Entries sent per chunk of ``shard`` values (``ratio`` or ``k`` of the compressor)."""
+        return self.compressor.config.k_for(shard) if shard else 0  # type: ignore[attr-defined]
+
+    def sparse_codec(self, shard: int, k: int, device: torch.device) -> TopKCodec | RandomKCodec:
+        """The codec of one chunk; random-k draws its indices from the compressor's shared generator."""
+        if self.compressor.name == "topk":
+            return TopKCodec(k)
+        return RandomKCodec.draw(shard, k, self.compressor.generator, device)  # type: ignore[attr-defined]
+
+    def residual(self, unit: str, world_size: int, shard: int, device: torch.device) -> torch.Tensor | None:
+        """The unit's worker residual as fp32 ``[world_size, shard]``, or None without error feedback."""
+        if not self._feedback():
+            return None
+        expected = self.units[unit].shard_numel
+        if shard != expected:
+            raise DistcompError(
+                f"FSDP unit {unit or '<root>'!r} reduced {shard} values per rank but its trainable parameters "
+                f"have {expected}: a parameter got no gradient this step. Error feedback keys residuals by "
+                "parameter, so every trainable parameter needs a gradient: call "
+                "set_reduce_scatter_unused_params(True) on the model, or freeze the unused parameter"
+            )
+        stored = self._residuals.get(unit)
+        if stored is None:
+            return torch.zeros(world_size, shard, dtype=torch.float32, device=device)
+        return stored.to(device=device, dtype=torch.float32)
+
+    def stage(self, unit: str, residual: torch.Tensor | None) -> None:
+        """Keep ``residual`` until the step ends; None marks the step non-finite (all its residuals are dropped)."""
+        if residual is None:
+            self._nonfinite = True
+            return
+        self._staged[unit] = residual.to(RESIDUAL_DTYPES[self.error_feedback])
+
+    def _feedback(self) -> bool:
+        return self.error_feedback != "none" and bool(getattr(self.compressor.config, "error_feedback", True))
+
+    def _end_step(self) -> None:
+        keep = not self._nonfinite
+        if keep:
+            self._residuals.update(self._staged)
+        self.compressor.end_step(keep)
+        self._staged, self._called, self._nonfinite = {}, set(), False
+        self.telemetry.end_step()
+        self.step += 1
+
+    def flush(self) -> None:
+        """Close the step in progress, if any (its residuals become current or are dropped)."""
+        if self._called:
+            self._end_step()
+
+    # -- telemetry, checkpoints, lifetime ----------------------------------------
+
+    def ef_bytes(self) -> int:
+        """Bytes this rank holds in worker residuals (as large as the unsharded gradients they cover)."""
+        return sum(t.numel() * t.element_size() for t in self._residuals.values())
+
+    def stats(self) -> dict[str, Any]:
+        """The DDP hook's stats (last step and cumulative), plus ``ef_bytes``, ``error_feedback`` and ``units``."""
+        self.flush()
+        out = self.telemetry.summary()
+        out.update(ef_bytes=self.ef_bytes(), error_feedback=self.error_feedback, units=len(self.units))
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state (tensors and plain values; loadable with ``torch.load(weights_only=True)``)."""
+        self.flush()
+        residuals: dict[str, torch.Tensor] = {}
+        for name, flat in self._residuals.items():
+            for slot in self.units[name].slots:
+                residuals[slot.name] = flat[:, slot.offset : slot.offset + slot.numel].clone()
+        return {
+            "format": STATE_FORMAT,
+            "config": config_to_dict(self.compressor.config),
+            "error_feedback": self.error_feedback,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "step": self.step,
+            "residuals": residuals,
+            "compressor": self.compressor.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; another config, world size, rank or model is a :class:`CheckpointError`."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise CheckpointError(f"not a distcomp FSDP compression state (expected format {STATE_FORMAT!r})")
+        self._check(state)
+        residuals = state["residuals"]
+        restored: dict[str, torch.Tensor] = {}
+        for unit in self.units.values():
+            parts = [residuals.get(slot.name) for slot in unit.slots]
+            if all(p is None for p in parts):
+                continue
+            if any(p is None or p.shape != (self.world_size, slot.numel) for p, slot in zip(parts, unit.slots)):
+                raise CheckpointError(
+                    f"residuals of FSDP unit {unit.name or '<root>'!r} do not match its parameters: the "
+                    "checkpoint was written for another model or sharding; resume with the same model and mesh"
+                )
+            restored[unit.name] = torch.cat([p for p in parts if p is not None], dim=1)
+        self.compressor.load_state_dict(state["compressor"])
+        self._residuals, self._staged, self._called, self._nonfinite = restored, {}, set(), False
+        self.step = int(state["step"])
+
+    def _check(self, state: dict[str, Any]) -> None:
+        mine = config_to_dict(self.compressor.config)
+        if state["config"] != mine or state["error_feedback"] != self.error_feedback:
+            raise CheckpointError(
+                f"checkpoint was written with compression {state['config']} and error_feedback="
+                f"{state['error_feedback']!r}, this run has {mine} and {self.error_feedback!r}: "
+                "register with the checkpoint's settings"
+            )
+        if state["world_size"] != self.world_size:
+            raise CheckpointError(
+                f"checkpoint was written by a job of {state['world_size']} ranks, this one has {self.world_size}: "
+                "error residuals are per rank and cannot be redistributed; resume with the same world size and mesh"
+            )
+        if state["rank"] != self.rank:
+            raise CheckpointError(
+                f"checkpoint was written by rank {state['rank']} but this is rank {self.rank}: "
+                "load each rank's own file"
+            )
+        unknown = set(state["residuals"]) - {s.name for u in self.units.values() for s in u.slots}
+        if unknown:
+            raise CheckpointError(
+                f"checkpoint has residuals for parameters this model does not shard: {sorted(unknown)[:5]}; "
+                "resume with the same model and the same fully_shard wrapping"
+            )
+
+    def close(self) -> None:
+        """Nothing runs in the background; kept for the same lifetime calls as the DDP state."""
+        self.flush()
