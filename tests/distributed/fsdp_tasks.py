@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed import ReduceOp
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import distcomp.fsdp
 from distcomp.errors import DistcompError
@@ -97,6 +97,8 @@ class Run:
     save_at: int | None = None
     resume_from: str | None = None
     path: str | None = None
+    frozen: bool = False  # freeze the last layer's bias (FSDP reduces no gradient for it)
+    reduce_dtype: str | None = None  # a MixedPrecisionPolicy reducing in this dtype
 
 
 def _model() -> nn.Module:
@@ -119,13 +121,16 @@ def train(rank: int, world_size: int, run: Run) -> dict[str, Any]:
     """Train ``run``; returns the losses (mean over ranks), full parameters and stats."""
     mesh = init_device_mesh("cpu", (world_size,))
     model = _model()
+    if run.frozen:
+        model[2].bias.requires_grad_(False)
+    policy = MixedPrecisionPolicy(reduce_dtype=getattr(torch, run.reduce_dtype) if run.reduce_dtype else None)
     for block in model[:2]:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     state = None
     if run.compressor is not None:
         state = distcomp.fsdp.register(model, run.compressor, error_feedback=run.error_feedback, **run.options)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     start = 0
     if run.resume_from is not None:
         ckpt = torch.load(f"{run.resume_from}-rank{rank}.pt", weights_only=False)
@@ -173,6 +178,7 @@ def errors(rank: int, world_size: int, path: str) -> dict[str, str]:
     attempts["unknown_compressor"] = lambda: distcomp.fsdp.register(model, "int9")
     attempts["bad_error_feedback"] = lambda: distcomp.fsdp.register(model, "int8", error_feedback="int3")
     attempts["powersgd"] = lambda: distcomp.fsdp.register(model, "powersgd")
+    attempts["ranks_disagree"] = lambda: distcomp.fsdp.register(model, "int8" if rank == 0 else "int4")
     state = distcomp.fsdp.register(model, "int8")
     saved = state.state_dict()
     attempts["world_size"] = lambda: state.load_state_dict({**saved, "world_size": world_size + 2})

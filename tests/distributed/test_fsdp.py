@@ -108,6 +108,13 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict]]:
         "accumulate-fsdp": Run(None, steps=10, accumulate=2),
         "accumulate-none": Run("none", steps=10, accumulate=2),
         "accumulate-int8": Run("int8", options={"start_step": 0}, steps=10, accumulate=2),
+        "frozen-fsdp": Run(None, steps=10, frozen=True),
+        "frozen-none": Run("none", steps=10, frozen=True),
+        "frozen-int8": Run("int8", options={"start_step": 0}, steps=10, frozen=True),
+        "fp16-reduce-fsdp": Run(None, steps=10, reduce_dtype="float16"),
+        "fp16-reduce-none": Run("none", steps=10, reduce_dtype="float16"),
+        "fp16-reduce-int8": Run("int8", options={"start_step": 0}, steps=10, reduce_dtype="float16"),
+        "bf16-reduce-int8": Run("int8", options={"start_step": 0}, steps=10, reduce_dtype="bfloat16"),
         "sign-saved": Run("sign", steps=STEPS, save_at=RESUME_AT, path=path + "-sign"),
         "int8-saved": Run("int8", steps=STEPS, save_at=RESUME_AT, path=path + "-int8"),
     }
@@ -164,6 +171,18 @@ def test_gradient_accumulation_without_sync(trained: dict[str, list[dict]]) -> N
     assert abs(compressed[-1] - plain[-1]) <= 0.05 * plain[-1]
 
 
+@pytest.mark.parametrize("variant", ["frozen", "fp16-reduce"])
+def test_frozen_parameters_and_reduce_dtype(trained: dict[str, list[dict]], variant: str) -> None:
+    plain = trained[f"{variant}-fsdp"][0]
+    assert trained[f"{variant}-none"][0]["losses"] == plain["losses"]
+    runs = [f"{variant}-int8"] + (["bf16-reduce-int8"] if variant == "fp16-reduce" else [])
+    for name in runs:
+        assert abs(trained[name][0]["losses"][-1] - plain["losses"][-1]) <= 0.05 * plain["losses"][-1], name
+    if variant == "frozen":
+        # The frozen bias has no residual: 4 fewer padded values (2 rows of a 3-row bias, on 2 ranks).
+        assert trained["frozen-int8"][0]["stats"]["ef_bytes"] == 4 * ((6 * 12 + 12) + (6 * 12 + 6) + 4 * 5)
+
+
 @pytest.mark.parametrize("compressor", ["sign", "int8"])
 def test_resume_is_bit_identical(trained: dict[str, list[dict]], compressor: str) -> None:
     for rank in range(WORLD):
@@ -180,5 +199,6 @@ def test_error_messages(tmp_path) -> None:
     assert "int9" in messages["unknown_compressor"]
     assert "error_feedback" in messages["bad_error_feedback"]
     assert "replicate_group" in messages["powersgd"]
+    assert "RankMismatchError" in messages["ranks_disagree"]
     assert "CheckpointError" in messages["world_size"] and "same world size" in messages["world_size"]
     assert "CheckpointError" in messages["config"]
