@@ -8,5 +8,6 @@ state = distcomp.fsdp.register(model, "int8")
 
 from distcomp.fsdp.modules import fsdp_modules
 from distcomp.fsdp.register import register
+from distcomp.fsdp.state import FSDPCompressionState
 
-__all__ = ["fsdp_modules", "register"]
+__all__ = ["FSDPCompressionState", "fsdp_modules", "register"]

@@ -8,6 +8,11 @@ and each rank decodes and sums the chunks it received (phase 1 of the two-phase
 mean, :func:`~distcomp.collectives.compressed_reduce_scatter`). The pre- and
 post-divide factors FSDP applies around the comm stay FSDP's; ``op`` (AVG, SUM,
 PREMUL_SUM with its factor) is applied here to the decoded sum.
+
+Block codecs (sign, int8, int4) need chunks that are a whole number of blocks:
+each rank's chunk is zero-padded to one. Sign's per-block scale (the mean
+magnitude) counts those zeros, so the last block of a chunk is sent scaled down;
+error feedback returns the difference in later steps.
 """
 
 from __future__ import annotations
