@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 from typing import Any, cast
 
@@ -13,7 +12,8 @@ from torch import nn
 from distcomp.agreement import check_agreement
 from distcomp.compressor import Compressor
 from distcomp.config import config_to_dict
-from distcomp.errors import ConfigError, DistcompError
+from distcomp.errors import ConfigError
+from distcomp.fsdp.hsdp import register_hsdp
 from distcomp.fsdp.modules import fsdp_modules, module_names, reduce_scatter_layout
 from distcomp.fsdp.reduce_scatter import CompressedReduceScatter
 from distcomp.fsdp.state import RESIDUAL_DTYPES, ErrorFeedbackMode, FSDPCompressionState, Unit
@@ -46,7 +46,14 @@ def register(
     :class:`~distcomp.errors.RankMismatchError` on every rank if ranks disagree.
     """
     if replicate_group is not None:
-        return _register_hsdp(model, compressor, replicate_group, error_feedback, log_every, config)
+        return register_hsdp(
+            model,
+            compressor,
+            replicate_group=replicate_group,
+            error_feedback=error_feedback,
+            log_every=log_every,
+            **config,
+        )
     modules = fsdp_modules(model)
     comp = _make_compressor(compressor, config)
     if error_feedback not in EF_MODES:
@@ -87,20 +94,3 @@ def _shard_group(modules: list[Any]) -> dist.ProcessGroup | None:
         for group in module._get_fsdp_state()._fsdp_param_groups:
             return group._reduce_scatter_process_group
     return None
-
-
-def _register_hsdp(
-    model: nn.Module, compressor: Any, replicate_group: Any, error_feedback: str, log_every: int, config: dict
-) -> Any:
-    try:
-        hsdp = importlib.import_module("distcomp.fsdp.hsdp")
-    except ModuleNotFoundError as error:
-        if error.name != "distcomp.fsdp.hsdp":
-            raise
-        raise DistcompError(
-            "HSDP compression (replicate_group=...) is not available in this build: "
-            "register without replicate_group to compress the FSDP2 reduce-scatter"
-        ) from None
-    return hsdp.register_hsdp(
-        model, compressor, replicate_group=replicate_group, error_feedback=error_feedback, log_every=log_every, **config
-    )

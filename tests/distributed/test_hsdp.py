@@ -39,6 +39,7 @@ class Run:
     method: str
     """``native`` (torch's HSDP on the 2-D mesh) or a compressor name (1-D FSDP plus distcomp)."""
     options: dict[str, Any] = field(default_factory=dict)
+    error_feedback: str = "fp32"
 
 
 def _model() -> torch.nn.Module:
@@ -74,7 +75,10 @@ def _build(run: Run, mesh: Any) -> tuple[torch.nn.Module, Any]:
         _shard(model, mesh)
         return model, None
     _shard(model, mesh["shard"])
-    state = distcomp.fsdp.register(model, run.method, replicate_group=mesh.get_group("replicate"), **run.options)
+    group = mesh.get_group("replicate")
+    state = distcomp.fsdp.register(
+        model, run.method, replicate_group=group, error_feedback=run.error_feedback, **run.options
+    )
     return model, state
 
 
@@ -125,7 +129,11 @@ def train_all(rank: int, world_size: int, runs: list[Run], ckpt: str) -> dict[st
     for run in runs:
         model, state = _build(run, mesh)
         losses = _train(model, rank, range(STEPS))
-        out[run.method] = {"losses": losses, "full": _full(model), "stats": state.stats() if state else None}
+        out[run.method if run.error_feedback == "fp32" else f"{run.method}-{run.error_feedback}"] = {
+            "losses": losses,
+            "full": _full(model),
+            "stats": state.stats() if state else None,
+        }
     for method in ("native", "none"):
         model, state = _build(Run(method), mesh)
         _train_accumulating(model, rank, ACCUMULATED_STEPS)
@@ -137,7 +145,16 @@ def train_all(rank: int, world_size: int, runs: list[Run], ckpt: str) -> dict[st
     _train(model, rank, range(SAVE_AT, STEPS))
     out["uninterrupted"] = _full(model)
     out["native_mesh_error"] = _native_mesh_error(mesh)
+    out["bf16_residual_error"] = _error(lambda: _build(Run("int8", error_feedback="bf16"), mesh))
     return out
+
+
+def _error(fn: Any) -> str:
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - the test asserts on the type and message
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
 
 
 def _native_mesh_error(mesh: Any) -> str:
@@ -145,11 +162,7 @@ def _native_mesh_error(mesh: Any) -> str:
 
     model = _model()
     _shard(model, mesh)
-    try:
-        distcomp.fsdp.register(model, "int8", replicate_group=mesh.get_group("replicate"))
-    except Exception as exc:  # noqa: BLE001 - the test asserts on the message
-        return f"{type(exc).__name__}: {exc}"
-    return "no error"
+    return _error(lambda: distcomp.fsdp.register(model, "int8", replicate_group=mesh.get_group("replicate")))
 
 
 def resume(rank: int, world_size: int, ckpt: str) -> dict[str, Any]:
@@ -182,6 +195,7 @@ def resume(rank: int, world_size: int, ckpt: str) -> dict[str, Any]:
 def jobs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], list[dict]]:
     ckpt = str(Path(tmp_path_factory.mktemp("hsdp")) / "ckpt")
     runs = [Run("native")] + [Run(name, OPTIONS.get(name, {})) for name in TOLERANCE]
+    runs.append(Run("int8", OPTIONS["int8"], error_feedback="none"))
     first = run_ranks(train_all, 4, args=(runs, ckpt), timeout=300)
     second = run_ranks(resume, 4, args=(ckpt,), timeout=120)
     return first, second
@@ -227,6 +241,20 @@ def test_error_feedback_memory_is_reported(jobs: tuple) -> None:
     first, _ = jobs
     assert first[0]["int8"]["stats"]["ef_bytes"] > 0
     assert first[0]["none"]["stats"]["ef_bytes"] == 0
+
+
+def test_without_error_feedback_replicas_agree_and_keep_no_residual(jobs: tuple) -> None:
+    first, _ = jobs
+    assert first[0]["int8-none"]["stats"]["ef_bytes"] == 0
+    assert first[0]["int8-none"]["stats"]["total"]["compressed_steps"] > 0
+    for rank in first[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(first[0]["int8-none"]["full"], rank["int8-none"]["full"]))
+
+
+def test_bf16_residuals_are_refused(jobs: tuple) -> None:
+    first, _ = jobs
+    assert first[0]["bf16_residual_error"].startswith("ConfigError"), first[0]["bf16_residual_error"]
+    assert '"fp32" or "none"' in first[0]["bf16_residual_error"]
 
 
 def test_gradient_accumulation_matches_native_hsdp(jobs: tuple) -> None:
