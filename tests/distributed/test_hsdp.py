@@ -144,9 +144,27 @@ def train_all(rank: int, world_size: int, runs: list[Run], ckpt: str) -> dict[st
     torch.save({"model": _local(model), "compression": state.state_dict()}, f"{ckpt}-{rank}.pt")
     _train(model, rank, range(SAVE_AT, STEPS))
     out["uninterrupted"] = _full(model)
+    out["nonfinite"] = _nonfinite_step(rank, mesh)
     out["native_mesh_error"] = _native_mesh_error(mesh)
     out["bf16_residual_error"] = _error(lambda: _build(Run("int8", error_feedback="bf16"), mesh))
     return out
+
+
+def _nonfinite_step(rank: int, mesh: Any) -> dict[str, Any]:
+    """A NaN loss on rank 0 after a few steps: every rank's step is non-finite and no residual changes."""
+    model, state = _build(Run("int8", OPTIONS["int8"]), mesh)
+    _train(model, rank, range(3))
+    before = state.state_dict()
+    x, y = _batch(rank, 3)
+    loss = ((model(x) - y) ** 2).mean() * (float("nan") if rank == 0 else 1.0)
+    loss.backward()
+    after = state.state_dict()
+    residuals_kept = all(
+        torch.equal(before["compressor"]["residuals"][k], v) for k, v in after["compressor"]["residuals"].items()
+    )
+    # What a grad scaler checks: some gradient of this rank is non-finite (empty shards have none to show).
+    grads_nonfinite = any(not bool(torch.isfinite(p.grad.to_local()).all()) for p in model.parameters())
+    return {"stats": state.stats(), "residuals_kept": residuals_kept, "grads_nonfinite": grads_nonfinite}
 
 
 def _error(fn: Any) -> str:
@@ -249,6 +267,15 @@ def test_without_error_feedback_replicas_agree_and_keep_no_residual(jobs: tuple)
     assert first[0]["int8-none"]["stats"]["total"]["compressed_steps"] > 0
     for rank in first[1:]:
         assert all(torch.equal(a, b) for a, b in zip(first[0]["int8-none"]["full"], rank["int8-none"]["full"]))
+
+
+def test_nonfinite_step_is_nonfinite_everywhere_and_keeps_residuals(jobs: tuple) -> None:
+    first, _ = jobs
+    for rank in first:
+        got = rank["nonfinite"]
+        assert got["stats"]["total"]["nonfinite_steps"] == 1
+        assert got["grads_nonfinite"]
+        assert got["residuals_kept"]
 
 
 def test_bf16_residuals_are_refused(jobs: tuple) -> None:
