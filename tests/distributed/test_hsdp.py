@@ -32,6 +32,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "topk": {"ratio": 0.25},
 }
 RESUMED = "powersgd"
+BF16_REDUCED = ["powersgd", "int8"]
 
 
 @dataclass
@@ -40,6 +41,14 @@ class Run:
     """``native`` (torch's HSDP on the 2-D mesh) or a compressor name (1-D FSDP plus distcomp)."""
     options: dict[str, Any] = field(default_factory=dict)
     error_feedback: str = "fp32"
+    reduce_bf16: bool = False
+    """Reduce gradients in bfloat16 (``MixedPrecisionPolicy(reduce_dtype=torch.bfloat16)``)."""
+
+    @property
+    def key(self) -> str:
+        """The name the run's results are kept under: the method, then what differs from the defaults."""
+        key = self.method if self.error_feedback == "fp32" else f"{self.method}-ef_{self.error_feedback}"
+        return f"{key}-bf16" if self.reduce_bf16 else key
 
 
 def _model() -> torch.nn.Module:
@@ -50,13 +59,14 @@ def _model() -> torch.nn.Module:
     )
 
 
-def _shard(model: torch.nn.Module, mesh: Any) -> None:
-    from torch.distributed.fsdp import fully_shard
+def _shard(model: torch.nn.Module, mesh: Any, reduce_bf16: bool = False) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.bfloat16 if reduce_bf16 else None)
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
 def _batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +84,7 @@ def _build(run: Run, mesh: Any) -> tuple[torch.nn.Module, Any]:
     if run.method == "native":
         _shard(model, mesh)
         return model, None
-    _shard(model, mesh["shard"])
+    _shard(model, mesh["shard"], run.reduce_bf16)
     group = mesh.get_group("replicate")
     state = distcomp.fsdp.register(
         model, run.method, replicate_group=group, error_feedback=run.error_feedback, **run.options
@@ -129,7 +139,7 @@ def train_all(rank: int, world_size: int, runs: list[Run], ckpt: str) -> dict[st
     for run in runs:
         model, state = _build(run, mesh)
         losses = _train(model, rank, range(STEPS))
-        out[run.method if run.error_feedback == "fp32" else f"{run.method}-{run.error_feedback}"] = {
+        out[run.key] = {
             "losses": losses,
             "full": _full(model),
             "stats": state.stats() if state else None,
@@ -214,6 +224,7 @@ def jobs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], list[dic
     ckpt = str(Path(tmp_path_factory.mktemp("hsdp")) / "ckpt")
     runs = [Run("native")] + [Run(name, OPTIONS.get(name, {})) for name in TOLERANCE]
     runs.append(Run("int8", OPTIONS["int8"], error_feedback="none"))
+    runs += [Run(name, OPTIONS.get(name, {}), reduce_bf16=True) for name in BF16_REDUCED]
     first = run_ranks(train_all, 4, args=(runs, ckpt), timeout=300)
     second = run_ranks(resume, 4, args=(ckpt,), timeout=120)
     return first, second
@@ -263,10 +274,10 @@ def test_error_feedback_memory_is_reported(jobs: tuple) -> None:
 
 def test_without_error_feedback_replicas_agree_and_keep_no_residual(jobs: tuple) -> None:
     first, _ = jobs
-    assert first[0]["int8-none"]["stats"]["ef_bytes"] == 0
-    assert first[0]["int8-none"]["stats"]["total"]["compressed_steps"] > 0
+    assert first[0]["int8-ef_none"]["stats"]["ef_bytes"] == 0
+    assert first[0]["int8-ef_none"]["stats"]["total"]["compressed_steps"] > 0
     for rank in first[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(first[0]["int8-none"]["full"], rank["int8-none"]["full"]))
+        assert all(torch.equal(a, b) for a, b in zip(first[0]["int8-ef_none"]["full"], rank["int8-ef_none"]["full"]))
 
 
 def test_nonfinite_step_is_nonfinite_everywhere_and_keeps_residuals(jobs: tuple) -> None:
@@ -276,6 +287,16 @@ def test_nonfinite_step_is_nonfinite_everywhere_and_keeps_residuals(jobs: tuple)
         assert got["stats"]["total"]["nonfinite_steps"] == 1
         assert got["grads_nonfinite"]
         assert got["residuals_kept"]
+
+
+@pytest.mark.parametrize("name", BF16_REDUCED)
+def test_bf16_reduce_dtype_trains_and_replicas_agree(jobs: tuple, name: str) -> None:
+    first, _ = jobs
+    got = first[0][f"{name}-bf16"]
+    assert got["stats"]["total"]["compressed_steps"] > 0
+    assert _tail(got["losses"]) <= _tail(first[0]["native"]["losses"]) * (1 + 2 * TOLERANCE[name]) + 1e-3
+    for rank in first[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got["full"], rank[f"{name}-bf16"]["full"]))
 
 
 def test_bf16_residuals_are_refused(jobs: tuple) -> None:
