@@ -27,7 +27,10 @@ in the same order on every rank. A step ends at the last unit that reduces
 anything, i.e. after as many calls as there are FSDP units with a trainable
 parameter (counted at each step's first call, so freezing a whole unit later is
 followed). Backwards that do not sync gradients
-(``set_requires_gradient_sync(False)``) do not call the hook and are not steps.
+(``set_requires_gradient_sync(False)``) do not call the hook and are not steps;
+``set_requires_all_reduce(False)`` has nothing to skip on this route. A unit
+whose trainable parameters go unused breaks the count (it reduces less, or not
+at all): that is an error naming the fix, ``set_reduce_scatter_unused_params(True)``.
 """
 
 from __future__ import annotations
