@@ -1,9 +1,11 @@
 """distcomp: compress what data-parallel PyTorch ranks send each other.
 
-state = distcomp.register(ddp_model, "powersgd", rank=4)
+state = distcomp.register(ddp_model, "powersgd", rank=4)    # DDP
+state = distcomp.fsdp.register(fsdp_model, "int8")          # FSDP2; HSDP: replicate_group=...
 """
 
 from distcomp import compressors as _compressors  # noqa: F401 - registers the built-in compressors
+from distcomp import fsdp
 from distcomp.bucket import Bucket
 from distcomp.compressor import Compressor, CompressorConfig
 from distcomp.config import config_from_dict, config_to_dict, load_config
@@ -27,6 +29,7 @@ __all__ = [
     "compressed_hook",
     "config_from_dict",
     "config_to_dict",
+    "fsdp",
     "ddp_comm_hook",
     "get_compressor",
     "load_config",

@@ -9,6 +9,7 @@ dataclass's own ``__post_init__`` validates the values.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -66,3 +67,11 @@ def build_config(name: str, values: Mapping[str, Any], *, section: str = "") -> 
     training config), so that messages name ``compression.<key>``.
     """
     return build(get_compressor(name).Config, values, section=section, where=f"for compressor {name!r}")
+
+
+def make_compressor(compressor: str | CompressorConfig, config: dict[str, Any]) -> Compressor:
+    """A compressor from a registered name and its options, or from a ``Config`` (``config`` overrides its fields)."""
+    if isinstance(compressor, str):
+        return get_compressor(compressor)(build_config(compressor, config))
+    cls = compressor_for_config(compressor)
+    return cls(dataclasses.replace(compressor, **config) if config else compressor)

@@ -52,7 +52,7 @@ from distcomp.compressor import Compressor
 from distcomp.config import config_to_dict
 from distcomp.errors import CheckpointError, ConfigError
 from distcomp.fsdp.modules import fsdp_modules, managed_parameters, module_names, padded_shard_numel
-from distcomp.hooks.ddp import _make_compressor
+from distcomp.registry import make_compressor
 from distcomp.telemetry import Telemetry
 
 STATE_FORMAT = "distcomp.hsdp/1"
@@ -259,7 +259,7 @@ def register_hsdp(
     """
     modules = fsdp_modules(model)
     shard_size = _shard_size(modules)
-    comp = _make_compressor(compressor, {**config, **_error_feedback_option(error_feedback)})
+    comp = make_compressor(compressor, {**config, **_error_feedback_option(error_feedback)})
     replicas = dist.get_world_size(replicate_group)
     if replicas * shard_size != dist.get_world_size():
         raise ConfigError(

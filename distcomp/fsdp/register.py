@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any, cast
 
@@ -17,7 +16,7 @@ from distcomp.fsdp.hsdp import register_hsdp
 from distcomp.fsdp.modules import fsdp_modules, module_names, reduce_scatter_layout
 from distcomp.fsdp.reduce_scatter import CompressedReduceScatter
 from distcomp.fsdp.state import RESIDUAL_DTYPES, ErrorFeedbackMode, FSDPCompressionState, Unit
-from distcomp.registry import build_config, compressor_for_config, get_compressor
+from distcomp.registry import make_compressor
 
 logger = logging.getLogger("distcomp")
 SUPPORTED = ("none", "sign", "int8", "int4", "bf16", "fp16", "topk", "randomk")
@@ -75,11 +74,7 @@ def register(
 
 
 def _make_compressor(compressor: str | Any, config: dict[str, Any]) -> Compressor:
-    if isinstance(compressor, str):
-        comp = get_compressor(compressor)(build_config(compressor, config))
-    else:
-        cls = compressor_for_config(compressor)
-        comp = cls(dataclasses.replace(compressor, **config) if config else compressor)
+    comp = make_compressor(compressor, config)
     if comp.name not in SUPPORTED:
         raise ConfigError(
             f"compressor {comp.name!r} does not compress an FSDP2 reduce-scatter; use one of "

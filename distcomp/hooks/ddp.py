@@ -9,7 +9,6 @@ all collectives from one place.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import logging
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from distcomp.compressor import Compressor
 from distcomp.config import config_to_dict
 from distcomp.errors import CheckpointError
 from distcomp.hooks.executor import InlineExecutor, WorkerExecutor
-from distcomp.registry import build_config, compressor_for_config, get_compressor
+from distcomp.registry import make_compressor
 from distcomp.telemetry import Telemetry
 
 STATE_FORMAT = "distcomp.compression/1"
@@ -242,13 +241,6 @@ def compressed_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.f
 annotate_hook(compressed_hook, CompressionState)
 
 
-def _make_compressor(compressor: str | Any, config: dict[str, Any]) -> Compressor:
-    if isinstance(compressor, str):
-        return get_compressor(compressor)(build_config(compressor, config))
-    cls = compressor_for_config(compressor)
-    return cls(dataclasses.replace(compressor, **config) if config else compressor)
-
-
 def ddp_comm_hook(
     compressor: str | Any,
     /,
@@ -270,7 +262,7 @@ def ddp_comm_hook(
     (default: the timeout of ``group``). Raises :class:`~distcomp.errors.RankMismatchError` on every rank
     if the ranks were given different settings.
     """
-    comp = _make_compressor(compressor, config)
+    comp = make_compressor(compressor, config)
     group = group if group is not None else getattr(model, "process_group", None)
     check_agreement({**config_to_dict(comp.config), "overlap": overlap}, group)
     names = None
