@@ -10,8 +10,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed import ReduceOp
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
 
 import distcomp.fsdp
 from distcomp.errors import DistcompError
@@ -99,6 +101,8 @@ class Run:
     path: str | None = None
     frozen: bool = False  # freeze the last layer's bias (FSDP reduces no gradient for it)
     reduce_dtype: str | None = None  # a MixedPrecisionPolicy reducing in this dtype
+    reshard_after_forward: bool | None = None  # None: fully_shard's default
+    checkpoint: str | None = None  # "function": torch.utils.checkpoint in the blocks; "wrapper": checkpoint_wrapper
 
 
 def _model() -> nn.Module:
@@ -111,6 +115,25 @@ def _model() -> nn.Module:
     )
 
 
+class _Checkpointed(nn.Module):
+    """A block whose forward runs under torch.utils.checkpoint (recomputed in backward)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(self.inner, x, use_reentrant=False)
+
+
+def _with_checkpointing(model: nn.Module, how: str | None) -> nn.Module:
+    """Wrap the two blocks for activation checkpointing (before fully_shard, as torch documents)."""
+    wrap = {None: lambda m: m, "function": _Checkpointed, "wrapper": checkpoint_wrapper}[how]
+    for i in range(2):
+        model[i] = wrap(model[i])
+    return model
+
+
 def _batch(step: int, micro: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(10_000 * step + 100 * micro + rank)
     x = torch.randn(16, 6, generator=gen)
@@ -120,13 +143,13 @@ def _batch(step: int, micro: int, rank: int) -> tuple[torch.Tensor, torch.Tensor
 def train(rank: int, world_size: int, run: Run) -> dict[str, Any]:
     """Train ``run``; returns the losses (mean over ranks), full parameters and stats."""
     mesh = init_device_mesh("cpu", (world_size,))
-    model = _model()
+    model = _with_checkpointing(_model(), run.checkpoint)
     if run.frozen:
         model[2].bias.requires_grad_(False)
     policy = MixedPrecisionPolicy(reduce_dtype=getattr(torch, run.reduce_dtype) if run.reduce_dtype else None)
     for block in model[:2]:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=run.reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=run.reshard_after_forward)
     state = None
     if run.compressor is not None:
         state = distcomp.fsdp.register(model, run.compressor, error_feedback=run.error_feedback, **run.options)

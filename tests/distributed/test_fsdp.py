@@ -6,6 +6,8 @@ dominates on a model this small); the tests then assert on its results.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from fsdp_tasks import Case, Run, errors, nonfinite_step, reduce_scatter_cases, train_many
@@ -202,3 +204,50 @@ def test_error_messages(tmp_path) -> None:
     assert "RankMismatchError" in messages["ranks_disagree"]
     assert "CheckpointError" in messages["world_size"] and "same world size" in messages["world_size"]
     assert "CheckpointError" in messages["config"]
+
+
+# -- reshard_after_forward and activation checkpointing -------------------------------
+
+# Explicit True also reshards the root module after forward (the default keeps the root unsharded).
+SETTINGS: dict[str, dict[str, Any]] = {
+    "reshard": {"reshard_after_forward": True},
+    "no-reshard": {"reshard_after_forward": False},
+    "checkpoint-function": {"checkpoint": "function"},
+    "checkpoint-wrapper": {"checkpoint": "wrapper"},
+    "no-reshard-checkpoint": {"reshard_after_forward": False, "checkpoint": "wrapper"},
+}
+
+
+@pytest.fixture(scope="module")
+def settings() -> dict[str, list[dict]]:
+    runs = {
+        f"{name}-{variant}": Run(compressor, options=options, steps=STEPS, **setting)
+        for name, setting in SETTINGS.items()
+        for variant, compressor, options in (
+            ("fsdp", None, {}),
+            ("none", "none", {}),
+            ("int8", "int8", {"start_step": 0}),
+        )
+    }
+    results = run_ranks(train_many, WORLD, args=(list(runs.values()),), timeout=240)
+    return {name: [r[i] for r in results] for i, name in enumerate(runs)}
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_none_is_bit_identical_to_plain_fsdp_per_setting(settings: dict[str, list[dict]], setting: str) -> None:
+    for rank in range(WORLD):
+        plain, none = settings[f"{setting}-fsdp"][rank], settings[f"{setting}-none"][rank]
+        assert none["losses"] == plain["losses"]
+        for name, p in plain["params"].items():
+            assert torch.equal(none["params"][name], p), name
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_int8_trains_and_keeps_ranks_identical_per_setting(settings: dict[str, list[dict]], setting: str) -> None:
+    base = _tail(settings[f"{setting}-fsdp"][0]["losses"])
+    got = _tail(settings[f"{setting}-int8"][0]["losses"])
+    assert got <= base * (1 + TOLERANCE["int8"]), f"{setting}: final loss {got:.4f} vs FSDP {base:.4f}"
+    assert settings[f"{setting}-int8"][0]["stats"]["total"]["compressed_steps"] > 0
+    first, second = settings[f"{setting}-int8"]
+    for key, p in first["params"].items():
+        assert torch.equal(second["params"][key], p), key
