@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import resource
 import statistics
 import sys
@@ -282,6 +283,7 @@ def run_rank(rank: int, world_size: int, bench: Bench, methods: Sequence[Method]
 def run(bench: Bench, methods: Sequence[Method], hsdp: bool, timeout: float) -> tuple[list[Result], dict[str, Any]]:
     """One job of 2 (FSDP2) or 4 (HSDP 2x2) ranks; ``(results, facts)``."""
     world = 4 if hsdp else 2
+    load_before = os.getloadavg()[0]
     outputs = run_ranks(run_rank, world, args=(bench, tuple(methods), hsdp), timeout=timeout, collective_timeout=600)
     numel = outputs[0]["numel"]
     if hsdp:  # ring all-reduce of each rank's fp32 shard over the 2 replicas
@@ -311,7 +313,13 @@ def run(bench: Bench, methods: Sequence[Method], hsdp: bool, timeout: float) -> 
                 steps_ms=tuple(max(s) * 1e3 for s in zip(*(r["seconds"] for r in ranks), strict=True)),
             )
         )
-    facts = {"ranks": world, "numel": numel, "maxrss_mb": [o["maxrss"] / 1e6 for o in outputs]}
+    facts = {
+        "ranks": world,
+        "numel": numel,
+        "maxrss_mb": [o["maxrss"] / 1e6 for o in outputs],
+        # Other work on the machine shows up as noise: record how busy it was.
+        "load_average": [load_before, os.getloadavg()[0]],
+    }
     return results, facts
 
 
@@ -336,7 +344,8 @@ def describe(label: str, bench: Bench, facts: dict[str, Any]) -> str:
     rss = ", ".join(f"{x:.0f}" for x in facts["maxrss_mb"])
     return (
         f"{label}: {facts['numel'] / 1e6:.2f}M parameters, {facts['ranks']} ranks on gloo over loopback; "
-        f"median of {bench.steps} interleaved steps after {bench.warmup} warm-up; ru_maxrss per rank (MB): {rss}"
+        f"median of {bench.steps} interleaved steps after {bench.warmup} warm-up; ru_maxrss per rank (MB): {rss}; "
+        f"load average before/after {facts['load_average'][0]:.1f}/{facts['load_average'][1]:.1f}"
     )
 
 
