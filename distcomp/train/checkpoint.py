@@ -5,8 +5,9 @@ Layout of ``<dir>/step_000050/``:
 * ``meta.json``: format, step, world size, compressor, the settings the
   trajectory depends on, the data fingerprint (read before any rank starts, so a
   mismatch is refused at once);
-* ``model.pt``: the model weights (identical on every rank, written by rank 0);
-* ``rank<r>.pt``: rank r's optimizer state, compression state (error residuals
+* ``model.pt``: the model weights (identical on every rank, written by rank 0;
+  with FSDP the full weights, gathered from the shards);
+* ``rank<r>.pt``: rank r's optimizer state (with FSDP the full state, gathered), compression state (error residuals
   differ per rank), RNG states and the step records so far.
 
 * ``manifest.json``: written last, the size and sha256 of every other file
@@ -57,13 +58,16 @@ def trajectory_config(cfg: TrainConfig, spec: RunSpec) -> dict[str, Any]:
         options = optimizer.pop(name)
         if name == spec.optimizer:
             optimizer["options"] = options
-    return {
+    out = {
         "seed": cfg.seed,
         "model": dataclasses.asdict(cfg.model),
         "data": dataclasses.asdict(cfg.data),
         "optimizer": json.loads(json.dumps(optimizer)),  # plain values, as they come back from meta.json
         "compression": config_to_dict(spec.compression) if spec.compression is not None else None,
     }
+    if cfg.dist.parallel != "ddp":  # DDP checkpoints stay as they were; FSDP's state dicts are keyed otherwise
+        out["parallel"] = cfg.dist.parallel
+    return out
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -80,12 +84,14 @@ def save(
     model: torch.nn.Module,
     rank_state: dict[str, Any],
     keep: int,
+    model_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write this rank's part of the checkpoint after ``step`` steps; collective (every rank calls it).
 
     ``meta`` holds ``run_id``: pruning keeps the newest ``keep`` checkpoints of that
-    run and never touches another run's. A failed write raises :class:`CheckpointError`
-    naming the file.
+    run and never touches another run's. ``model_state`` replaces ``model.state_dict()``
+    where the model is sharded (FSDP: the full state dict gathered on rank 0). A failed
+    write raises :class:`CheckpointError` naming the file.
     """
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -94,7 +100,7 @@ def save(
     dist.barrier()
     manifest.write_state(tmp / f"rank{rank}.pt", rank_state)
     if rank == 0:
-        manifest.write_state(tmp / "model.pt", model.state_dict())
+        manifest.write_state(tmp / "model.pt", model.state_dict() if model_state is None else model_state)
         manifest.write_bytes(
             tmp / "meta.json", (json.dumps({"format": FORMAT, "step": step, **meta}, indent=2) + "\n").encode()
         )

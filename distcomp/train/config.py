@@ -27,6 +27,7 @@ import yaml
 from distcomp.compressor import CompressorConfig
 from distcomp.config import CONFIG_VERSION, check_version, compression_section, config_to_dict
 from distcomp.errors import ConfigError
+from distcomp.fsdp.register import SUPPORTED as FSDP_SUPPORTED
 from distcomp.models.gpt import GPTConfig
 from distcomp.optim import CompressedOptimizer, OneBitAdam, OneBitLamb, ZeroOneAdam
 from distcomp.optim.config import OptimizerConfig as OptimizerSettings
@@ -152,7 +153,12 @@ class DistConfig:
     timeout_s: float = 300.0
     """Seconds any collective may block; a dead or failed peer becomes an error on the others after this."""
     overlap: bool = True
-    """Run compression and communication on a worker thread, overlapping the backward pass."""
+    """Run compression and communication on a worker thread, overlapping the backward pass (DDP only)."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """``ddp``: every rank holds the whole model and DDP all-reduces compressed gradients. ``fsdp``: FSDP2
+    (``fully_shard`` on each GPT block and the model, over all ranks) shards parameters, gradients and
+    optimizer state, and ``distcomp.fsdp.register`` compresses its gradient reduce-scatter; compressors
+    that cannot compress a reduce-scatter and compressed optimizers are refused."""
     threads: int = 0
     """torch threads per rank; 0: the machine's cores divided by the local ranks (so ranks do not oversubscribe)."""
     stop_grace_s: float = 60.0
@@ -289,6 +295,25 @@ class TrainConfig:
             f"cannot also go through the {self.compressor!r} hook; remove the compression section or "
             "set compression.compressor: none",
         )
+        if self.dist.parallel == "fsdp":
+            self._check_fsdp()
+
+    def _check_fsdp(self) -> None:
+        """Refuse, before any rank starts, runs that FSDP cannot train."""
+        for spec in self.runs():
+            require(
+                spec.optimizer not in COMPRESSED_OPTIMIZERS,
+                "dist.parallel",
+                f"fsdp cannot train with the compressed optimizer {spec.optimizer!r} (it needs DDP's whole "
+                "gradients); use --set dist.parallel=ddp, or optimizer.name adamw/sgd with a compressor",
+            )
+            name = compressor_for_config(spec.compression).name if spec.compression is not None else spec.name
+            require(
+                name in FSDP_SUPPORTED,
+                "dist.parallel",
+                f"fsdp cannot compress its reduce-scatter with {name!r}; use one of "
+                f"{', '.join(FSDP_SUPPORTED)}, or --set dist.parallel=ddp",
+            )
 
     @property
     def compressor(self) -> str:

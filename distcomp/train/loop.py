@@ -1,4 +1,5 @@
-"""One training run on one rank: model, DDP with a distcomp hook (or a compressed optimizer), steps, evaluation.
+"""One training run on one rank: model, DDP with a distcomp hook (or a compressed optimizer) or FSDP2 with a
+compressed reduce-scatter, steps, evaluation.
 
 Test hook: ``DISTCOMP_TEST_FAULT=RANK:STEP`` makes rank RANK raise at step STEP,
 and ``RANK:STEP:hang`` makes it stop answering, so tests can check that a failed
@@ -19,9 +20,19 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 import distcomp
+import distcomp.fsdp
 import distcomp.optim
 from distcomp.errors import CheckpointError
 from distcomp.models.gpt import GPT
@@ -64,9 +75,11 @@ class Run:
     """The live objects of one run."""
 
     model: GPT
-    ddp: DistributedDataParallel
-    state: distcomp.CompressionState | None
-    """The compression hook's state; None when a compressed optimizer communicates (its stats are its own)."""
+    ddp: torch.nn.Module
+    """What a step calls: the DDP wrapper, or (``dist.parallel: fsdp``) the sharded model itself."""
+    state: Any
+    """The compression hook's state (DDP's ``CompressionState`` or FSDP's); None when a compressed
+    optimizer communicates (its stats are its own)."""
     optimizer: torch.optim.Optimizer
     batches: ShardedBatches
     val: list[torch.Tensor]
@@ -75,6 +88,8 @@ class Run:
     start: int = 0
     peak_lr: float | None = None
     """Peak of the learning-rate schedule; None: ``optimizer.lr``."""
+    sharded: bool = False
+    """FSDP: model and optimizer state are sharded, and checkpoints gather them to full state dicts."""
 
     def counters(self) -> Counters:
         """Bytes and times of the last step, from the hook or from the compressed optimizer (zeros before any)."""
@@ -90,6 +105,8 @@ def build_run(cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: Corpus)
     """Model (same initial weights on every rank), DDP, the compression hook or compressed optimizer, data."""
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model).to(ctx.device)
+    if cfg.dist.parallel == "fsdp":
+        return _build_fsdp_run(cfg, spec, ctx, corpus, model)
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     ddp = DistributedDataParallel(model, device_ids=ids)
     optimizer = build_optimizer(model, cfg.optimizer, spec.optimizer)
@@ -98,10 +115,31 @@ def build_run(cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: Corpus)
         distcomp.optim.register(ddp, optimizer)
     else:
         state = distcomp.register(ddp, spec.compression, overlap=cfg.dist.overlap)
+    batches, val = _data(cfg, ctx, corpus)
+    return Run(model, ddp, state, optimizer, batches, val, peak_lr=cfg.optimizer.peak_lr(spec.optimizer))
+
+
+def _build_fsdp_run(cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: Corpus, model: GPT) -> Run:
+    """FSDP2 over all ranks: each GPT block and the model are FSDP units; their reduce-scatter is compressed.
+
+    The config refused compressed optimizers and compressors FSDP cannot use before any rank started.
+    """
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    # The optimizer is built on the sharded parameters, so its state is sharded too.
+    optimizer = build_optimizer(model, cfg.optimizer, spec.optimizer)
+    state = distcomp.fsdp.register(model, spec.compression)
+    batches, val = _data(cfg, ctx, corpus)
+    peak_lr = cfg.optimizer.peak_lr(spec.optimizer)
+    return Run(model, model, state, optimizer, batches, val, peak_lr=peak_lr, sharded=True)
+
+
+def _data(cfg: TrainConfig, ctx: RankContext, corpus: Corpus) -> tuple[ShardedBatches, list[torch.Tensor]]:
     context, batch = cfg.model.context, cfg.data.batch_size
     batches = ShardedBatches(corpus.train, context, batch, ctx.rank, ctx.world_size, cfg.seed)
-    val = val_batches(corpus.val, context, batch, cfg.eval.batches, ctx.rank, ctx.world_size)
-    return Run(model, ddp, state, optimizer, batches, val, peak_lr=cfg.optimizer.peak_lr(spec.optimizer))
+    return batches, val_batches(corpus.val, context, batch, cfg.eval.batches, ctx.rank, ctx.world_size)
 
 
 def train_run(
@@ -202,6 +240,10 @@ class _Saver:
         }
 
     def save(self, run: Run, step: int) -> None:
+        model_state = None
+        if run.sharded:  # collective: every rank gathers, rank 0 keeps the full weights
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_state = get_model_state_dict(run.model, options=options)
         checkpoint.save(
             self.root,
             step,
@@ -210,6 +252,7 @@ class _Saver:
             model=run.model,
             rank_state=_rank_state(run, self.ctx, step),
             keep=self.keep,
+            model_state=model_state,
         )
 
 
@@ -272,13 +315,22 @@ def _rank_state(run: Run, ctx: RankContext, step: int) -> dict[str, Any]:
     return {
         "rank": ctx.rank,
         "world_size": ctx.world_size,
-        "optimizer": run.optimizer.state_dict(),
+        "optimizer": _optimizer_state(run),
         "compression": run.state.state_dict() if run.state is not None else {},
         "rng": checkpoint.rng_state(ctx.device),
         "data": _data_position(run, step),
         "records": [dataclasses.asdict(r) for r in run.records],
         "val_losses": [list(v) for v in run.val_losses],
     }
+
+
+def _optimizer_state(run: Run) -> dict[str, Any]:
+    """The optimizer's state dict; with FSDP the full one (gathered: collective), keyed by parameter names."""
+    if not run.sharded:
+        return run.optimizer.state_dict()
+    # Full tensors, not this rank's shards, so the file holds plain tensors that load with weights_only.
+    options = StateDictOptions(full_state_dict=True)
+    return get_optimizer_state_dict(run.model, run.optimizer, options=options)
 
 
 def _data_position(run: Run, step: int) -> dict[str, int]:
@@ -306,8 +358,13 @@ def _restore(run: Run, path: Path, ctx: RankContext) -> None:
             f"--resume {path}: the data position {state['data']} does not match this job's "
             f"{_data_position(run, run.start)}: the data, batch size or world size changed"
         )
-    run.model.load_state_dict(model_state)
-    run.optimizer.load_state_dict(state["optimizer"])
+    if run.sharded:  # every rank read the full state dicts; each keeps its shards
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(run.model, model_state, options=options)
+        set_optimizer_state_dict(run.model, run.optimizer, state["optimizer"], options=options)
+    else:
+        run.model.load_state_dict(model_state)
+        run.optimizer.load_state_dict(state["optimizer"])
     if run.state is not None:
         run.state.load_state_dict(state["compression"])
     checkpoint.set_rng_state(state["rng"], ctx.device)
