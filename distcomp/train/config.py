@@ -154,11 +154,15 @@ class DistConfig:
     """Seconds any collective may block; a dead or failed peer becomes an error on the others after this."""
     overlap: bool = True
     """Run compression and communication on a worker thread, overlapping the backward pass (DDP only)."""
-    parallel: Literal["ddp", "fsdp"] = "ddp"
+    parallel: Literal["ddp", "fsdp", "hsdp"] = "ddp"
     """``ddp``: every rank holds the whole model and DDP all-reduces compressed gradients. ``fsdp``: FSDP2
     (``fully_shard`` on each GPT block and the model, over all ranks) shards parameters, gradients and
     optimizer state, and ``distcomp.fsdp.register`` compresses its gradient reduce-scatter; compressors
-    that cannot compress a reduce-scatter and compressed optimizers are refused."""
+    that cannot compress a reduce-scatter and compressed optimizers are refused. ``hsdp``: FSDP2 inside
+    groups of ``dist.shard`` ranks, replicated across the groups; the reduce-scatter stays exact and the
+    replicas' all-reduce is compressed (any compressor; compressed optimizers are refused)."""
+    shard: int = 0
+    """``hsdp``: ranks per shard group (a (world size / shard, shard) mesh); 0: the ranks of one machine."""
     threads: int = 0
     """torch threads per rank; 0: the machine's cores divided by the local ranks (so ranks do not oversubscribe)."""
     stop_grace_s: float = 60.0
@@ -172,6 +176,7 @@ class DistConfig:
         require(self.stop_grace_s > 0, "stop_grace_s", f"must be > 0, got {self.stop_grace_s}")
         require(self.timeout_s > 0, "timeout_s", f"must be > 0, got {self.timeout_s}")
         require(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
+        require(self.shard >= 0, "shard", f"must be >= 0, got {self.shard}")
         require(not (self.device == "cpu" and self.backend == "nccl"), "backend", "nccl needs device cuda or auto")
 
 
@@ -295,7 +300,7 @@ class TrainConfig:
             f"cannot also go through the {self.compressor!r} hook; remove the compression section or "
             "set compression.compressor: none",
         )
-        if self.dist.parallel == "fsdp":
+        if self.dist.parallel != "ddp":
             self._check_fsdp()
 
     def _check_fsdp(self) -> None:
@@ -304,9 +309,11 @@ class TrainConfig:
             require(
                 spec.optimizer not in COMPRESSED_OPTIMIZERS,
                 "dist.parallel",
-                f"fsdp cannot train with the compressed optimizer {spec.optimizer!r} (it needs DDP's whole "
-                "gradients); use --set dist.parallel=ddp, or optimizer.name adamw/sgd with a compressor",
+                f"{self.dist.parallel} cannot train with the compressed optimizer {spec.optimizer!r} (it needs "
+                "DDP's whole gradients); use --set dist.parallel=ddp, or optimizer.name adamw/sgd with a compressor",
             )
+            if self.dist.parallel == "hsdp":  # the replica all-reduce takes any compressor
+                continue
             name = compressor_for_config(spec.compression).name if spec.compression is not None else spec.name
             require(
                 name in FSDP_SUPPORTED,

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 import distcomp
 import distcomp.fsdp
 import distcomp.optim
-from distcomp.errors import CheckpointError
+from distcomp.errors import CheckpointError, ConfigError
 from distcomp.models.gpt import GPT
 from distcomp.telemetry import Counters
 from distcomp.train import checkpoint
@@ -105,7 +105,7 @@ def build_run(cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: Corpus)
     """Model (same initial weights on every rank), DDP, the compression hook or compressed optimizer, data."""
     torch.manual_seed(cfg.seed)
     model = GPT(cfg.model).to(ctx.device)
-    if cfg.dist.parallel == "fsdp":
+    if cfg.dist.parallel != "ddp":
         return _build_fsdp_run(cfg, spec, ctx, corpus, model)
     ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     ddp = DistributedDataParallel(model, device_ids=ids)
@@ -120,17 +120,32 @@ def build_run(cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: Corpus)
 
 
 def _build_fsdp_run(cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: Corpus, model: GPT) -> Run:
-    """FSDP2 over all ranks: each GPT block and the model are FSDP units; their reduce-scatter is compressed.
+    """FSDP2: each GPT block and the model are FSDP units.
 
-    The config refused compressed optimizers and compressors FSDP cannot use before any rank started.
+    ``fsdp`` shards over all ranks and compresses the reduce-scatter; ``hsdp`` shards over
+    groups of ``dist.shard`` ranks (1-D ``fully_shard`` on the shard sub-mesh) and compresses
+    the all-reduce across replicas. The config refused compressed optimizers and compressors
+    FSDP cannot use before any rank started.
     """
-    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    replicate_group = None
+    if cfg.dist.parallel == "hsdp":
+        shard = cfg.dist.shard or ctx.local_world_size
+        if ctx.world_size % shard:
+            raise ConfigError(
+                f"dist.shard={shard} does not divide the {ctx.world_size} ranks; set dist.shard to a divisor"
+            )
+        grid = init_device_mesh(
+            ctx.device.type, (ctx.world_size // shard, shard), mesh_dim_names=("replicate", "shard")
+        )
+        mesh, replicate_group = grid["shard"], grid.get_group("replicate")
+    else:
+        mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     # The optimizer is built on the sharded parameters, so its state is sharded too.
     optimizer = build_optimizer(model, cfg.optimizer, spec.optimizer)
-    state = distcomp.fsdp.register(model, spec.compression)
+    state = distcomp.fsdp.register(model, spec.compression, replicate_group=replicate_group)
     batches, val = _data(cfg, ctx, corpus)
     peak_lr = cfg.optimizer.peak_lr(spec.optimizer)
     return Run(model, model, state, optimizer, batches, val, peak_lr=peak_lr, sharded=True)

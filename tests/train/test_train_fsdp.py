@@ -74,6 +74,7 @@ REFUSALS = [
         ["fsdp cannot train with the compressed optimizer 'onebit_adam'", "dist.parallel=ddp"],
     ),
     (["compare=[int8,zero_one_adam]"], ["compressed optimizer 'zero_one_adam'"]),
+    (["dist.parallel=hsdp", "compare=[powersgd,onebit_lamb]"], ["hsdp cannot train with the compressed optimizer"]),
 ]
 
 
@@ -90,3 +91,25 @@ def test_fsdp_refuses_what_it_cannot_train_before_any_rank_starts(
     for word in words:
         assert word in err, err
     assert not (tmp_path / "runs").exists()
+
+
+HSDP = {**SHAPE, **RESUME, "compare": "[powersgd]", "dist.parallel": "hsdp", "dist.shard": 1}  # 2 replicas of 1
+
+
+def test_hsdp_trains_compressed_replicas_and_resumes_bit_for_bit(tmp_path: Path) -> None:
+    whole = train(tmp_path, FSDP_INT8, extra={**HSDP, "name": "whole"})
+    assert whole.returncode == 0, whole.stderr
+    first = tmp_path / "runs" / "whole" / "powersgd" / "checkpoints" / "step_000003"
+    flags = ("--quiet", "--resume", str(first))
+    resumed = train(tmp_path, FSDP_INT8, extra={**HSDP, "name": "resumed"}, flags=flags)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {first} at step 3" in resumed.stderr
+    a, b = summary(tmp_path, "whole")["runs"][0], summary(tmp_path, "resumed")["runs"][0]
+    assert a["compressor"] == "powersgd" and a["ratio"] > 2.0
+    assert a["losses"] == b["losses"] and a["val_losses"] == b["val_losses"]
+
+
+def test_hsdp_shard_that_does_not_divide_the_ranks_fails_naming_the_fix(tmp_path: Path) -> None:
+    out = train(tmp_path, FSDP_INT8, extra={**HSDP, "dist.shard": 3})
+    assert out.returncode != 0
+    assert "dist.shard=3 does not divide the 2 ranks; set dist.shard to a divisor" in out.stderr
