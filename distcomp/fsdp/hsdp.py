@@ -50,8 +50,9 @@ from distcomp.bucket import Bucket
 from distcomp.comm import BucketRecord, Comm
 from distcomp.compressor import Compressor
 from distcomp.config import config_to_dict
-from distcomp.errors import CheckpointError, ConfigError
+from distcomp.errors import ConfigError
 from distcomp.fsdp.modules import fsdp_modules, managed_parameters, module_names, padded_shard_numel
+from distcomp.rankstate import check_rank_state
 from distcomp.registry import make_compressor
 from distcomp.telemetry import Telemetry
 
@@ -190,25 +191,15 @@ class HSDPState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; another config, world size, mesh or rank is a :class:`CheckpointError`."""
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise CheckpointError(f"not a distcomp HSDP compression state (expected format {STATE_FORMAT!r})")
-        mine = config_to_dict(self.compressor.config)
-        if state["config"] != mine:
-            raise CheckpointError(
-                f"checkpoint was written with another compression config ({state['config']}, now {mine}): "
-                "register the compressor with the options it was saved with"
-            )
-        if state["world_size"] != self.world_size or tuple(state["mesh"]) != self.mesh:
-            raise CheckpointError(
-                f"checkpoint was written on a {state['world_size']}-rank (replicate, shard) = {tuple(state['mesh'])} "
-                f"mesh, this job is {self.world_size} ranks on {self.mesh}: residuals belong to one rank's shards and "
-                "cannot be redistributed; resume on the same mesh"
-            )
-        if state["rank"] != self.rank:
-            raise CheckpointError(
-                f"checkpoint was written by rank {state['rank']} but this is rank {self.rank}: "
-                "load each rank's own file"
-            )
+        check_rank_state(
+            state,
+            fmt=STATE_FORMAT,
+            what="HSDP compression",
+            config=config_to_dict(self.compressor.config),
+            world={"world_size": self.world_size, "mesh": list(self.mesh)},
+            rank=self.rank,
+            world_fix="resume on the same mesh",
+        )
         self.compressor.load_state_dict(state["compressor"])
         self.step = int(state["step"])
         self._seen.clear()

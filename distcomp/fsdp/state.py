@@ -22,6 +22,7 @@ from distcomp.compressor import Compressor
 from distcomp.config import config_to_dict
 from distcomp.errors import CheckpointError, DistcompError
 from distcomp.fsdp.modules import ParamSlot
+from distcomp.rankstate import check_rank_state
 from distcomp.telemetry import Telemetry
 
 STATE_FORMAT = "distcomp.fsdp/1"
@@ -183,9 +184,17 @@ class FSDPCompressionState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; another config, world size, rank or model is a :class:`CheckpointError`."""
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise CheckpointError(f"not a distcomp FSDP compression state (expected format {STATE_FORMAT!r})")
-        self._check(state)
+        check_rank_state(
+            state,
+            fmt=STATE_FORMAT,
+            what="FSDP compression",
+            config=config_to_dict(self.compressor.config),
+            options={"error_feedback": self.error_feedback},
+            world={"world_size": self.world_size},
+            rank=self.rank,
+            world_fix="resume with the same world size and mesh",
+        )
+        self._check_residual_names(state)
         residuals = state["residuals"]
         restored: dict[str, torch.Tensor] = {}
         for unit in self.units.values():
@@ -202,24 +211,7 @@ class FSDPCompressionState:
         self._residuals, self._staged, self._called, self._nonfinite = restored, {}, set(), False
         self.step = int(state["step"])
 
-    def _check(self, state: dict[str, Any]) -> None:
-        mine = config_to_dict(self.compressor.config)
-        if state["config"] != mine or state["error_feedback"] != self.error_feedback:
-            raise CheckpointError(
-                f"checkpoint was written with compression {state['config']} and error_feedback="
-                f"{state['error_feedback']!r}, this run has {mine} and {self.error_feedback!r}: "
-                "register with the checkpoint's settings"
-            )
-        if state["world_size"] != self.world_size:
-            raise CheckpointError(
-                f"checkpoint was written by a job of {state['world_size']} ranks, this one has {self.world_size}: "
-                "error residuals are per rank and cannot be redistributed; resume with the same world size and mesh"
-            )
-        if state["rank"] != self.rank:
-            raise CheckpointError(
-                f"checkpoint was written by rank {state['rank']} but this is rank {self.rank}: "
-                "load each rank's own file"
-            )
+    def _check_residual_names(self, state: dict[str, Any]) -> None:
         unknown = set(state["residuals"]) - {s.name for u in self.units.values() for s in u.slots}
         if unknown:
             raise CheckpointError(

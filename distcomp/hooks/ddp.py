@@ -23,8 +23,8 @@ from distcomp.bucket import Bucket
 from distcomp.comm import BucketRecord, Comm
 from distcomp.compressor import Compressor
 from distcomp.config import config_to_dict
-from distcomp.errors import CheckpointError
 from distcomp.hooks.executor import InlineExecutor, WorkerExecutor
+from distcomp.rankstate import check_rank_state
 from distcomp.registry import make_compressor
 from distcomp.telemetry import Telemetry
 
@@ -167,26 +167,15 @@ class CompressionState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; a different config, world size or rank is a :class:`CheckpointError`."""
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise CheckpointError(f"not a distcomp compression state (expected format {STATE_FORMAT!r})")
-        mine = config_to_dict(self.compressor.config)
-        if state["config"] != mine:
-            diffs = {
-                k: (state["config"].get(k), mine.get(k))
-                for k in mine.keys() | state["config"].keys()
-                if state["config"].get(k) != mine.get(k)
-            }
-            raise CheckpointError(f"checkpoint was written with another compression config: {diffs} (saved, current)")
-        if state["world_size"] != self.world_size:
-            raise CheckpointError(
-                f"checkpoint was written by a job of {state['world_size']} ranks, this one has {self.world_size}: "
-                "error residuals are per rank and cannot be redistributed; resume with the same world size"
-            )
-        if state["rank"] != self.rank:
-            raise CheckpointError(
-                f"checkpoint was written by rank {state['rank']} but this is rank {self.rank}: "
-                "load each rank's own file"
-            )
+        check_rank_state(
+            state,
+            fmt=STATE_FORMAT,
+            what="compression",
+            config=config_to_dict(self.compressor.config),
+            world={"world_size": self.world_size},
+            rank=self.rank,
+            world_fix="resume with the same world size",
+        )
         self.compressor.load_state_dict(state["compressor"])
         self.step = int(state["step"])
         self._layouts = [tuple(layout) for layout in state.get("layouts", [])]
