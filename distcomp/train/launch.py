@@ -84,6 +84,24 @@ def launch(cfg: TrainConfig, resume: str | Path | None) -> int:
     return _spawn(cfg, path, stop)
 
 
+def check_mesh(cfg: TrainConfig, world_size: int, local_world_size: int) -> None:
+    """``hsdp``: the shard groups must tile the ranks (checked here so no rank starts on a mesh that cannot exist)."""
+    if cfg.dist.parallel != "hsdp":
+        return
+    shard = cfg.dist.shard or local_world_size
+    if world_size % shard:
+        raise ConfigError(
+            f"dist.shard: {shard} ranks per shard group do not divide the {world_size} ranks of this job"
+            + ("" if cfg.dist.shard else " (0 means the ranks of one machine)")
+            + f"; set dist.shard to a divisor of {world_size}, e.g. --set dist.shard={_divisor(world_size, shard)}"
+        )
+
+
+def _divisor(n: int, near: int) -> int:
+    """The largest divisor of ``n`` not above ``near`` (a suggestion for a shard group size)."""
+    return max(d for d in range(1, min(n, near) + 1) if n % d == 0)
+
+
 def preflight(cfg: TrainConfig, resume: str | Path | None, world_size: int, local_world_size: int) -> Path | None:
     """Every check that needs no process group, then claim the run directory (:func:`rundir.prepare`).
 
@@ -98,6 +116,7 @@ def preflight(cfg: TrainConfig, resume: str | Path | None, world_size: int, loca
         )
     if device.type == "cpu":
         check_cpu_ranks(local_world_size)
+    check_mesh(cfg, world_size, local_world_size)
     corpus = load_corpus(cfg.data, cfg.model.context)
     check_batches(corpus, cfg.model.context, cfg.data.batch_size, world_size)
     runs = cfg.runs()

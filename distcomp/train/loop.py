@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 import distcomp
 import distcomp.fsdp
 import distcomp.optim
-from distcomp.errors import CheckpointError, ConfigError
+from distcomp.errors import CheckpointError
 from distcomp.models.gpt import GPT
 from distcomp.telemetry import Counters
 from distcomp.train import checkpoint
@@ -129,11 +129,7 @@ def _build_fsdp_run(cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: C
     """
     replicate_group = None
     if cfg.dist.parallel == "hsdp":
-        shard = cfg.dist.shard or ctx.local_world_size
-        if ctx.world_size % shard:
-            raise ConfigError(
-                f"dist.shard={shard} does not divide the {ctx.world_size} ranks; set dist.shard to a divisor"
-            )
+        shard = cfg.dist.shard or ctx.local_world_size  # launch.check_mesh made sure it divides the ranks
         grid = init_device_mesh(
             ctx.device.type, (ctx.world_size // shard, shard), mesh_dim_names=("replicate", "shard")
         )

@@ -109,7 +109,12 @@ def test_hsdp_trains_compressed_replicas_and_resumes_bit_for_bit(tmp_path: Path)
     assert a["losses"] == b["losses"] and a["val_losses"] == b["val_losses"]
 
 
-def test_hsdp_shard_that_does_not_divide_the_ranks_fails_naming_the_fix(tmp_path: Path) -> None:
-    out = train(tmp_path, FSDP_INT8, extra={**HSDP, "dist.shard": 3})
-    assert out.returncode != 0
-    assert "dist.shard=3 does not divide the 2 ranks; set dist.shard to a divisor" in out.stderr
+def test_hsdp_shard_that_does_not_divide_the_ranks_is_refused_before_any_rank_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    args = ["train", FSDP_INT8, *sets({**TINY, **HSDP, "dist.shard": 3, "log.dir": tmp_path / "runs"})]
+    assert cli.main(args) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "dist.shard: 3 ranks per shard group do not divide the 2 ranks of this job" in err
+    assert "--set dist.shard=2" in err
+    assert not (tmp_path / "runs").exists()  # refused before the run directory was claimed
