@@ -20,7 +20,7 @@ from distcomp.registry import make_compressor
 
 logger = logging.getLogger("distcomp")
 SUPPORTED = ("none", "sign", "int8", "int4", "bf16", "fp16", "topk", "randomk")
-EF_MODES = (*RESIDUAL_DTYPES, "none")
+EF_MODES = (*RESIDUAL_DTYPES, "int8", "none")
 
 
 def register(
