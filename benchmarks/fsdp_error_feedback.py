@@ -82,14 +82,14 @@ def methods(compressors: Sequence[str]) -> list[Method]:
 class Bench:
     """Settings every method of a run shares."""
 
-    steps: int = 200
+    steps: int = 250
     batch: int = 8
     """Sequences per rank per step."""
     d_model: int = 96
     n_layer: int = 2
     context: int = 64
     lr: float = 2e-3
-    seeds: int = 2
+    seeds: int = 3
     val_batches: int = 8
     """Held-out batches of ``batch`` sequences per rank, the same for every method."""
 
