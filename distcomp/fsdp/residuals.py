@@ -48,11 +48,14 @@ class QuantizedRows:
     """Values per row before padding."""
 
     @classmethod
-    def quantize(cls, rows: torch.Tensor) -> QuantizedRows:
-        """Quantize fp32 ``rows [world_size, numel]`` (round to nearest; an all-zero block gets scale 0)."""
+    def quantize(cls, rows: torch.Tensor, generator: torch.Generator | None = None) -> QuantizedRows:
+        """Quantize fp32 ``rows [world_size, numel]``; an all-zero block gets scale 0.
+
+        Rounds to nearest, or stochastically with draws from ``generator``.
+        """
         numel = rows.shape[1]
         padded = rows if _padded(numel) == numel else F.pad(rows, (0, _padded(numel) - numel))
-        codes, scales = quantize_blockwise(padded.contiguous(), 8, BLOCK)
+        codes, scales = quantize_blockwise(padded.contiguous(), 8, BLOCK, generator)
         return cls(codes, scales, numel)
 
     def dequantize(self) -> torch.Tensor:
@@ -91,9 +94,11 @@ class QuantizedRows:
         return cls(entry["codes"].contiguous(), entry["scales"].contiguous(), numel)
 
 
-def quantize_unit(residual: torch.Tensor, slots: Sequence[ParamSlot]) -> tuple[QuantizedRows, ...]:
+def quantize_unit(
+    residual: torch.Tensor, slots: Sequence[ParamSlot], generator: torch.Generator | None = None
+) -> tuple[QuantizedRows, ...]:
     """A unit's fp32 residual ``[world_size, shard]`` as one :class:`QuantizedRows` per parameter slot."""
-    return tuple(QuantizedRows.quantize(residual[:, s.offset : s.offset + s.numel]) for s in slots)
+    return tuple(QuantizedRows.quantize(residual[:, s.offset : s.offset + s.numel], generator) for s in slots)
 
 
 def dequantize_unit(

@@ -91,6 +91,9 @@ class FSDPCompressionState:
         self._called: set[str] = set()
         self._nonfinite = False
         self._model_name = type(model).__name__
+        self.residual_generator: torch.Generator | None = None
+        """With int8 residuals: round stochastically with draws from this generator (an experiment of
+        benchmarks/fsdp_error_feedback.py; its state is not checkpointed). None rounds to nearest."""
 
     # -- used by the reduce-scatter comms ----------------------------------------
 
@@ -150,7 +153,7 @@ class FSDPCompressionState:
             self._nonfinite = True
             return
         if self.error_feedback in QUANTIZED_MODES:
-            self._staged[unit] = quantize_unit(residual, self.units[unit].slots)
+            self._staged[unit] = quantize_unit(residual, self.units[unit].slots, self.residual_generator)
         else:
             self._staged[unit] = residual.to(RESIDUAL_DTYPES[self.error_feedback])
 
