@@ -152,4 +152,19 @@ def errors(rank: int, world_size: int) -> dict[str, str]:
         else:
             out[key] = "no error"
     out["residual_names"] = ",".join(sorted(saved["residuals"]))
+    out.update(_nonfinite_step(model, state, saved["residuals"], rank))
     return out
+
+
+def _nonfinite_step(model: FSDP, state: Any, before: dict[str, torch.Tensor], rank: int) -> dict[str, str]:
+    """A step with an inf in rank 1's input: non-finite gradients on every rank, residuals untouched."""
+    x, y = _batch(1, 0, rank)
+    if rank == 1:
+        x[0, 0] = float("inf")
+    nn.functional.mse_loss(model(x), y).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    after = state.state_dict()["residuals"]
+    return {
+        "nonfinite_grads": str(any(not bool(torch.isfinite(g).all()) for g in grads)),
+        "residuals_kept": str(all(torch.equal(after[k], v) for k, v in before.items())),
+    }

@@ -124,8 +124,18 @@ def test_resume_is_bit_identical(trained: dict[str, list[dict]], name: str) -> N
             assert torch.equal(resumed["params"][key], p), key
 
 
-def test_error_messages() -> None:
-    messages = run_ranks(errors, WORLD, timeout=180)[0]
+@pytest.fixture(scope="module")
+def mistakes() -> list[dict[str, str]]:
+    return run_ranks(errors, WORLD, timeout=180)
+
+
+def test_nonfinite_step_is_nonfinite_everywhere_and_keeps_residuals(mistakes: list[dict[str, str]]) -> None:
+    assert all(m["nonfinite_grads"] == "True" for m in mistakes), "a scaler must see the skipped step on every rank"
+    assert all(m["residuals_kept"] == "True" for m in mistakes), "a non-finite step must leave the residuals untouched"
+
+
+def test_error_messages(mistakes: list[dict[str, str]]) -> None:
+    messages = mistakes[0]
     assert "ConfigError" in messages["no_shard"] and "distcomp.register" in messages["no_shard"]
     assert "replicate_group" in messages["no_shard"], "hybrid sharding's fix is FSDP2 with replicate_group"
     assert "ConfigError" in messages["replicate_group"] and "fully_shard" in messages["replicate_group"]
