@@ -353,8 +353,9 @@ def run_rank(
     out = []
     for rep in replicas:
         ef = int(rep.state.stats().get("ef_bytes", 0)) if rep.state is not None else 0
-        records = {k: getattr(rep, k) for k in ("seconds", "losses", "sent", "peaks", "link", "held")}
-        out.append({**records, "ef_bytes": ef})
+        records = {k: getattr(rep, k) for k in ("seconds", "losses", "peaks", "link", "held")}
+        # Bytes of the timed steps only: the warm-up's first steps are not compressed yet.
+        out.append({**records, "sent": rep.sent[bench.warmup :], "ef_bytes": ef})
         if rep.state is not None:
             rep.state.close()
     numel = sum(p.numel() for p in replicas[0].model.parameters())
