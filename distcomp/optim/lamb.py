@@ -54,6 +54,7 @@ class OneBitLamb(CompressedOptimizer):
     algorithm = "OneBitLamb"
     element_keys = ("exp_avg", "exp_avg_sq", "worker_error", "exp_avg_sq_fresh")
     scalar_keys = ("lamb_coeff_freeze", "last_factor", "scaling_coeff")
+    lowbit_keys = {**CompressedOptimizer.lowbit_keys, "exp_avg_sq_fresh": "variance"}
 
     @dataclass(kw_only=True, frozen=True)
     class Config(OptimizerConfig):
@@ -155,7 +156,11 @@ class OneBitLamb(CompressedOptimizer):
     def _set_scaling(self) -> None:
         """Per-tensor momentum scales, fixed at the first compressed step from every bucket's momentum."""
         params = [p for layout in self.flat.layouts for p in layout.params]
-        norms = [n for layout in self.flat.layouts for n in _norms(layout.views(self.flat.buffer(layout, "exp_avg")))]
+        norms = [
+            n
+            for layout in self.flat.layouts
+            for n in _norms(layout.views(self.flat.buffer(layout, "exp_avg", write=False)))
+        ]
         for p, scale in zip(params, momentum_scaling([rms(n, p.numel()) for p, n in zip(params, norms)])):
             self.state[p]["scaling_coeff"] = scale
 
