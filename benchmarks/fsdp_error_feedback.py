@@ -11,8 +11,8 @@ the corpus, never trained on), averaged over both ranks. Methods: plain FSDP2
 (no custom reduce-scatter), then each compressor with each error-feedback mode
 of ``distcomp.fsdp.register``: ``fp32`` (exact residuals, 4 bytes per gradient
 element), ``bf16`` (2), ``int8`` (int8 blocks with an fp32 scale, 1.03, rounded
-to nearest), ``int8-sr`` (the same rounded stochastically: an experiment, not
-an option of ``register``) and ``none`` (no residual). ``EF MB`` is ``state.stats()["ef_bytes"]`` per rank;
+stochastically), ``int8-rn`` (the same rounded to nearest: an experiment, not an
+option of ``register``) and ``none`` (no residual). ``EF MB`` is ``state.stats()["ef_bytes"]`` per rank;
 ``EF B/elem`` divides it by the model's parameter count (a rank's residuals
 cover every unit's unsharded gradient, padded shards included).
 
@@ -50,8 +50,8 @@ except ImportError:  # run as a script: the script's own folder is on sys.path
 
 logger = logging.getLogger("distcomp.bench")
 
-EF_MODES = ("fp32", "bf16", "int8", "int8-sr", "none")
-"""Error-feedback modes measured; ``int8-sr`` is ``int8`` with stochastic rounding of the residuals."""
+EF_MODES = ("fp32", "bf16", "int8", "int8-rn", "none")
+"""Error-feedback modes measured; ``int8-rn`` is ``int8`` with its residuals rounded to nearest."""
 COMPRESSORS: dict[str, dict[str, Any]] = {"sign": {}, "int8": {}, "topk": {"ratio": 0.01}}
 """Compressors ``--compressors`` may name, with their options."""
 DEFAULT_COMPRESSORS = ("sign", "int8")
@@ -141,10 +141,10 @@ def _train(method: Method, bench: Bench, seed: int, rank: int, data: torch.Tenso
     fully_shard(model, mesh=mesh)
     state = None
     if method.compressor is not None:
-        mode = method.error_feedback.removesuffix("-sr")
+        mode = method.error_feedback.removesuffix("-rn")
         state = distcomp.fsdp.register(model, method.compressor, error_feedback=mode, **dict(method.options))
-        if method.error_feedback.endswith("-sr"):
-            state.residual_generator = torch.Generator().manual_seed(1_000 * seed + rank)
+        if method.error_feedback.endswith("-rn"):
+            state.residual_generator = None
     opt = torch.optim.AdamW(model.parameters(), lr=bench.lr)
     train, val = _split(data)
     losses = []

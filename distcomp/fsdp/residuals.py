@@ -5,8 +5,11 @@ residuals give back much of what sharding saves. Here each parameter's residual
 rows (``[world_size, padded shard]``) are kept as int8 codes, one fp32 scale per
 block of :data:`BLOCK` values (``absmax / 127``): 1 + 4/128 = 1.03 bytes per
 element instead of 4, in the spirit of MicroAdam's compressed error feedback.
-The error this adds is not fed back (at most half a step, ``absmax / 254``, per
-value); rounding is to nearest, so a run is deterministic.
+The error this adds is not fed back. ``distcomp.fsdp`` rounds stochastically
+from a seeded per-rank generator (unbiased, at most one step ``absmax / 127`` per
+value; a run stays reproducible): with topk, whose residuals hold most of the
+gradient, rounding to nearest (at most half a step, but biased: a value below
+half a step of its block is dropped every step) trained measurably worse.
 
 Quantization is per parameter slot (rows padded with zeros to whole blocks), so
 a checkpoint keeps its residuals keyed by parameter name and holds the codes and
