@@ -110,7 +110,7 @@ class QuantizedBuffer:
     """A flat fp32 buffer of ``numel`` values kept as bf16 values, or as codes and per-block fp32 scales.
 
     ``decode(out)`` writes the values into fp32 ``out`` (:meth:`scratch_numel`
-    long: whole blocks, the tail past ``numel`` is zeros); ``encode(src)``
+    long: whole blocks; past ``numel`` is padding, as decoded); ``encode(src)``
     stores them again from such a buffer, overwriting ``src``. Starts at zeros.
     Checkpointed through :meth:`tensors` and :meth:`load`.
     """
@@ -150,7 +150,7 @@ class QuantizedBuffer:
         return out[: self.numel]
 
     def encode(self, src: torch.Tensor) -> None:
-        """Store fp32 ``src`` (from :meth:`decode`'s buffer; its tail past ``numel`` must be zeros); overwrites it."""
+        """Store fp32 ``src`` (:meth:`decode`'s buffer, its padding left as decoded); overwrites it."""
         if self.dtype == "bf16":
             self._tensors["values"].copy_(src)
             return

@@ -266,6 +266,13 @@ def test_unknown_state_dtype_is_refused() -> None:
         optim.OneBitAdam(make_model().parameters(), state_dtype="int2")
 
 
+def test_distcomp_train_takes_state_dtype_in_the_optimizer_section() -> None:
+    from distcomp.train.config import config_from_raw
+
+    raw = {"version": 1, "optimizer": {"name": "onebit_lamb", "onebit_lamb": {"state_dtype": "int4", "freeze_step": 5}}}
+    assert config_from_raw(raw).optimizer.compressed_config("onebit_lamb").state_dtype == "int4"
+
+
 # -- 2 ranks over gloo, with and without DDP ---------------------------------------------------------
 
 
