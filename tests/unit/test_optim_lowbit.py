@@ -171,6 +171,20 @@ def test_low_bit_state_trains_within_tolerance_of_fp32(algorithm: str) -> None:
         assert "exp_avg" not in opt.state[next(net.parameters())]  # kept per bucket, not per parameter
 
 
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_a_parameter_without_gradients_stays_put_in_int4(algorithm: str) -> None:
+    # Its momentum and variance blocks are all zeros: 0 / (sqrt(0) + eps), never NaN.
+    net = make_model()
+    idle = nn.Parameter(torch.randn(300))
+    opt = OPTIMIZERS[algorithm](
+        [*net.parameters(), idle], state_dtype="int4", **{**OPTIONS[algorithm], "weight_decay": 0.0}
+    )
+    before = idle.detach().clone()
+    _train(algorithm, "int4", range(14), net, opt)
+    assert torch.equal(idle.detach(), before)
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
 def _check_loss(loss: float, base: float, tolerance: float, what: str) -> None:
     assert loss <= base * (1 + tolerance) and abs(loss / base - 1) <= SANITY, f"{what}: {loss} vs fp32 state {base}"
 
