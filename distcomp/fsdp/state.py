@@ -38,6 +38,9 @@ ErrorFeedbackMode = Literal["fp32", "bf16", "int8", "none"]
 RESIDUAL_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 """Modes that hold a unit's residual as one dense tensor of this dtype."""
 QUANTIZED_MODES = ("int8",)
+DEFAULT_ERROR_FEEDBACK: ErrorFeedbackMode = "int8"
+"""FSDP2's default: the cheapest mode whose held-out loss stayed within the noise of fp32 residuals for sign,
+int8 and topk (benchmarks/fsdp_error_feedback.py; docs/fsdp.md has the figures). HSDP and FSDP1 keep fp32."""
 RESIDUAL_SEED = 0x5EED
 """Seed of the generator that rounds int8 residuals, plus the rank (ranks need not agree on it)."""
 """Modes that hold each parameter's residual as int8 blocks (:class:`~distcomp.fsdp.residuals.QuantizedRows`)."""
