@@ -2,6 +2,7 @@
 
     python benchmarks/fsdp.py            # 2 ranks on gloo over loopback, FSDP2
     python benchmarks/fsdp.py --hsdp     # also 4 ranks as a 2x2 HSDP mesh (replicate, shard)
+    python benchmarks/fsdp.py --hsdp --bandwidth 100mbit   # 2 "hosts" (network namespaces) on a 100 Mbit/s link
     python benchmarks/fsdp.py --no-save  # print only; by default each run is saved as
                                          # benchmarks/results/<date>-fsdp.json and .md
 
@@ -26,21 +27,37 @@ Resident-set figures include the allocator's slack and are rough; ``EF MB``
 With ``--hsdp``, a second job of 4 ranks compares plain HSDP (``fully_shard``
 on a 2x2 mesh) with a 1-D ``fully_shard`` on the shard sub-mesh whose replica
 all-reduce is compressed (``register(..., replicate_group=...)``).
+
+With ``--bandwidth RATE`` the ranks run on two "hosts": network namespaces
+joined by a veth pair capped at RATE each way (``benchmarks/netns.py``). FSDP2
+puts one rank on each host, so every collective (parameter all-gathers too)
+crosses the link. HSDP puts two ranks on each host, ranks 0, 1 on the first and
+2, 3 on the second, so each shard group (a row of the (replicate, shard) mesh)
+stays inside a host, where traffic is not shaped, and only the replica
+all-reduce crosses the link: the slow inter-node link of a real cluster.
+``link MB/step`` is what a host put on the link per step, read from its veth's
+transmit counter (TCP/IP headers included).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import logging
 import math
 import os
 import resource
+import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,14 +71,20 @@ from distcomp.models.gpt import GPT, GPTConfig
 from distcomp.testing import run_ranks
 
 try:
-    from benchmarks import common
+    from benchmarks import common, netns
 except ImportError:  # run as a script: the script's own folder is on sys.path
     import common
+    import netns
 
 logger = logging.getLogger("distcomp.bench")
 
 DENSE_BYTES_PER_ELEMENT = 4
 PAGE = resource.getpagesize()
+HOSTS = 2
+"""Hosts (network namespaces) of a ``--bandwidth`` run."""
+MASTER_PORT = 29518
+PROBE_BYTES = 4 * 2**20
+"""Size of the message that measures the shaped link before the timed steps."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,6 +165,8 @@ class Result:
     final_loss: float | None = None
     """Mean over ranks of the last timed step's loss."""
     steps_ms: tuple[float, ...] = ()
+    link_mb: float | None = None
+    """With ``--bandwidth``: MB a host put on the shaped link per step (median over steps, busier host)."""
 
 
 # -- inside a rank -----------------------------------------------------------------
@@ -180,6 +205,48 @@ class _PeakSampler:
         return max(self._peak, _rss())
 
 
+def _tx_bytes(iface: str) -> int:
+    """Bytes ``iface`` has transmitted, from this network namespace's ``/proc/net/dev``."""
+    with open("/proc/net/dev") as f:
+        for line in f:
+            name, _, counters = line.partition(":")
+            if name.strip() == iface:
+                return int(counters.split()[8])  # 8 receive counters, then transmit bytes
+    raise RuntimeError(f"no interface {iface!r} in /proc/net/dev: is this rank inside its network namespace?")
+
+
+def _probe_link(rank: int, world: int, reps: int = 3) -> float:
+    """Median seconds for :data:`PROBE_BYTES` from rank 0 to the first rank of the other host, and a reply back."""
+    peer = world // HOSTS
+    payload, ack = torch.ones(PROBE_BYTES // 4), torch.zeros(1)
+    times = []
+    for _ in range(reps):
+        dist.barrier()
+        start = time.perf_counter()
+        if rank == 0:
+            dist.send(payload, peer)
+            dist.recv(ack, peer)
+        elif rank == peer:
+            dist.recv(payload, 0)
+            dist.send(ack, 0)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _check_hosts(rank: int, world: int) -> None:
+    """Refuse an HSDP mesh whose shard groups cross hosts: only the replica all-reduce may use the slow link."""
+    per_host = world // HOSTS
+    mesh = init_device_mesh("cpu", (HOSTS, per_host), mesh_dim_names=("replicate", "shard"))
+    shard = dist.get_process_group_ranks(mesh.get_group("shard"))
+    replicate = dist.get_process_group_ranks(mesh.get_group("replicate"))
+    if {r // per_host for r in shard} != {rank // per_host} or len({r // per_host for r in replicate}) != HOSTS:
+        raise RuntimeError(
+            f"rank {rank}: shard group {shard} / replica group {replicate} do not match hosts of {per_host} "
+            "consecutive ranks; launch the ranks of one host with consecutive numbers"
+        )
+    logger.info("shard group %s inside one host, replica group %s across the link", shard, replicate)
+
+
 @dataclass
 class _Replica:
     method: Method
@@ -190,6 +257,7 @@ class _Replica:
     losses: list[float] = field(default_factory=list)
     sent: list[float] = field(default_factory=list)
     peaks: list[int] = field(default_factory=list)
+    link: list[int] = field(default_factory=list)
     held: int = 0
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -229,13 +297,21 @@ def _build(method: Method, bench: Bench, hsdp: bool) -> _Replica:
     return _Replica(method, model, opt, state)  # type: ignore[arg-type]
 
 
-def run_rank(rank: int, world_size: int, bench: Bench, methods: Sequence[Method], hsdp: bool) -> dict[str, Any]:
-    """One rank's side of a run: warm each method up in turn, then the interleaved timed rounds."""
+def run_rank(
+    rank: int, world_size: int, bench: Bench, methods: Sequence[Method], hsdp: bool, iface: str | None = None
+) -> dict[str, Any]:
+    """One rank's side of a run: warm each method up in turn, then the interleaved timed rounds.
+
+    ``iface`` names the rank's end of the shaped link in a ``--bandwidth`` run: each step's bytes on it are
+    recorded and the link is measured once before the timed steps.
+    """
     if rank == 0:
         common.log_to_console("[rank 0] ")
     else:
         logger.setLevel(logging.WARNING)
     torch.set_num_threads(1)
+    if hsdp and iface is not None:
+        _check_hosts(rank, world_size)
     data, context = common.corpus(), bench.context
     # A throwaway tiny replica first: one-time costs (lazy kernels, gloo buffers) would otherwise land in the
     # first method's held memory.
@@ -255,6 +331,10 @@ def run_rank(rank: int, world_size: int, bench: Bench, methods: Sequence[Method]
         rep.held = _rss() - before
         replicas.append(rep)
         logger.info("%s warmed up", method.name)
+    probe_s = None
+    if iface is not None:
+        probe_s = _probe_link(rank, world_size)
+        logger.info("link probe: %.0f MB in %.0f ms", PROBE_BYTES / 2**20, probe_s * 1e3)
     sampler = _PeakSampler()
     n = len(replicas)
     for i in range(bench.steps):
@@ -262,29 +342,114 @@ def run_rank(rank: int, world_size: int, bench: Bench, methods: Sequence[Method]
         for j in range(n):
             rep = replicas[(i + j) % n]
             dist.barrier()  # every method starts its step with the ranks in step
+            tx = _tx_bytes(iface) if iface is not None else 0
             base = sampler.start()
             rep.seconds.append(rep.step(x, y))
             rep.peaks.append(sampler.stop() - base)
+            if iface is not None:
+                dist.barrier()  # every rank of the host is done: the step's traffic is all counted
+                rep.link.append(_tx_bytes(iface) - tx)
         logger.info("round %d/%d", i + 1, bench.steps)
     out = []
     for rep in replicas:
         ef = int(rep.state.stats().get("ef_bytes", 0)) if rep.state is not None else 0
-        out.append({**{k: getattr(rep, k) for k in ("seconds", "losses", "sent", "peaks", "held")}, "ef_bytes": ef})
+        records = {k: getattr(rep, k) for k in ("seconds", "losses", "peaks", "link", "held")}
+        # Bytes of the timed steps only: the warm-up's first steps are not compressed yet.
+        out.append({**records, "sent": rep.sent[bench.warmup :], "ef_bytes": ef})
         if rep.state is not None:
             rep.state.close()
     numel = sum(p.numel() for p in replicas[0].model.parameters())
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return {"records": out, "numel": numel, "maxrss": maxrss}
+    return {"records": out, "numel": numel, "maxrss": maxrss, "probe_s": probe_s}
+
+
+# -- launching the ranks -------------------------------------------------------------
+
+
+def _launch_netns(
+    bench: Bench, methods: Sequence[Method], hsdp: bool, world: int, bandwidth: str, timeout: float
+) -> list[dict[str, Any]]:
+    """``world // HOSTS`` consecutive ranks in each of two namespaces joined by a link shaped to ``bandwidth``."""
+    per_host = world // HOSTS
+    with netns.shaped_link(bandwidth) as link, tempfile.TemporaryDirectory() as tmp:
+        ifaces = [link.hosts[r // per_host].iface for r in range(world)]
+        results = [str(Path(tmp) / f"rank{r}.json") for r in range(world)]
+        job = {
+            "bench": asdict(bench),
+            "methods": [asdict(m) for m in methods],
+            "hsdp": hsdp,
+            "world": world,
+            "init_method": f"tcp://{link.hosts[0].address}:{MASTER_PORT}",
+            "ifaces": ifaces,
+            "results": results,
+        }
+        job_path = Path(tmp) / "job.json"
+        job_path.write_text(json.dumps(job))
+        procs: list[subprocess.Popen] = []
+        try:
+            for rank in range(world):
+                argv = [sys.executable, str(Path(__file__).resolve()), "--worker", str(job_path), "--rank", str(rank)]
+                env = {**os.environ, "GLOO_SOCKET_IFNAME": ifaces[rank]}
+                procs.append(subprocess.Popen(link.exec_argv(rank // per_host, argv), env=env))
+            _wait_all(procs, timeout)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+        return [json.loads(Path(r).read_text()) for r in results]
+
+
+def _wait_all(procs: Sequence[subprocess.Popen], timeout: float) -> None:
+    """Wait for every process; raise as soon as one fails or the time is up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
+        if failed:
+            raise RuntimeError(f"rank {failed[0][0]} exited with status {failed[0][1]}")
+        if all(code == 0 for code in codes):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the ranks did not finish within {timeout:.0f}s")
+        time.sleep(0.5)
+
+
+def _worker_main(job_path: str, rank: int) -> None:
+    """A rank started by :func:`_launch_netns` inside its host's namespace."""
+    job = json.loads(Path(job_path).read_text())
+    bench = Bench(**job["bench"])
+    methods = [Method(**{**m, "options": tuple(tuple(o) for o in m["options"])}) for m in job["methods"]]
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=job["init_method"],
+        rank=rank,
+        world_size=job["world"],
+        timeout=datetime.timedelta(seconds=600),
+    )
+    try:
+        out = run_rank(rank, job["world"], bench, methods, job["hsdp"], job["ifaces"][rank])
+        dist.barrier()  # no rank tears down while another still talks to it
+    finally:
+        dist.destroy_process_group()
+    Path(job["results"][rank]).write_text(json.dumps(out))
 
 
 # -- the experiment ------------------------------------------------------------------
 
 
-def run(bench: Bench, methods: Sequence[Method], hsdp: bool, timeout: float) -> tuple[list[Result], dict[str, Any]]:
-    """One job of 2 (FSDP2) or 4 (HSDP 2x2) ranks; ``(results, facts)``."""
+def run(
+    bench: Bench, methods: Sequence[Method], hsdp: bool, timeout: float, bandwidth: str | None = None
+) -> tuple[list[Result], dict[str, Any]]:
+    """One job of 2 (FSDP2) or 4 (HSDP 2x2) ranks, over loopback or, with ``bandwidth``, two shaped hosts."""
     world = 4 if hsdp else 2
     load_before = os.getloadavg()[0]
-    outputs = run_ranks(run_rank, world, args=(bench, tuple(methods), hsdp), timeout=timeout, collective_timeout=600)
+    if bandwidth is None:
+        args = (bench, tuple(methods), hsdp)
+        outputs = run_ranks(run_rank, world, args=args, timeout=timeout, collective_timeout=600)
+    else:
+        outputs = _launch_netns(bench, methods, hsdp, world, bandwidth, timeout)
     numel = outputs[0]["numel"]
     if hsdp:  # ring all-reduce of each rank's fp32 shard over the 2 replicas
         dense = 2 * (2 - 1) / 2 * DENSE_BYTES_PER_ELEMENT * numel / (world // 2)
@@ -311,15 +476,19 @@ def run(bench: Bench, methods: Sequence[Method], hsdp: bool, timeout: float) -> 
                 peak_mb=max(max(r["peaks"]) for r in ranks) / 1e6,
                 final_loss=statistics.fmean(r["losses"][-1] for r in ranks),
                 steps_ms=tuple(max(s) * 1e3 for s in zip(*(r["seconds"] for r in ranks), strict=True)),
+                link_mb=common.median_step((r["link"] for r in ranks), max) / 1e6 if bandwidth else None,
             )
         )
-    facts = {
+    facts: dict[str, Any] = {
         "ranks": world,
         "numel": numel,
         "maxrss_mb": [o["maxrss"] / 1e6 for o in outputs],
         # Other work on the machine shows up as noise: record how busy it was.
         "load_average": [load_before, os.getloadavg()[0]],
     }
+    if bandwidth is not None:
+        probe_s = outputs[0]["probe_s"]
+        facts.update(bandwidth=bandwidth, probe_ms=probe_s * 1e3, probe_mbit_s=PROBE_BYTES * 8 / probe_s / 1e6)
     return results, facts
 
 
@@ -337,13 +506,28 @@ FIGURES = (
     ("final loss", "final_loss", ".5f"),
 )
 """The table's figures: column, :class:`Result` field, format."""
+LINK_FIGURES = (*FIGURES[:3], ("link MB/step", "link_mb", ".2f"), *FIGURES[3:])
+"""The figures of a ``--bandwidth`` run: also the bytes on the shaped link."""
+
+
+def _where(facts: dict[str, Any]) -> str:
+    """How the ranks talk: loopback, or the shaped link, its measured speed and what crosses it."""
+    if "bandwidth" not in facts:
+        return "gloo over loopback"
+    per_host = facts["ranks"] // HOSTS
+    crossing = "every collective crosses it" if per_host == 1 else "shard groups inside a host, replicas across"
+    return (
+        f"gloo, {per_host} rank(s) on each of {HOSTS} network namespaces joined by a tbf {facts['bandwidth']} link "
+        f"({crossing}); link probe: {PROBE_BYTES / 2**20:.0f} MB one way in {facts['probe_ms']:.0f} ms "
+        f"(~{facts['probe_mbit_s']:.0f} Mbit/s)"
+    )
 
 
 def describe(label: str, bench: Bench, facts: dict[str, Any]) -> str:
     """One line: the layout, model size, steps and each rank's process high-water mark."""
     rss = ", ".join(f"{x:.0f}" for x in facts["maxrss_mb"])
     return (
-        f"{label}: {facts['numel'] / 1e6:.2f}M parameters, {facts['ranks']} ranks on gloo over loopback; "
+        f"{label}: {facts['numel'] / 1e6:.2f}M parameters, {facts['ranks']} ranks on {_where(facts)}; "
         f"median of {bench.steps} interleaved steps after {bench.warmup} warm-up; ru_maxrss per rank (MB): {rss}; "
         f"load average before/after {facts['load_average'][0]:.1f}/{facts['load_average'][1]:.1f}"
     )
@@ -359,16 +543,34 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=d.n_layer, help="transformer blocks (one FSDP module each)")
     p.add_argument("--context", type=int, default=d.context, help="tokens per sequence")
     p.add_argument("--hsdp", action="store_true", help="also run 4 ranks as a 2x2 HSDP mesh")
+    p.add_argument(
+        "--bandwidth",
+        default=None,
+        help="run the ranks on two network namespaces joined by a link of this tc rate "
+        "(e.g. 100mbit, 1gbit); default: loopback, unshaped",
+    )
     p.add_argument("--timeout", type=float, default=900.0, help="seconds before a job is abandoned")
+    p.add_argument("--worker", default=None, metavar="JOB", help=argparse.SUPPRESS)
+    p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     common.add_output_args(p)
     return common.parse_args(p, argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
+    if args.worker is not None:
+        _worker_main(args.worker, args.rank)  # rank 0 logs with its rank as prefix
+        return 0
     common.log_to_console()
     if args.warmup < 3 or args.steps < 1:
         raise SystemExit("fsdp.py: --warmup must be >= 3 (compression starts at step 2) and --steps >= 1")
+    if args.bandwidth is not None:
+        try:
+            netns.rate_bits(args.bandwidth)
+        except ValueError as exc:
+            raise SystemExit(f"fsdp.py: {exc}") from None
+        # SIGTERM unwinds like Ctrl-C, so namespaces and rank processes are cleaned up.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     bench = Bench(
         steps=args.steps,
         warmup=args.warmup,
@@ -381,17 +583,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs = [("FSDP2", FSDP_METHODS, False)] + ([("HSDP 2x2", HSDP_METHODS, True)] if args.hsdp else [])
     sections, figures, failed = [], {}, False
     for label, methods, hsdp in jobs:
-        results, facts = run(bench, methods, hsdp, args.timeout)
-        table = common.results_table(results, ("method",), lambda r: (r.method,), FIGURES)
+        results, facts = run(bench, methods, hsdp, args.timeout, args.bandwidth)
+        figure_columns = FIGURES if args.bandwidth is None else LINK_FIGURES
+        table = common.results_table(results, ("method",), lambda r: (r.method,), figure_columns)
         sections.append(f"{describe(label, bench, facts)}\n\n{table}")
         figures[label] = {**facts, "results": [asdict(r) for r in results]}
         failed = failed or any(r.failure for r in results)
     report = "\n\n".join(sections)
     print(f"\n{report}")
+    shaped = args.bandwidth is not None
     common.write_results(
         args,
-        "fsdp",
-        title="FSDP2 / HSDP compression",
+        "fsdp" if not shaped else f"fsdp-{args.bandwidth}",
+        title="FSDP2 / HSDP compression" + (f" on a {args.bandwidth} link" if shaped else ""),
         command=common.command_line(__file__, argv),
         report=report,
         figures={"git": revision, "bench": asdict(bench), **figures},

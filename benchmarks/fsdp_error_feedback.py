@@ -10,8 +10,9 @@ block and at the root) from the same initial weights on the same batches for
 the corpus, never trained on), averaged over both ranks. Methods: plain FSDP2
 (no custom reduce-scatter), then each compressor with each error-feedback mode
 of ``distcomp.fsdp.register``: ``fp32`` (exact residuals, 4 bytes per gradient
-element), ``bf16`` (2), ``int8`` (int8 blocks with an fp32 scale, 1.03) and
-``none`` (no residual). ``EF MB`` is ``state.stats()["ef_bytes"]`` per rank;
+element), ``bf16`` (2), ``int8`` (int8 blocks with an fp32 scale, 1.03, rounded
+stochastically), ``int8-rn`` (the same rounded to nearest: an experiment, not an
+option of ``register``) and ``none`` (no residual). ``EF MB`` is ``state.stats()["ef_bytes"]`` per rank;
 ``EF B/elem`` divides it by the model's parameter count (a rank's residuals
 cover every unit's unsharded gradient, padded shards included).
 
@@ -49,9 +50,11 @@ except ImportError:  # run as a script: the script's own folder is on sys.path
 
 logger = logging.getLogger("distcomp.bench")
 
-EF_MODES = ("fp32", "bf16", "int8", "none")
+EF_MODES = ("fp32", "bf16", "int8", "int8-rn", "none")
+"""Error-feedback modes measured; ``int8-rn`` is ``int8`` with its residuals rounded to nearest."""
 COMPRESSORS: dict[str, dict[str, Any]] = {"sign": {}, "int8": {}, "topk": {"ratio": 0.01}}
-"""Compressors measured by default, with their options."""
+"""Compressors ``--compressors`` may name, with their options."""
+DEFAULT_COMPRESSORS = ("sign", "int8")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,7 +85,7 @@ def methods(compressors: Sequence[str]) -> list[Method]:
 class Bench:
     """Settings every method of a run shares."""
 
-    steps: int = 250
+    steps: int = 160
     batch: int = 8
     """Sequences per rank per step."""
     d_model: int = 96
@@ -138,9 +141,10 @@ def _train(method: Method, bench: Bench, seed: int, rank: int, data: torch.Tenso
     fully_shard(model, mesh=mesh)
     state = None
     if method.compressor is not None:
-        state = distcomp.fsdp.register(
-            model, method.compressor, error_feedback=method.error_feedback, **dict(method.options)
-        )
+        mode = method.error_feedback.removesuffix("-rn")
+        state = distcomp.fsdp.register(model, method.compressor, error_feedback=mode, **dict(method.options))
+        if method.error_feedback.endswith("-rn"):
+            state.residual_generator = None
     opt = torch.optim.AdamW(model.parameters(), lr=bench.lr)
     train, val = _split(data)
     losses = []
@@ -268,8 +272,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
     p.add_argument(
         "--compressors",
-        default=",".join(COMPRESSORS),
-        help="comma-separated compressors, each run with every error-feedback mode (topk uses ratio=0.01)",
+        default=",".join(DEFAULT_COMPRESSORS),
+        help=f"comma-separated compressors of {', '.join(COMPRESSORS)}, each with every error-feedback mode "
+        "(topk uses ratio=0.01)",
     )
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before the job is abandoned")
     common.add_output_args(p)

@@ -3,6 +3,7 @@
     python benchmarks/optimizers.py speed                  # 10.8M-parameter GPT, 2 ranks on gloo (loopback)
     python benchmarks/optimizers.py speed --steps 20 --json speed.json
     python benchmarks/optimizers.py convergence --steps 300 # the language model of `distcomp train`
+    python benchmarks/optimizers.py convergence --state-dtypes fp32,bf16,int8,int4   # low-bit optimizer state
     python benchmarks/optimizers.py speed --no-save        # print only; by default each run is saved as
                                                            # benchmarks/results/<date>-optimizers-<mode>.json and .md
 
@@ -21,11 +22,16 @@ method is reported as failed, without a speed.
 
 ``convergence``: the model, data, learning-rate schedule and gradient clipping
 of ``distcomp train``'s defaults, 2 ranks, AdamW + DDP against each compressed
-optimizer + DDP + register at the same step count; final held-out loss.
+optimizer + DDP + register at the same step count; final held-out loss, and
+the optimizer state kept between steps, in bytes per parameter (momentum +
+variance, and in all: with the error-feedback buffers and 0/1 Adam's extra
+state). ``--state-dtypes`` adds a row per compressed optimizer and
+``state_dtype``; ``--methods`` keeps some of the optimizers only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import statistics
@@ -73,10 +79,12 @@ class ExperimentConfig:
     """Learning rate (LAMB's is per unit of weight norm, so it needs a larger one)."""
     options: tuple[tuple[str, Any], ...] = ()
     """Options of a distcomp optimizer as ``(key, value)`` pairs."""
+    state_dtype: str = "fp32"
+    """How a distcomp optimizer keeps its momentum and variance (``fp32``, ``bf16``, ``int8``, ``int4``)."""
 
     @property
     def label(self) -> str:
-        return LABELS[self.method]
+        return LABELS[self.method] + (f", {self.state_dtype} state" if self.state_dtype != "fp32" else "")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,8 +111,26 @@ class ExperimentResult:
     """Mean over ranks of the last timed step's loss (or the held-out loss in ``convergence``)."""
 
 
-def get_configs(kind: Literal["speed", "convergence"], warmup: int) -> list[ExperimentConfig]:
-    """The methods of a run; compressed optimizers enter their compressed phase after ``warmup`` steps."""
+def get_configs(
+    kind: Literal["speed", "convergence"],
+    warmup: int,
+    state_dtypes: Sequence[str] = ("fp32",),
+    methods: Sequence[str] | None = None,
+) -> list[ExperimentConfig]:
+    """The methods of a run; compressed optimizers enter their compressed phase after ``warmup`` steps.
+
+    Each compressed optimizer comes once per entry of ``state_dtypes``; ``methods``
+    (default: all) keeps only the compressed optimizers it names (AdamW stays: it is the baseline).
+    """
+    return [
+        dataclasses.replace(c, state_dtype=dtype)
+        for c in _methods(kind, warmup)
+        if c.method in ("adamw", "noop") or methods is None or c.method in methods
+        for dtype in (("fp32",) if c.method in ("adamw", "noop") else state_dtypes)
+    ]
+
+
+def _methods(kind: Literal["speed", "convergence"], warmup: int) -> list[ExperimentConfig]:
     zo = (("var_freeze_step", warmup), ("var_update_scaler", 16), ("local_step_scaler", 1), ("local_step_clipper", 4))
     if kind == "convergence":
         # kappa 32: the first 32 steps exact, 1-bit gradients at 14 of the remaining variance-phase steps (with
@@ -143,7 +169,25 @@ def _optimizer(config: ExperimentConfig, groups: Any, betas: tuple[float, float]
         "zero_one_adam": optim.ZeroOneAdam,
         "onebit_lamb": optim.OneBitLamb,
     }[config.method]
-    return cls(groups, lr=config.lr, **options)
+    return cls(groups, lr=config.lr, state_dtype=config.state_dtype, **options)
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> dict[str, float]:
+    """Optimizer-state bytes per parameter: a distcomp optimizer's :meth:`state_bytes`, or AdamW's tensors."""
+    if isinstance(opt, optim.CompressedOptimizer):
+        return opt.state_bytes()
+    params = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    held = {
+        key: sum(st[key].numel() * st[key].element_size() for st in opt.state.values() if key in st) / params
+        for key in ("exp_avg", "exp_avg_sq")
+    }
+    return {
+        "momentum": held["exp_avg"],
+        "variance": held["exp_avg_sq"],
+        "errors": 0.0,
+        "other": 0.0,
+        "total": sum(held.values()),
+    }
 
 
 @dataclass
@@ -315,6 +359,7 @@ def convergence_rank(rank: int, world_size: int, configs: Sequence[ExperimentCon
             "seconds": time.perf_counter() - start,
             "sent_bytes": stats.get("sent_bytes"),
             "dense_bytes": stats.get("dense_bytes"),
+            "state": state_bytes(rep.opt),
         }
         if rank == 0:
             logger.info("%s: val loss %.4f after %d steps", c.label, val, steps)
@@ -363,14 +408,19 @@ def format_convergence(configs: Sequence[ExperimentConfig], outs: list[dict[str,
         "train loss (last 10)",
         "held-out loss",
         "vs AdamW",
+        "vs fp32 state",
         "target",
         "ratio",
+        "m+v B/param",
+        "state B/param",
     )
     rows = []
     for c in configs:
         r = outs[0][c.label]
         tail = statistics.fmean(statistics.fmean(o[c.label]["losses"][-10:]) for o in outs)
         rel = r["val"] / base - 1
+        fp32_state = outs[0].get(dataclasses.replace(c, state_dtype="fp32").label)
+        vs_fp32 = "-" if c.state_dtype == "fp32" or fp32_state is None else f"{r['val'] / fp32_state['val'] - 1:+.2%}"
         verdict = (
             "-"
             if c.method not in target
@@ -387,8 +437,11 @@ def format_convergence(configs: Sequence[ExperimentConfig], outs: list[dict[str,
                 f"{tail:.4f}",
                 f"{r['val']:.4f}",
                 f"{rel:+.2%}",
+                vs_fp32,
                 verdict,
                 common.fmt(ratio, ".1f"),
+                f"{r['state']['momentum'] + r['state']['variance']:.2f}",
+                f"{r['state']['total']:.2f}",
             ]
         )
     return common.markdown_table(columns, rows)
@@ -410,6 +463,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="exact steps before compression (speed: untimed; default 5 for speed, 20%% of --steps for convergence)",
     )
+    p.add_argument(
+        "--state-dtypes",
+        default="fp32",
+        help="convergence: comma-separated state_dtype values, one row per compressed optimizer each (default fp32)",
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="convergence: comma-separated compressed optimizers to run (default all; AdamW always runs)",
+    )
     common.add_output_args(p)
     args = common.parse_args(p, argv)
     common.log_to_console()
@@ -425,7 +488,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         figures: dict[str, Any] = {"facts": facts, "results": [asdict(r) for r in results]}
     else:
         steps = args.steps or 300
-        configs = get_configs("convergence", args.warmup or steps // 5)
+        configs = get_configs(
+            "convergence",
+            args.warmup or steps // 5,
+            state_dtypes=args.state_dtypes.split(","),
+            methods=args.methods.split(",") if args.methods else None,
+        )
         outs = run_ranks(
             convergence_rank, WORLD_SIZE, args=(tuple(configs), steps), timeout=4 * 3600, collective_timeout=600
         )

@@ -18,7 +18,7 @@ error feedback returns the difference in later steps.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -36,7 +36,7 @@ from distcomp.workspace import Workspace
 if TYPE_CHECKING:
     from distcomp.fsdp.state import FSDPCompressionState
 
-__all__ = ["CompressedReduceScatter", "op_scale"]
+__all__ = ["CompressedReduceScatter", "op_scale", "reduce_chunks"]
 
 
 def op_scale(op: Any, world_size: int) -> float:
@@ -74,51 +74,101 @@ class CompressedReduceScatter(ReduceScatter):
         async_op: bool = False,
     ) -> dist.Work | None:
         """Reduce ``input_tensor``'s chunks into ``output_tensor``; synchronous (returns None)."""
-        state = self.state
-        state.begin_call(self.unit)
-        record = BucketRecord(index=self.index, numel=input_tensor.numel())
-        comm = Comm(group, record)
-        # The dense baseline is FSDP's fp32 reduce-scatter, not the all-reduce Comm assumes.
-        w = comm.world_size
-        record.dense_bytes = (w - 1) / w * DENSE_BYTES_PER_ELEMENT * input_tensor.numel()
-        start = time.perf_counter()
-        if not state.compressing():
-            comm._timed(input_tensor, (w - 1) / w, lambda: _exact(output_tensor, input_tensor, group, op))
-        else:
-            self._compressed(comm, output_tensor, input_tensor, op)
-        record.total_s = time.perf_counter() - start
-        state.telemetry.add(state.step, record)
+        reduce_chunks(
+            self.state,
+            self.unit,
+            self.index,
+            self.ws,
+            output_tensor,
+            input_tensor,
+            group,
+            exact=lambda: _exact(output_tensor, input_tensor, group, op),
+            scale=lambda w: op_scale(op, w),
+        )
         return None
 
-    def _compressed(self, comm: Comm, output: torch.Tensor, inp: torch.Tensor, op: Any) -> None:
-        w, shard = comm.world_size, output.numel()
-        x = inp.view(w, shard).float()
-        residual = self.state.residual(self.unit, w, shard, x.device)
-        if residual is not None:
-            x = x + residual
-        mean, local, health = self._reduce(comm, x)
-        finite = bool(torch.isfinite(health).all())
-        comm.record.compressed = True
-        comm.record.nonfinite = not finite
-        if not finite:
-            # Every rank saw the same health words: all outputs are non-finite, so a scaler skips the step.
-            output.fill_(float("nan"))
-            self.state.stage(self.unit, None)
-            return
-        if residual is not None:
-            new = x - local
-            comm.record.residual_norm = float(new.norm())
-            self.state.stage(self.unit, new)
-        output.copy_(mean.mul_(op_scale(op, w)))
 
-    def _reduce(self, comm: Comm, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(mean of this rank's chunk [s], this rank's decoded input [w, s], health)`` for ``x`` [w, s] fp32."""
-        kind, codec = self.state.codec(comm, x.device)
-        if kind == "block":
-            return _block(comm, codec, x, self.ws)
-        if kind == "cast":
-            return _cast(comm, codec, x)
-        return _sparse(comm, self.state, x)
+def reduce_chunks(
+    state: FSDPCompressionState,
+    unit: str,
+    index: int,
+    ws: Workspace,
+    output: torch.Tensor,
+    inp: torch.Tensor,
+    group: dist.ProcessGroup,
+    *,
+    exact: Callable[[], None],
+    scale: Callable[[int], float],
+    padding: torch.Tensor | None = None,
+) -> None:
+    """One FSDP unit's reduce-scatter of ``inp`` (``world_size`` chunks) into ``output`` (this rank's chunk).
+
+    The core shared by FSDP2's comm and FSDP1's comm hook. Steps that do not
+    compress run ``exact`` (the wrapper's own FSDP call, so ``none`` stays
+    bit-identical); compressed steps add the unit's residual, encode, exchange by
+    all-to-all, decode-and-sum this rank's chunk, multiply the mean by
+    ``scale(world_size)`` and stage the new residual. ``padding`` (bool, shaped
+    like ``inp``) marks entries that belong to no parameter: their residual is
+    kept at zero, so a residual saved by parameter name is all there is.
+    """
+    state.begin_call(unit)
+    record = BucketRecord(index=index, numel=inp.numel())
+    comm = Comm(group, record)
+    # The dense baseline is FSDP's fp32 reduce-scatter, not the all-reduce Comm assumes.
+    w = comm.world_size
+    record.dense_bytes = (w - 1) / w * DENSE_BYTES_PER_ELEMENT * inp.numel()
+    start = time.perf_counter()
+    if not state.compressing():
+        comm._timed(inp, (w - 1) / w, exact)
+    else:
+        _compressed(state, unit, comm, ws, output, inp, scale(w), padding)
+    record.total_s = time.perf_counter() - start
+    state.telemetry.add(state.step, record)
+
+
+def _compressed(
+    state: FSDPCompressionState,
+    unit: str,
+    comm: Comm,
+    ws: Workspace,
+    output: torch.Tensor,
+    inp: torch.Tensor,
+    scale: float,
+    padding: torch.Tensor | None,
+) -> None:
+    w, shard = comm.world_size, output.numel()
+    x = inp.view(w, shard).float()
+    residual = state.residual(unit, w, shard, x.device)
+    if residual is not None:
+        x = x + residual
+    mean, local, health = _reduce(state, comm, ws, x)
+    finite = bool(torch.isfinite(health).all())
+    comm.record.compressed = True
+    comm.record.nonfinite = not finite
+    if not finite:
+        # Every rank saw the same health words: all outputs are non-finite, so a scaler skips the step.
+        output.fill_(float("nan"))
+        state.stage(unit, None)
+        return
+    if residual is not None:
+        new = x - local
+        if padding is not None:
+            new.masked_fill_(padding.view(w, shard), 0.0)
+        comm.record.residual_norm = float(new.norm())
+        state.stage(unit, new)
+    output.copy_(mean.mul_(scale))
+
+
+def _reduce(
+    state: FSDPCompressionState, comm: Comm, ws: Workspace, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(mean of this rank's chunk [s], this rank's decoded input [w, s], health)`` for ``x`` [w, s] fp32."""
+    kind, codec = state.codec(comm, x.device)
+    if kind == "block":
+        return _block(comm, codec, x, ws)
+    if kind == "cast":
+        return _cast(comm, codec, x)
+    return _sparse(comm, state, x)
 
 
 def _exact(output: torch.Tensor, inp: torch.Tensor, group: dist.ProcessGroup, op: Any) -> None:

@@ -1,4 +1,4 @@
-"""``distcomp.fsdp.register``: compress an FSDP2 model's gradient reduction."""
+"""``distcomp.fsdp.register``: compress an FSDP2 (or FSDP1) model's gradient reduction."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ from typing import Any, cast
 
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from distcomp.agreement import check_agreement
 from distcomp.compressor import Compressor
 from distcomp.config import config_to_dict
 from distcomp.errors import ConfigError
+from distcomp.fsdp.fsdp1 import contains_fsdp1, is_fsdp1, register_fsdp1
 from distcomp.fsdp.hsdp import register_hsdp
 from distcomp.fsdp.modules import fsdp_modules, module_names, reduce_scatter_layout
 from distcomp.fsdp.reduce_scatter import CompressedReduceScatter
@@ -41,9 +43,13 @@ def register(
     ``"bf16"`` (half the memory) or not at all (``"none"``); a residual is as large
     as its FSDP unit's unsharded gradient. With ``replicate_group`` (HSDP built as
     1-D ``fully_shard`` on the shard sub-mesh) the reduce-scatter stays exact and
-    the replica all-reduce over ``replicate_group`` is compressed instead. Raises
+    the replica all-reduce over ``replicate_group`` is compressed instead. An FSDP1
+    ``FullyShardedDataParallel`` root, before its first forward, is compressed through
+    its comm hook instead (:mod:`distcomp.fsdp.fsdp1`). Raises
     :class:`~distcomp.errors.RankMismatchError` on every rank if ranks disagree.
     """
+    if contains_fsdp1(model):
+        return _register_fsdp1(model, compressor, replicate_group, error_feedback, log_every, config)
     if replicate_group is not None:
         return register_hsdp(
             model,
@@ -71,6 +77,30 @@ def register(
         module.set_custom_reduce_scatter(CompressedReduceScatter(state, unit.name, index))
     logger.info("distcomp.fsdp: %s reduce-scatter on %d FSDP modules", comp.name, len(modules))
     return state
+
+
+def _register_fsdp1(
+    model: nn.Module,
+    compressor: str | Any,
+    replicate_group: Any,
+    error_feedback: str,
+    log_every: int,
+    config: dict[str, Any],
+) -> Any:
+    """FSDP1 (``FullyShardedDataParallel``): the comm-hook route of :mod:`distcomp.fsdp.fsdp1`."""
+    if not is_fsdp1(model):
+        raise ConfigError(
+            "this model holds FullyShardedDataParallel (FSDP1) submodules but is not one itself: pass the "
+            "outermost FullyShardedDataParallel wrapper to distcomp.fsdp.register"
+        )
+    if replicate_group is not None:
+        raise ConfigError(
+            "replicate_group is for HSDP built with FSDP2's fully_shard; FSDP1 hybrid sharding takes no comm "
+            "hook: build the model with fully_shard on the shard mesh to compress the replica all-reduce"
+        )
+    comp = _make_compressor(compressor, config)
+    root = cast(FullyShardedDataParallel, model)
+    return register_fsdp1(root, comp, error_feedback=error_feedback, log_every=log_every)
 
 
 def _make_compressor(compressor: str | Any, config: dict[str, Any]) -> Compressor:

@@ -5,8 +5,11 @@ residuals give back much of what sharding saves. Here each parameter's residual
 rows (``[world_size, padded shard]``) are kept as int8 codes, one fp32 scale per
 block of :data:`BLOCK` values (``absmax / 127``): 1 + 4/128 = 1.03 bytes per
 element instead of 4, in the spirit of MicroAdam's compressed error feedback.
-The error this adds is not fed back (at most half a step, ``absmax / 254``, per
-value); rounding is to nearest, so a run is deterministic.
+The error this adds is not fed back. ``distcomp.fsdp`` rounds stochastically
+from a seeded per-rank generator (unbiased, at most one step ``absmax / 127`` per
+value; a run stays reproducible): with topk, whose residuals hold most of the
+gradient, rounding to nearest (at most half a step, but biased: a value below
+half a step of its block is dropped every step) trained measurably worse.
 
 Quantization is per parameter slot (rows padded with zeros to whole blocks), so
 a checkpoint keeps its residuals keyed by parameter name and holds the codes and
@@ -48,11 +51,14 @@ class QuantizedRows:
     """Values per row before padding."""
 
     @classmethod
-    def quantize(cls, rows: torch.Tensor) -> QuantizedRows:
-        """Quantize fp32 ``rows [world_size, numel]`` (round to nearest; an all-zero block gets scale 0)."""
+    def quantize(cls, rows: torch.Tensor, generator: torch.Generator | None = None) -> QuantizedRows:
+        """Quantize fp32 ``rows [world_size, numel]``; an all-zero block gets scale 0.
+
+        Rounds to nearest, or stochastically with draws from ``generator``.
+        """
         numel = rows.shape[1]
         padded = rows if _padded(numel) == numel else F.pad(rows, (0, _padded(numel) - numel))
-        codes, scales = quantize_blockwise(padded.contiguous(), 8, BLOCK)
+        codes, scales = quantize_blockwise(padded.contiguous(), 8, BLOCK, generator)
         return cls(codes, scales, numel)
 
     def dequantize(self) -> torch.Tensor:
@@ -91,9 +97,11 @@ class QuantizedRows:
         return cls(entry["codes"].contiguous(), entry["scales"].contiguous(), numel)
 
 
-def quantize_unit(residual: torch.Tensor, slots: Sequence[ParamSlot]) -> tuple[QuantizedRows, ...]:
+def quantize_unit(
+    residual: torch.Tensor, slots: Sequence[ParamSlot], generator: torch.Generator | None = None
+) -> tuple[QuantizedRows, ...]:
     """A unit's fp32 residual ``[world_size, shard]`` as one :class:`QuantizedRows` per parameter slot."""
-    return tuple(QuantizedRows.quantize(residual[:, s.offset : s.offset + s.numel]) for s in slots)
+    return tuple(QuantizedRows.quantize(residual[:, s.offset : s.offset + s.numel], generator) for s in slots)
 
 
 def dequantize_unit(

@@ -8,8 +8,8 @@ if any module's gradients were non-finite, so a step a scaler skips leaves no tr
 
 Error-feedback modes (what a worker residual costs per gradient element):
 ``"fp32"`` 4 bytes, exact; ``"bf16"`` 2 bytes; ``"int8"`` 1.03 bytes (int8 blocks
-of 128 values with an fp32 scale, :mod:`distcomp.fsdp.residuals`); ``"none"``
-nothing. Without feedback int8 and int4 stay unbiased (they round
+of 128 values with an fp32 scale, rounded stochastically from a per-rank
+generator, :mod:`distcomp.fsdp.residuals`); ``"none"`` nothing. Without feedback int8 and int4 stay unbiased (they round
 stochastically), while sign is biased (its error is never returned) and topk
 drops most of the gradient for good.
 """
@@ -38,6 +38,8 @@ ErrorFeedbackMode = Literal["fp32", "bf16", "int8", "none"]
 RESIDUAL_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 """Modes that hold a unit's residual as one dense tensor of this dtype."""
 QUANTIZED_MODES = ("int8",)
+RESIDUAL_SEED = 0x5EED
+"""Seed of the generator that rounds int8 residuals, plus the rank (ranks need not agree on it)."""
 """Modes that hold each parameter's residual as int8 blocks (:class:`~distcomp.fsdp.residuals.QuantizedRows`)."""
 Held = torch.Tensor | tuple[QuantizedRows, ...]
 """A unit's residual as held: dense ``[world_size, shard]``, or one quantized part per parameter slot."""
@@ -65,7 +67,8 @@ class FSDPCompressionState:
     rank), the compressor's own state (random streams), the step, and the config,
     error-feedback mode, world size and rank it was made with. Save one file per rank.
     With ``error_feedback="int8"`` each residual is ``{"codes": int8, "scales": fp32}``
-    (rows padded to whole blocks), exactly as held.
+    (rows padded to whole blocks), exactly as held, and ``residual_generator`` holds
+    the state of the generator that rounds them.
     """
 
     def __init__(
@@ -91,6 +94,12 @@ class FSDPCompressionState:
         self._called: set[str] = set()
         self._nonfinite = False
         self._model_name = type(model).__name__
+        self.residual_generator: torch.Generator | None = None
+        """With int8 residuals: the generator they are rounded with (stochastic rounding is unbiased; it
+        measured better than rounding to nearest with topk). None rounds to nearest, an experiment of
+        benchmarks/fsdp_error_feedback.py."""
+        if error_feedback in QUANTIZED_MODES:
+            self.residual_generator = torch.Generator().manual_seed(RESIDUAL_SEED + rank)
 
     # -- used by the reduce-scatter comms ----------------------------------------
 
@@ -150,7 +159,7 @@ class FSDPCompressionState:
             self._nonfinite = True
             return
         if self.error_feedback in QUANTIZED_MODES:
-            self._staged[unit] = quantize_unit(residual, self.units[unit].slots)
+            self._staged[unit] = quantize_unit(residual, self.units[unit].slots, self.residual_generator)
         else:
             self._staged[unit] = residual.to(RESIDUAL_DTYPES[self.error_feedback])
 
@@ -203,6 +212,7 @@ class FSDPCompressionState:
             "step": self.step,
             "residuals": residuals,
             "compressor": self.compressor.state_dict(),
+            **self._generator_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -224,8 +234,16 @@ class FSDPCompressionState:
             if held is not None:
                 restored[unit.name] = held
         self.compressor.load_state_dict(state["compressor"])
+        if self.residual_generator is not None and "residual_generator" in state:
+            self.residual_generator.set_state(state["residual_generator"])
         self._residuals, self._staged, self._called, self._nonfinite = restored, {}, set(), False
         self.step = int(state["step"])
+
+    def _generator_state(self) -> dict[str, torch.Tensor]:
+        """The residual generator's state, in int8 mode only (the fp32 and bf16 formats stay as they were)."""
+        if self.residual_generator is None:
+            return {}
+        return {"residual_generator": self.residual_generator.get_state()}
 
     def _restore_unit(self, unit: Unit, residuals: dict[str, Any]) -> Held | None:
         """The unit's residual from a checkpoint's ``residuals``; None when it has none (no step yet)."""

@@ -30,6 +30,7 @@ from distcomp.optim.comm import GradientComm, world_of
 from distcomp.optim.config import OptimizerConfig, build, check_group
 from distcomp.optim.functional import adam_denominator, bias_correction
 from distcomp.optim.layout import FlatLayout
+from distcomp.optim.lowbit import Role
 from distcomp.optim.state import FlatState, standalone
 from distcomp.telemetry import Telemetry
 from distcomp.workspace import Workspace
@@ -57,6 +58,8 @@ class CompressedOptimizer(torch.optim.Optimizer):
     """Per-parameter Python floats."""
     error_keys: ClassVar[tuple[str, ...]] = ("worker_error",)
     """Per-element state that differs between ranks and is dropped by ``reset_errors``."""
+    lowbit_keys: ClassVar[dict[str, Role]] = {"exp_avg": "momentum", "exp_avg_sq": "variance"}
+    """Per-element state kept at ``state_dtype`` (the others stay fp32), with the quantizer each uses."""
     _step_supports_amp_scaling = True  # GradScaler calls step() on every rank; we skip non-finite steps together
 
     def __init__(
@@ -77,6 +80,8 @@ class CompressedOptimizer(torch.optim.Optimizer):
             element_keys=self.element_keys,
             scalar_keys=self.scalar_keys,
             error_keys=self.error_keys,
+            state_dtype=config.state_dtype,
+            lowbit_keys=self.lowbit_keys,
         )
         """The fused buckets and their buffers (package-internal: subclasses read and write their state here)."""
         self.telemetry = Telemetry(log_every=log_every)
@@ -124,8 +129,25 @@ class CompressedOptimizer(torch.optim.Optimizer):
         return self.comm.world
 
     def stats(self) -> dict[str, Any]:
-        """Bytes and times per step, as the DDP hooks report them (``{"step", "buckets", "total"}``)."""
-        return self.telemetry.summary()
+        """Bytes and times per step, as the DDP hooks report them (``{"step", "buckets", "total"}``), and
+        ``"state"``: :meth:`state_bytes`."""
+        return {**self.telemetry.summary(), "state": self.state_bytes()}
+
+    def state_bytes(self) -> dict[str, float]:
+        """Optimizer-state bytes per parameter held between steps: ``momentum``, ``variance``, ``errors``
+        (worker and server error feedback), ``other`` (0/1 Adam's accumulator and anchor) and ``total``.
+
+        Counts what exists so far (a buffer is made on its first use, e.g. the
+        errors at the first compressed step); scratch of one bucket and the
+        derived frozen denominators of fp32 state are not counted.
+        """
+        params = sum(layout.numel for layout in self.flat.layouts)
+        out = dict.fromkeys(("momentum", "variance", "errors", "other"), 0.0)
+        for key, nbytes in self.flat.nbytes().items():
+            kind = "errors" if key in self.error_keys or key == "server_error" else self.lowbit_keys.get(key, "other")
+            out[kind] += nbytes / max(params, 1)
+        out["total"] = sum(out.values())
+        return out
 
     def bucket_layout(self) -> list[list[int]]:
         """The fused buckets as lists of ``state_dict`` parameter indices, in communication order."""
@@ -155,7 +177,9 @@ class CompressedOptimizer(torch.optim.Optimizer):
         if self.comm.rank == 0 and t in self._milestones():
             logger.info("%s: step %d: %s", self.algorithm, t, self._milestones()[t])
         grads, health = self.comm.gather(getattr(self, "grad_scale", None))
-        if self._run(t, grads, health):
+        ran = self._run(t, grads, health)
+        self.flat.commit()
+        if ran:
             self._step += 1
         else:
             self.comm.record(BucketRecord(index=-1, numel=0, nonfinite=True))
@@ -231,6 +255,8 @@ class CompressedOptimizer(torch.optim.Optimizer):
     def _denominator(self, layout: FlatLayout, v_updates: int, frozen: bool = False) -> torch.Tensor:
         """``sqrt(v_hat) + eps`` of the bucket; with ``frozen``, computed once and kept while ``v`` stays frozen."""
         group = self.param_groups[layout.group]
+        # Low-bit state keeps no fp32 copy of a frozen denominator: it would cost 4 bytes a parameter.
+        frozen = frozen and "exp_avg_sq" not in self.flat.lowbit
         key = (v_updates, group["eps"], group["betas"][1], group["bias_correction"])
         cached = self._denoms.get(layout.index) if frozen else None
         if cached is not None and cached[0] == key:
@@ -246,7 +272,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
         )
         bc2 = bias_correction(group["betas"][1], v_updates, group["bias_correction"])
         adam_denominator(
-            self.flat.buffer(layout, "exp_avg_sq"), bc2, group["eps"], self.config.eps_inside_sqrt, out=out
+            self.flat.buffer(layout, "exp_avg_sq", write=False), bc2, group["eps"], self.config.eps_inside_sqrt, out=out
         )
         if frozen:
             self._denoms[layout.index] = (key, out)

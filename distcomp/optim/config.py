@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from distcomp import schema
+from distcomp.optim.lowbit import STATE_DTYPES, StateDtype
 from distcomp.validation import require
 
 C = TypeVar("C", bound="OptimizerConfig")
@@ -39,6 +40,10 @@ class OptimizerConfig:
     and send more scales (2048: about 31x fewer bytes than an fp32 all-reduce)."""
     bucket_cap_mb: float = 64.0
     """Largest fused bucket of momentum, in MB of fp32; each bucket is one compressed all-reduce per step."""
+    state_dtype: StateDtype = "fp32"
+    """How the momentum and the (frozen) variance are kept between steps: ``fp32``; ``bf16``; ``int8`` or
+    ``int4`` (blocks of 256 or 128 values with one fp32 scale; a zero-free grid of ``sqrt(v)`` for the variance).
+    Error-feedback buffers stay fp32. A step decodes one bucket at a time into fp32 scratch."""
 
     def __post_init__(self) -> None:
         check_group(self, "")
@@ -46,6 +51,11 @@ class OptimizerConfig:
             self.block >= 32 and self.block % 32 == 0, "block", f"must be a positive multiple of 32, got {self.block}"
         )
         require(self.bucket_cap_mb > 0, "bucket_cap_mb", f"must be > 0, got {self.bucket_cap_mb}")
+        require(
+            self.state_dtype in STATE_DTYPES,
+            "state_dtype",
+            f"must be one of {', '.join(STATE_DTYPES)}, got {self.state_dtype!r}",
+        )
         require(
             not self.amsgrad,
             "amsgrad",

@@ -54,6 +54,7 @@ class OneBitLamb(CompressedOptimizer):
     algorithm = "OneBitLamb"
     element_keys = ("exp_avg", "exp_avg_sq", "worker_error", "exp_avg_sq_fresh")
     scalar_keys = ("lamb_coeff_freeze", "last_factor", "scaling_coeff")
+    lowbit_keys = {**CompressedOptimizer.lowbit_keys, "exp_avg_sq_fresh": "variance"}
 
     @dataclass(kw_only=True, frozen=True)
     class Config(OptimizerConfig):
@@ -161,7 +162,9 @@ class OneBitLamb(CompressedOptimizer):
     def _set_scaling(self) -> None:
         """Per-tensor momentum scales, fixed at the first compressed step from every bucket's momentum."""
         owners = [p for layout in self.flat.layouts for p in layout.owners]
-        moments = [v for layout in self.flat.layouts for v in layout.views(self.flat.buffer(layout, "exp_avg"))]
+        moments = [
+            v for layout in self.flat.layouts for v in layout.views(self.flat.buffer(layout, "exp_avg", write=False))
+        ]
         norms = self._global_norms(_norms(moments)) if self.comm.sharded else _norms(moments)
         for p, scale in zip(owners, momentum_scaling([rms(n, p.numel()) for p, n in zip(owners, norms)])):
             self.state[p]["scaling_coeff"] = scale

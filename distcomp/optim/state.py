@@ -17,10 +17,19 @@ with the bucket's parameter indices and checked against the layout and the
 world size on load. Error buffers differ between ranks: save one file per rank.
 ``load_state_dict`` restores everything bit for bit (torch's own would cast the
 fp32 state to the parameters' dtype).
+
+With ``state_dtype`` other than ``"fp32"`` the momentum and variance keys are
+kept per bucket in a :class:`~distcomp.optim.lowbit.QuantizedBuffer` (bf16
+values, or codes and per-block scales whose blocks span the bucket), not in
+``state[p]``: a step opens a bucket's buffer into fp32 scratch shared by all
+buckets, computes, and stores it again (:meth:`FlatState.buffer`,
+:meth:`FlatState.commit`). The checkpoint holds them as they are stored, in the
+bucket's entry: ``"lowbit": {"exp_avg": {"codes": ..., "scales": ...}, ...}``.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,6 +37,7 @@ from torch.distributed.tensor import DTensor
 
 from distcomp.errors import CheckpointError
 from distcomp.optim.layout import FlatLayout, build_layouts, local
+from distcomp.optim.lowbit import QuantizedBuffer, Role, StateDtype
 
 FORMAT = "distcomp.optim/1"
 
@@ -72,6 +82,17 @@ def like_param(view: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     )
 
 
+@dataclass
+class _Opened:
+    """A low-bit buffer decoded into scratch for the bucket being computed."""
+
+    index: int
+    store: QuantizedBuffer
+    scratch: torch.Tensor
+    values: torch.Tensor
+    dirty: bool
+
+
 class FlatState:
     """The fused buckets of one optimizer and everything stored per bucket.
 
@@ -91,6 +112,8 @@ class FlatState:
         element_keys: tuple[str, ...],
         scalar_keys: tuple[str, ...],
         error_keys: tuple[str, ...],
+        state_dtype: StateDtype = "fp32",
+        lowbit_keys: dict[str, Role] | None = None,
     ) -> None:
         self._opt = optimizer
         self.algorithm = algorithm
@@ -102,6 +125,12 @@ class FlatState:
         """This rank's chunk of each bucket's server error, by bucket index (made by the first 1-bit exchange)."""
         self.scalars: dict[int, dict[str, float]] = {}
         """Per-bucket Python floats of the algorithm (0/1 Adam's interval sums), by bucket index."""
+        self.state_dtype = state_dtype
+        self.lowbit: dict[str, Role] = dict(lowbit_keys or {}) if state_dtype != "fp32" else {}
+        """The keys kept in low precision, with the quantizer each uses (empty with fp32 state)."""
+        self._stores: dict[tuple[int, str], QuantizedBuffer] = {}
+        self._opened: dict[str, _Opened] = {}
+        self._scratch: dict[str, torch.Tensor] = {}
 
     @property
     def layouts(self) -> list[FlatLayout]:
@@ -113,14 +142,21 @@ class FlatState:
     @property
     def started(self) -> bool:
         """Whether any flat buffer exists (the buckets can no longer change)."""
-        return bool(self._flats)
+        return bool(self._flats) or bool(self._stores)
 
     def regroup(self) -> None:
         """Forget the layouts, for a new parameter group (only before any buffer exists)."""
         self._layouts = None
 
-    def buffer(self, layout: FlatLayout, key: str) -> torch.Tensor:
-        """The bucket's flat fp32 buffer for ``key``, made on first use (zeros, or the loaded per-parameter state)."""
+    def buffer(self, layout: FlatLayout, key: str, write: bool = True) -> torch.Tensor:
+        """The bucket's flat fp32 buffer for ``key``, made on first use (zeros, or the loaded per-parameter state).
+
+        A low-bit key gives fp32 scratch holding the decoded values, valid until
+        another bucket's buffer of the same key is asked for or :meth:`commit`;
+        changes are stored then, unless every use said ``write=False``.
+        """
+        if key in self.lowbit:
+            return self._open(layout, key, write)
         flat = self._flats.get((layout.index, key))
         if flat is None:
             flat = torch.zeros(layout.numel, dtype=torch.float32, device=layout.device)
@@ -133,8 +169,56 @@ class FlatState:
         return flat
 
     def existing(self, layout: FlatLayout, key: str) -> torch.Tensor | None:
-        """The bucket's buffer for ``key`` if it was made, without making it."""
+        """The bucket's fp32 buffer for ``key`` if it was made, without making it (not for low-bit keys)."""
         return self._flats.get((layout.index, key))
+
+    # -- low-bit state ----------------------------------------------------------------------
+
+    def _open(self, layout: FlatLayout, key: str, write: bool) -> torch.Tensor:
+        """Decode the bucket's low-bit ``key`` into the key's scratch (storing the bucket open there before)."""
+        opened = self._opened.get(key)
+        if opened is None or opened.index != layout.index:
+            if opened is not None:
+                self._close(key)
+            store = self._store(layout, key)
+            scratch = self._scratch.get(key)
+            if scratch is None or scratch.numel() < store.scratch_numel or scratch.device != layout.device:
+                scratch = torch.empty(store.scratch_numel, dtype=torch.float32, device=layout.device)
+                self._scratch[key] = scratch
+            scratch = scratch[: store.scratch_numel]
+            opened = _Opened(layout.index, store, scratch, store.decode(scratch), dirty=False)
+            self._opened[key] = opened
+        opened.dirty |= write
+        return opened.values
+
+    def _store(self, layout: FlatLayout, key: str) -> QuantizedBuffer:
+        store = self._stores.get((layout.index, key))
+        if store is None:
+            store = QuantizedBuffer(layout.numel, self.lowbit[key], self.state_dtype, layout.device)
+            self._stores[(layout.index, key)] = store
+        return store
+
+    def _close(self, key: str) -> None:
+        opened = self._opened.pop(key)
+        if opened.dirty:
+            opened.store.encode(opened.scratch)
+
+    def commit(self) -> None:
+        """Store every open low-bit buffer (the optimizer calls it at the end of each step)."""
+        for key in list(self._opened):
+            self._close(key)
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes of state held between steps, by key (server errors as ``"server_error"``); scratch not counted."""
+        out: dict[str, int] = {}
+        for (_, key), flat in self._flats.items():
+            out[key] = out.get(key, 0) + flat.numel() * flat.element_size()
+        for (_, key), store in self._stores.items():
+            out[key] = out.get(key, 0) + store.nbytes
+        served = sum(t.numel() * t.element_size() for t in self.server.values())
+        if served:
+            out["server_error"] = served
+        return out
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -152,9 +236,16 @@ class FlatState:
                     "params": list(layout.ids),
                     "server_error": self.server[layout.index].clone() if layout.index in self.server else None,
                     "scalars": dict(self.scalars.get(layout.index, {})),
+                    **({"lowbit": self._lowbit_section(layout)} if self.lowbit else {}),
                 }
                 for layout in self.layouts
             ],
+        }
+
+    def _lowbit_section(self, layout: FlatLayout) -> dict[str, dict[str, torch.Tensor]]:
+        self.commit()
+        return {
+            key: store.tensors() for key in self.lowbit if (store := self._stores.get((layout.index, key))) is not None
         }
 
     def check(
@@ -169,10 +260,18 @@ class FlatState:
             )
         if section["algorithm"] != self.algorithm:
             raise CheckpointError(f"{self.algorithm}: the checkpoint is a {section['algorithm']} state")
+        saved_config = {"state_dtype": "fp32", **section["config"]}  # checkpoints older than state_dtype: fp32
+        saved_dtype, dtype = saved_config["state_dtype"], config.get("state_dtype", "fp32")
+        if saved_dtype != dtype:
+            raise CheckpointError(
+                f"{self.algorithm}: the checkpoint holds state_dtype={saved_dtype!r} optimizer state, this optimizer "
+                f"was built with state_dtype={dtype!r}; build it with state_dtype={saved_dtype!r} to resume "
+                "(low-bit state is saved as its codes and is not converted)"
+            )
         diffs = {
-            k: (section["config"].get(k), config.get(k))
-            for k in config.keys() | section["config"].keys()
-            if section["config"].get(k) != config.get(k)
+            k: (saved_config.get(k), config.get(k))
+            for k in config.keys() | saved_config.keys()
+            if saved_config.get(k) != config.get(k)
         }
         if diffs:
             raise CheckpointError(f"{self.algorithm}: checkpoint was written with other options: {diffs} (saved, now)")
@@ -199,6 +298,7 @@ class FlatState:
         left out, so they start again from zero.
         """
         self._layouts, self._flats, self.scalars = None, {}, {}
+        self._stores, self._opened = {}, {}
         self.server.clear()  # in place: the optimizer's exchange keeps its server errors in this dict
         layouts = self.layouts
         ids = [list(b["params"]) for b in section["buckets"]]
@@ -210,11 +310,21 @@ class FlatState:
         self._load_params(saved, reset_errors)
         for layout, bucket in zip(layouts, section["buckets"]):
             for key in self.element_keys:
-                if any(key in self._opt.state[p] for p in layout.owners):
+                if key not in self.lowbit and any(key in self._opt.state[p] for p in layout.owners):
                     self.buffer(layout, key)
+            for key, saved_store in bucket.get("lowbit", {}).items():
+                if key not in self.lowbit:
+                    raise CheckpointError(f"{self.algorithm}: unknown low-bit state {key!r} in bucket {layout.index}")
+                try:
+                    self._store(layout, key).load(
+                        saved_store, f"{self.algorithm}: low-bit {key!r} of bucket {layout.index}"
+                    )
+                except ValueError as e:
+                    raise CheckpointError(str(e)) from None
             if bucket["server_error"] is not None and not reset_errors:
                 self.server[layout.index] = bucket["server_error"].detach().to(torch.float32, copy=True)
-            self.scalars[layout.index] = {k: float(v) for k, v in bucket["scalars"].items()}
+            if bucket["scalars"]:  # none saved before the algorithm made them: it makes them again on first use
+                self.scalars[layout.index] = {k: float(v) for k, v in bucket["scalars"].items()}
 
     def _load_params(self, saved: dict[Any, dict[str, Any]], reset_errors: bool) -> None:
         """Per-parameter state into ``optimizer.state`` (fp32, on the parameter's device), checked key by key."""
@@ -228,7 +338,7 @@ class FlatState:
                     f"which this optimizer does not have"
                 )
             for key, value in entries.items():
-                if key in self.element_keys:
+                if key in self.element_keys and key not in self.lowbit:
                     value, shard = local(value), local(p)
                     if value.numel() != shard.numel():
                         raise CheckpointError(
