@@ -135,17 +135,21 @@ class CompressedOptimizer(torch.optim.Optimizer):
 
     def state_bytes(self) -> dict[str, float]:
         """Optimizer-state bytes per parameter held between steps: ``momentum``, ``variance``, ``errors``
-        (worker and server error feedback), ``other`` (0/1 Adam's accumulator and anchor) and ``total``.
+        (worker and server error feedback; on FSDP also the 1-bit copy of the momentum), ``other``
+        (0/1 Adam's accumulator and anchor) and ``total``. On FSDP, this rank's bytes per model parameter.
 
         Counts what exists so far (a buffer is made on its first use, e.g. the
         errors at the first compressed step); scratch of one bucket and the
         derived frozen denominators of fp32 state are not counted.
         """
-        params = sum(layout.numel for layout in self.flat.layouts)
+        # Under FSDP: this rank's bytes per parameter of the whole model (its state is a shard of it).
+        params = sum(sum(layout.numels()) for layout in self.flat.layouts)
         out = dict.fromkeys(("momentum", "variance", "errors", "other"), 0.0)
         for key, nbytes in self.flat.nbytes().items():
             kind = "errors" if key in self.error_keys or key == "server_error" else self.lowbit_keys.get(key, "other")
             out[kind] += nbytes / max(params, 1)
+        if self.comm.fsdp is not None:  # worker and server errors and the 1-bit momentum of the reduce-scatters
+            out["errors"] += self.comm.fsdp.ef_bytes() / max(params, 1)
         out["total"] = sum(out.values())
         return out
 

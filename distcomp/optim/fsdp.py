@@ -44,13 +44,13 @@ from torch.distributed.tensor import DTensor
 
 from distcomp.codecs import SignCodec
 from distcomp.comm import DENSE_BYTES_PER_ELEMENT, BucketRecord, Comm
-from distcomp.errors import ConfigError
+from distcomp.errors import ConfigError, DistcompError
 from distcomp.exchange import TwoPhaseExchange
 from distcomp.fsdp.modules import ParamSlot, fsdp_modules, module_names, reduce_scatter_layout
 from distcomp.fsdp.reduce_scatter import CompressedReduceScatter
 from distcomp.fsdp.state import ErrorFeedbackMode, FSDPCompressionState, Unit
 from distcomp.optim.base import CompressedOptimizer
-from distcomp.optim.layout import local
+from distcomp.optim.state import like_param
 from distcomp.registry import make_compressor
 
 logger = logging.getLogger("distcomp.optim")
@@ -171,10 +171,16 @@ class ShardedGradients(FSDPCompressionState):
         shards, self._shards = self._shards, {}
         if not finite:
             return
-        for unit, row in shards.items():
-            for slot in self.units[unit].slots:
-                m = local(self.optimizer.state[self.params[slot.name]]["exp_avg"])
-                m.view(-1).copy_(row[slot.offset : slot.offset + m.numel()])
+        units = self.units
+        rows = {id(self.params[slot.name]): (row, slot) for unit, row in shards.items() for slot in units[unit].slots}
+        flat = self.optimizer.flat
+        for layout in flat.layouts:  # bucket by bucket: low-bit state decodes one bucket at a time
+            mine = [(i, rows[id(p)]) for i, p in enumerate(layout.owners) if id(p) in rows]
+            if not mine:
+                continue
+            views = layout.views(flat.buffer(layout, "exp_avg"))
+            for i, (row, slot) in mine:
+                views[i].view(-1).copy_(row[slot.offset : slot.offset + views[i].numel()])
 
     def exchange_momentum(
         self, comm: Comm, unit: str, grad: torch.Tensor, beta1: float
@@ -221,13 +227,26 @@ class ShardedGradients(FSDPCompressionState):
             return out
         out = torch.zeros(w, shard, dtype=torch.float32, device=self.device)
         for slot in self.units[unit].slots:  # the first compressed step: the warm-up's exact momentum
-            m = self.optimizer.state[self.params[slot.name]]["exp_avg"]
-            full = m.full_tensor() if isinstance(m, DTensor) else m
+            full = self._full_momentum(self.params[slot.name])
             rows = -(-full.shape[0] // w) if full.dim() else 1
             padded = torch.zeros(w * rows, *full.shape[1:], dtype=torch.float32, device=self.device)
             padded[: full.shape[0]] = full
             out[:, slot.offset : slot.offset + slot.numel] = padded.view(w, -1)
         return out
+
+    def _full_momentum(self, param: torch.Tensor) -> torch.Tensor:
+        """The whole averaged momentum of ``param``, gathered from every rank's shard (a collective)."""
+        flat = self.optimizer.flat
+        for layout in flat.layouts:
+            for i, p in enumerate(layout.owners):
+                if p is param:
+                    view = layout.views(flat.buffer(layout, "exp_avg", write=False))[i]
+                    sharded = like_param(view, p)
+                    return sharded.full_tensor() if isinstance(sharded, DTensor) else view
+        raise DistcompError(
+            f"parameter of shape {tuple(param.shape)} is in an FSDP unit but not in the optimizer: build the "
+            "optimizer from model.parameters() (frozen parameters need requires_grad=False)"
+        )
 
     def _encode(self, flat: torch.Tensor) -> torch.Tensor:
         align = self.sign.align

@@ -42,6 +42,7 @@ class Spec:
     """Steps whose full parameters are returned (the first ``keep``), for step-by-step comparisons."""
     block: int = 32
     """Values per sign scale: small, as the model is (a block mostly of padding would shrink its scale)."""
+    state_dtype: str = "fp32"
 
 
 def model(dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -74,7 +75,7 @@ def build(spec: Spec, world_size: int) -> tuple[nn.Module, torch.optim.Optimizer
         net = shard(model(getattr(torch, spec.dtype)), world_size, spec.reduce_dtype)
     if spec.algorithm == "adamw":
         return net, torch.optim.AdamW(net.parameters(), lr=spec.lr, weight_decay=0.0)
-    options = {FREEZE[spec.algorithm]: spec.freeze, "block": spec.block}
+    options = {FREEZE[spec.algorithm]: spec.freeze, "block": spec.block, "state_dtype": spec.state_dtype}
     opt = ALGORITHMS[spec.algorithm](net.parameters(), lr=spec.lr, **options)
     optim.register(net, opt, **({"error_feedback": spec.error_feedback} if spec.wrapper == "fsdp" else {}))
     return net, opt
@@ -107,6 +108,7 @@ def train(rank: int, world_size: int, spec: Spec) -> dict[str, Any]:
     out: dict[str, Any] = {"losses": losses, "early": early, "final": _full(net)}
     if isinstance(opt, optim.CompressedOptimizer):
         out["stats"], out["last"] = opt.stats()["total"], opt.stats()["step"]
+        out["state_bytes"] = opt.state_bytes()
         if opt.comm.fsdp is not None:
             out["ef_bytes"] = opt.comm.fsdp.ef_bytes()
     return out
