@@ -68,10 +68,10 @@ class Comm:
         w = self.world_size
         self.record.dense_bytes = 2 * (w - 1) / w * DENSE_BYTES_PER_ELEMENT * self.record.numel
 
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum ``tensor`` over ranks in place and return it."""
+    def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
+        """Sum (or reduce with ``op``) ``tensor`` over ranks in place and return it."""
         w = self.world_size
-        self._timed(tensor, 2 * (w - 1) / w, lambda: dist.all_reduce(tensor, group=self.group))
+        self._timed(tensor, 2 * (w - 1) / w, lambda: dist.all_reduce(tensor, op=op, group=self.group))
         return tensor
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 
+from distcomp.errors import ConfigError
 from distcomp.optim.base import CompressedOptimizer, GradientMode
 from distcomp.optim.config import OptimizerConfig
 from distcomp.optim.functional import adam_apply_, adam_moments_, bias_correction, decay_
@@ -39,6 +40,14 @@ class AdamSteps(CompressedOptimizer):
     """The Adam update shared by 1-bit Adam and 0/1 Adam."""
 
     config: AdamConfig
+
+    def check_sharded(self) -> None:
+        """Refuse options FSDP cannot run (``distcomp.optim.register`` calls this for a ``fully_shard`` model)."""
+        if not self.config.adam_w_mode:
+            raise ConfigError(
+                f"{self.algorithm} on FSDP needs adam_w_mode=True: classic L2 adds each parameter to its gradient "
+                "inside the compressed momentum, and under FSDP a rank holds only its shard of the parameters"
+            )
 
     def _l2(self, layout: FlatLayout, g: torch.Tensor) -> None:
         """Classic L2 regularisation (``adam_w_mode=False``): ``g += weight_decay * x`` before the moments."""
@@ -107,6 +116,8 @@ class OneBitAdam(AdamSteps):
                 adam_moments_(self.flat.buffer(layout, "exp_avg"), self.flat.buffer(layout, "exp_avg_sq"), g, b1, b2)
                 self._adam_update(layout, t + 1, t + 1)
             return True
+        if self.comm.sharded:
+            return self._sharded_step(t, grads, health)
         for layout, g in zip(layouts, grads):
             self._l2(layout, g)
             m = self.flat.buffer(layout, "exp_avg")
@@ -115,5 +126,15 @@ class OneBitAdam(AdamSteps):
             if mean is None:
                 return False
             m.copy_(mean)
+            self._adam_update(layout, t + 1, self.config.freeze_step, frozen=True)
+        return True
+
+    def _sharded_step(self, t: int, grads: list[torch.Tensor], health: torch.Tensor) -> bool:
+        """FSDP: the reduce-scatters exchanged the momentum; this rank's shard of it goes into ``exp_avg``."""
+        finite = self.comm.agree(health)
+        self.comm.fsdp.commit_momentum(finite)  # type: ignore[union-attr]
+        if not finite:
+            return False
+        for layout in self.flat.layouts:
             self._adam_update(layout, t + 1, self.config.freeze_step, frozen=True)
         return True

@@ -25,12 +25,13 @@ import torch
 import torch.distributed as dist
 
 from distcomp.comm import BucketRecord
+from distcomp.errors import CheckpointError
 from distcomp.optim.comm import GradientComm, world_of
 from distcomp.optim.config import OptimizerConfig, build, check_group
 from distcomp.optim.functional import adam_denominator, bias_correction
 from distcomp.optim.layout import FlatLayout
 from distcomp.optim.lowbit import Role
-from distcomp.optim.state import FlatState
+from distcomp.optim.state import FlatState, standalone
 from distcomp.telemetry import Telemetry
 from distcomp.workspace import Workspace
 
@@ -134,17 +135,21 @@ class CompressedOptimizer(torch.optim.Optimizer):
 
     def state_bytes(self) -> dict[str, float]:
         """Optimizer-state bytes per parameter held between steps: ``momentum``, ``variance``, ``errors``
-        (worker and server error feedback), ``other`` (0/1 Adam's accumulator and anchor) and ``total``.
+        (worker and server error feedback; on FSDP also the 1-bit copy of the momentum), ``other``
+        (0/1 Adam's accumulator and anchor) and ``total``. On FSDP, this rank's bytes per model parameter.
 
         Counts what exists so far (a buffer is made on its first use, e.g. the
         errors at the first compressed step); scratch of one bucket and the
         derived frozen denominators of fp32 state are not counted.
         """
-        params = sum(layout.numel for layout in self.flat.layouts)
+        # Under FSDP: this rank's bytes per parameter of the whole model (its state is a shard of it).
+        params = sum(sum(layout.numels()) for layout in self.flat.layouts)
         out = dict.fromkeys(("momentum", "variance", "errors", "other"), 0.0)
         for key, nbytes in self.flat.nbytes().items():
             kind = "errors" if key in self.error_keys or key == "server_error" else self.lowbit_keys.get(key, "other")
             out[kind] += nbytes / max(params, 1)
+        if self.comm.fsdp is not None:  # worker and server errors and the 1-bit momentum of the reduce-scatters
+            out["errors"] += self.comm.fsdp.ef_bytes() / max(params, 1)
         out["total"] = sum(out.values())
         return out
 
@@ -188,9 +193,13 @@ class CompressedOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state plus this rank's server errors, step and world (see :mod:`distcomp.optim.state`)."""
         out = super().state_dict()
+        # Sharded state is a DTensor view of a fused buffer, which torch.save cannot write: save a copy.
+        out["state"] = {i: {k: standalone(v) for k, v in entries.items()} for i, entries in out["state"].items()}
         out["distcomp"] = self.flat.section(
             config=self.config.trajectory(), world=self.comm.world, rank=self.comm.rank, step=self._step
         )
+        if self.comm.fsdp is not None:  # FSDP: the worker errors live with the reduce-scatters
+            out["distcomp"]["fsdp"] = self.comm.fsdp.state_dict()
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any], *, reset_errors: bool = False) -> None:
@@ -208,8 +217,23 @@ class CompressedOptimizer(torch.optim.Optimizer):
         super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
         self._denoms = {}
         self.flat.load(state_dict["state"], section, reset_errors)
+        self._load_fsdp(section.get("fsdp"), reset_errors)
         self._step = int(section["step"])
         self._after_load(reset_errors)
+
+    def _load_fsdp(self, saved: dict[str, Any] | None, reset_errors: bool) -> None:
+        """The FSDP reduce-scatters' worker errors, saved with an FSDP run, restored into this one's."""
+        if (saved is None) != (self.comm.fsdp is None):
+            raise CheckpointError(
+                f"{self.algorithm}: the checkpoint was written "
+                + ("with" if saved is not None else "without")
+                + " distcomp.optim.register on an FSDP model, this optimizer is "
+                + ("not" if self.comm.fsdp is None else "")
+                + " registered on one; call distcomp.optim.register(model, opt) before load_state_dict, "
+                "the same way as the run that saved it"
+            )
+        if saved is not None and self.comm.fsdp is not None and not reset_errors:
+            self.comm.fsdp.load_state_dict(saved)
 
     # -- set-up ---------------------------------------------------------------------------
 

@@ -22,13 +22,14 @@ from distcomp.codecs import SignCodec
 from distcomp.comm import BucketRecord, Comm
 from distcomp.exchange import ImmediateResiduals, TwoPhaseExchange
 from distcomp.numerics import local_health
-from distcomp.optim.layout import FlatLayout
+from distcomp.optim.layout import FlatLayout, local
 from distcomp.optim.state import FlatState
 from distcomp.telemetry import Telemetry
 from distcomp.workspace import Workspace
 
 if TYPE_CHECKING:
     from distcomp.optim.ddp import OptimizerHookState
+    from distcomp.optim.fsdp import ShardedGradients
 
 
 def world_of(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -71,6 +72,8 @@ class GradientComm:
         self._grads_ws = Workspace()
         self.ddp: OptimizerHookState | None = None
         """The DDP hook that communicates the gradients during backward, once ``register`` attached one."""
+        self.fsdp: ShardedGradients | None = None
+        """FSDP2's reduce-scatters that deliver this rank's shard of the (1-bit) mean, once ``register`` set them."""
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -95,16 +98,28 @@ class GradientComm:
             return
         self._world, self._rank = world_of(self.group)
         if self._world > 1:
-            check_agreement({**settings, "ddp": self.ddp is not None}, self.group, what=f"{self.algorithm} settings")
+            wrappers = {"ddp": self.ddp is not None, "fsdp": self.fsdp is not None}
+            check_agreement({**settings, **wrappers}, self.group, what=f"{self.algorithm} settings")
 
     def attach_ddp(self, hook: OptimizerHookState) -> None:
         """Let ``hook`` (``distcomp.optim.register``) communicate the gradients; only before :attr:`connected`."""
         self.ddp = hook
 
+    def attach_fsdp(self, gradients: ShardedGradients) -> None:
+        """Let FSDP2's reduce-scatters communicate the gradients; only before :attr:`connected`."""
+        self.fsdp = gradients
+
+    @property
+    def sharded(self) -> bool:
+        """Whether FSDP2 delivers each rank's shard of the averaged (or 1-bit averaged) gradient."""
+        return self.fsdp is not None
+
     def check_served(self, step: int) -> None:
-        """With DDP, raise unless the last backward pass went through the hook for ``step``."""
+        """With DDP or FSDP, raise unless the last backward pass went through distcomp for ``step``."""
         if self.ddp is not None:
             self.ddp.check_served(step)
+        if self.fsdp is not None:
+            self.fsdp.check_served(step)
 
     def record(self, rec: BucketRecord) -> None:
         """File ``rec`` under the optimizer's current step (DDP's hook calls this during backward)."""
@@ -123,13 +138,13 @@ class GradientComm:
         flats, health = [], None
         for layout in self._state.layouts:
             flat = self._grads_ws.get(f"grad{layout.index}", layout.numel, torch.float32, layout.device)
-            for p, view in zip(layout.params, layout.views(flat)):
+            for p, view in zip(layout.owners, layout.views(flat)):
                 if p.grad is None:
                     view.zero_()
                 elif p.grad.is_sparse:
                     raise RuntimeError(f"{self.algorithm} does not support sparse gradients")
                 else:
-                    view.copy_(p.grad)
+                    view.copy_(local(p.grad))
             if inv is not None:
                 flat.mul_(inv.to(flat.device))
             h = local_health(flat)
@@ -138,7 +153,9 @@ class GradientComm:
         return flats, health if health is not None else torch.zeros(1)
 
     def exact_mean(self, grads: list[torch.Tensor], health: torch.Tensor) -> bool:
-        """Average ``grads`` over ranks in place (unless DDP's hook did); False if any rank's were non-finite."""
+        """Average ``grads`` over ranks in place (unless DDP or FSDP did); False if any rank's were non-finite."""
+        if self.fsdp is not None:  # FSDP reduce-scattered them; each rank judged its own shard, so agree
+            return self.agree(health, compressed=False)
         if self.ddp is not None or self._world == 1:
             return _finite(health)
         for layout, flat in zip(self._state.layouts, grads):
@@ -150,16 +167,28 @@ class GradientComm:
             self.record(comm.record)
         return _finite(sum((local_health(f) for f in grads[1:]), local_health(grads[0])) if grads else health)
 
-    def agree(self, health: torch.Tensor) -> bool:
+    def agree(self, health: torch.Tensor, *, compressed: bool = True) -> bool:
         """Whether every rank's gradients are finite, for steps that otherwise send nothing (4 bytes)."""
         if self._world == 1:
             return _finite(health)
-        comm = self._bucket(0, sum(layout.numel for layout in self._state.layouts))
-        comm.record.compressed = True
+        # Under FSDP the reduce-scatters filed the gradients' bytes already.
+        numel = 0 if self.fsdp is not None else sum(layout.numel for layout in self._state.layouts)
+        comm = self._bucket(0, numel)
+        comm.record.compressed = compressed
         if self.ddp is None:  # with DDP, its hook has agreed on the health word already
             health = comm.all_reduce(health.clone())
         self.record(comm.record)
         return _finite(health)
+
+    def all_reduce_values(self, values: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """A few numbers summed (or maxed, ``op="max"``) over ranks, e.g. per-tensor squared norms of FSDP shards."""
+        if self.world == 1:
+            return values
+        comm = self._bucket(0, 0)
+        out = values.clone()
+        comm.all_reduce(out, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        self.record(comm.record)
+        return out
 
     # -- the 1-bit exchange ------------------------------------------------------------------
 

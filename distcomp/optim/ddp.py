@@ -23,10 +23,12 @@ optimizer only through its public ``steps``, ``gradient_mode`` and ``comm``
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
 from distcomp.comm import BucketRecord, Comm
@@ -113,15 +115,27 @@ def optimizer_hook(state: OptimizerHookState, bucket: dist.GradBucket) -> torch.
 annotate_hook(optimizer_hook, OptimizerHookState)
 
 
-def register(model: DistributedDataParallel, optimizer: CompressedOptimizer) -> OptimizerHookState:
-    """Let ``optimizer`` decide DDP's gradient communication: ``distcomp.optim.register(ddp, opt)``.
+def register(model: Any, optimizer: CompressedOptimizer, **options: Any) -> Any:
+    """Let ``optimizer`` decide the wrapper's gradient communication: ``distcomp.optim.register(model, opt)``.
 
     Call it on every rank, after building both and before the first step. DDP
     then all-reduces only for the steps that need the exact mean and leaves the
-    gradients local when the optimizer compresses (nothing is sent twice).
+    gradients local when the optimizer compresses (nothing is sent twice). A
+    ``fully_shard`` (FSDP2) model reduce-scatters exactly for those steps and
+    otherwise sends the 1-bit code of each rank's gradient in its reduce-scatter
+    (:mod:`distcomp.optim.fsdp`; ``options``: ``error_feedback``).
     """
+    if isinstance(model, FSDPModule):
+        from distcomp.optim.fsdp import register_fsdp
+
+        return register_fsdp(cast(nn.Module, model), optimizer, **options)
+    if options:
+        raise TypeError(f"distcomp.optim.register: {sorted(options)} apply to FSDP models only")
     if not isinstance(model, DistributedDataParallel):
-        raise TypeError(f"distcomp.optim.register expects a DistributedDataParallel model, got {type(model).__name__}")
+        raise TypeError(
+            "distcomp.optim.register expects a DistributedDataParallel or fully_shard model, "
+            f"got {type(model).__name__}"
+        )
     if not isinstance(optimizer, CompressedOptimizer):
         raise TypeError(f"distcomp.optim.register expects a distcomp.optim optimizer, got {type(optimizer).__name__}")
     if optimizer.steps or optimizer.comm.connected:

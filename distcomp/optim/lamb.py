@@ -114,7 +114,13 @@ class OneBitLamb(CompressedOptimizer):
         """DeepSpeed's accessor: the trust ratios of the last step."""
         return list(self.lamb_coeffs)
 
+    def momentum_scale(self, param: torch.Tensor) -> float:
+        """What the momentum of ``param`` is multiplied by before the 1-bit exchange (FSDP's reduce-scatter asks)."""
+        return float(self.state[param].get("scaling_coeff", 1.0))
+
     def _run(self, t: int, grads: list[torch.Tensor], health: torch.Tensor) -> bool:
+        if self.comm.sharded:
+            return self._run_sharded(t, grads, health)
         layouts = self.flat.layouts
         coeffs: list[float] = []
         if self.phase(t) == "warmup":
@@ -155,14 +161,101 @@ class OneBitLamb(CompressedOptimizer):
 
     def _set_scaling(self) -> None:
         """Per-tensor momentum scales, fixed at the first compressed step from every bucket's momentum."""
-        params = [p for layout in self.flat.layouts for p in layout.params]
-        norms = [
-            n
-            for layout in self.flat.layouts
-            for n in _norms(layout.views(self.flat.buffer(layout, "exp_avg", write=False)))
+        owners = [p for layout in self.flat.layouts for p in layout.owners]
+        moments = [
+            v for layout in self.flat.layouts for v in layout.views(self.flat.buffer(layout, "exp_avg", write=False))
         ]
-        for p, scale in zip(params, momentum_scaling([rms(n, p.numel()) for p, n in zip(params, norms)])):
+        norms = self._global_norms(_norms(moments)) if self.comm.sharded else _norms(moments)
+        for p, scale in zip(owners, momentum_scaling([rms(n, p.numel()) for p, n in zip(owners, norms)])):
             self.state[p]["scaling_coeff"] = scale
+
+    # -- FSDP: each rank holds a shard of every tensor, so per-tensor norms are summed over ranks --------
+
+    def _global_norms(self, local_norms: list[float]) -> list[float]:
+        """Norms of whole tensors from the norms of this rank's shards of them (one all-reduce)."""
+        if not local_norms:
+            return []
+        squares = torch.tensor(local_norms, dtype=torch.float64).square()
+        return self.comm.all_reduce_values(squares).sqrt().tolist()
+
+    def _run_sharded(self, t: int, grads: list[torch.Tensor], health: torch.Tensor) -> bool:
+        """LAMB on FSDP shards: the same steps, with every per-tensor norm and maximum taken over all shards."""
+        layouts = self.flat.layouts
+        if self.phase(t) == "warmup":
+            if not self.comm.exact_mean(grads, health):
+                return False
+            coeffs = self._sharded_warmup(t, grads)
+            if t == self.config.freeze_step - 1:  # the reduce-scatters of the next step scale by these
+                self._set_scaling()
+        else:
+            finite = self.comm.agree(health)
+            self.comm.fsdp.commit_momentum(finite)  # type: ignore[union-attr]
+            if not finite:
+                return False
+            coeffs = self._sharded_compressed(t, grads)
+        for layout, g, c in zip(layouts, grads, _split(coeffs, layouts)):
+            self._apply(layout, g, c)
+        self.lamb_coeffs = coeffs
+        return True
+
+    def _sharded_warmup(self, t: int, grads: list[torch.Tensor]) -> list[float]:
+        """Moments and updates (into ``grads``) of every bucket, then the trust ratios from global norms."""
+        layouts, c = self.flat.layouts, self.config
+        for layout, g in zip(layouts, grads):
+            b1, b2 = self.param_groups[layout.group]["betas"]
+            adam_moments_(self.flat.buffer(layout, "exp_avg"), self.flat.buffer(layout, "exp_avg_sq"), g, b1, b2)
+            self._update(layout, g, t + 1, t + 1)
+            if t == c.freeze_step - 1:
+                self.flat.buffer(layout, "exp_avg_sq_fresh").copy_(self.flat.buffer(layout, "exp_avg_sq"))
+        params = [v for layout in layouts for v in layout.params]
+        updates = [v for layout, g in zip(layouts, grads) for v in layout.views(g)]
+        norms = self._global_norms(_norms(params) + _norms(updates))
+        coeffs = []
+        for i, (layout, p) in enumerate(_owners(layouts)):
+            group, st = self.param_groups[layout.group], self.state[p]
+            st.setdefault("last_factor", 1.0)
+            ratio = lamb_trust_ratio(norms[i], norms[len(params) + i], group["min_coeff"], group["max_coeff"])
+            if ratio is not None:
+                st["lamb_coeff_freeze"] = ema(st.get("lamb_coeff_freeze", 0.0), ratio, c.coeff_beta)
+            st.setdefault("lamb_coeff_freeze", 0.0)
+            coeffs.append(1.0 if ratio is None else ratio)
+        return coeffs
+
+    def _sharded_compressed(self, t: int, grads: list[torch.Tensor]) -> list[float]:
+        """The frozen-ratio step: ``grads`` hold the averaged gradient the new momentum implies."""
+        layouts, c = self.flat.layouts, self.config
+        ratios: list[torch.Tensor] = []
+        prelims: list[float] = []
+        updates: list[torch.Tensor] = []
+        for layout, g in zip(layouts, grads):
+            group = self.param_groups[layout.group]
+            b2 = group["betas"][1]
+            fresh = self.flat.buffer(layout, "exp_avg_sq_fresh")
+            fresh.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = self._denominator(layout, c.freeze_step, frozen=True)
+            bc2 = bias_correction(b2, t + 1, group["bias_correction"])
+            ratio = adam_denominator(fresh, bc2, group["eps"], c.eps_inside_sqrt, out=self._scratch("rebuilt", layout))
+            ratios += _local_max(layout.views(torch.div(denom, ratio, out=ratio)))
+            prelims += self._update(layout, g, t + 1, c.freeze_step, denom)[1]
+            updates += layout.views(g)
+        ratio_max = self.comm.all_reduce_values(torch.stack(ratios).double(), op="max").tolist()
+        norms = self._global_norms(prelims + _norms(updates))
+        n = len(updates)
+        coeffs = []
+        for i, (layout, p) in enumerate(_owners(layouts)):
+            group, st = self.param_groups[layout.group], self.state[p]
+            st["last_factor"] = lamb_frozen_factor(
+                ratio_max[i],
+                norms[i],
+                norms[n + i],
+                group["weight_decay"],
+                st["last_factor"],
+                c.factor_min,
+                c.factor_max,
+                c.factor_threshold,
+            )
+            coeffs.append(st["lamb_coeff_freeze"] * st["last_factor"])
+        return coeffs
 
     def _compressed_step(self, layout: FlatLayout, t: int, g: torch.Tensor, health: torch.Tensor) -> list[float] | None:
         group, c = self.param_groups[layout.group], self.config
@@ -198,7 +291,12 @@ class OneBitLamb(CompressedOptimizer):
         return coeffs
 
     def _update(
-        self, layout: FlatLayout, out: torch.Tensor, s: int, v_updates: int, denom: torch.Tensor | None = None
+        self,
+        layout: FlatLayout,
+        out: torch.Tensor,
+        s: int,
+        v_updates: int,
+        denom: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[float]]:
         """``(m_hat / (sqrt(v_hat) + eps) + wd x`` written into ``out``, the per-tensor norms before the decay term)."""
         group = self.param_groups[layout.group]
@@ -218,6 +316,27 @@ class OneBitLamb(CompressedOptimizer):
         views = layout.views(update)
         torch._foreach_mul_(views, list(coeffs))
         torch._foreach_add_(list(layout.params), views, alpha=-self.param_groups[layout.group]["lr"])
+
+
+def _owners(layouts: Sequence[FlatLayout]) -> list[tuple[FlatLayout, torch.Tensor]]:
+    """Every parameter with its bucket, bucket after bucket (the order of the per-tensor norm lists)."""
+    return [(layout, p) for layout in layouts for p in layout.owners]
+
+
+def _local_max(views: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each view's maximum; -inf for a rank's empty shard (a tensor with fewer rows than ranks)."""
+    full = [v for v in views if v.numel()]
+    maxima = iter(torch._foreach_max(full) if full else [])
+    return [next(maxima) if v.numel() else torch.tensor(float("-inf"), device=v.device) for v in views]
+
+
+def _split(values: list[float], layouts: Sequence[FlatLayout]) -> list[list[float]]:
+    """``values`` (one per parameter, bucket after bucket) cut into one list per bucket."""
+    out, start = [], 0
+    for layout in layouts:
+        out.append(values[start : start + len(layout.params)])
+        start += len(layout.params)
+    return out
 
 
 def _norms(tensors: Sequence[torch.Tensor]) -> list[float]:

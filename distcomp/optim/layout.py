@@ -7,6 +7,11 @@ parameter group (so the hyperparameters are scalars for the whole bucket), one
 device and one dtype, in the group's order, up to a size cap. The layout is a
 pure function of the parameter groups, so every rank and every resumed run
 builds the same buckets.
+
+Parameters sharded by FSDP2 are ``DTensor``s: a layout holds each one's local
+shard (what the step reads and writes, in place) and keeps the ``DTensor``
+itself as the key of the optimizer's state. Buckets are cut by the parameters'
+global sizes, so every rank builds the same buckets from its own shards.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 @dataclass(frozen=True, eq=False)
@@ -27,7 +33,9 @@ class FlatLayout:
     group: int
     """Index of the parameter group the parameters belong to."""
     params: tuple[torch.Tensor, ...]
-    """The parameters, in group order."""
+    """The tensors a step updates, in group order: the parameters, or their local shards under FSDP."""
+    owners: tuple[torch.Tensor, ...]
+    """The optimizer's parameters themselves (the keys of ``optimizer.state``, holders of ``.grad``)."""
     ids: tuple[int, ...]
     """Their indices in ``optimizer.state_dict()`` numbering."""
     offsets: tuple[int, ...]
@@ -48,7 +56,18 @@ class FlatLayout:
         return [flat[o : o + p.numel()].view(p.shape) for o, p in zip(self.offsets, self.params)]
 
     def numels(self) -> list[int]:
-        return [p.numel() for p in self.params]
+        """Global sizes of the parameters (the same on every rank, sharded or not)."""
+        return [p.numel() for p in self.owners]
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the parameters are FSDP shards (``DTensor``s)."""
+        return any(isinstance(p, DTensor) for p in self.owners)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """A ``DTensor``'s local shard (the same storage), or the tensor itself."""
+    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 def state_dict_ids(param_groups: Sequence[dict[str, Any]]) -> dict[int, int]:
@@ -79,12 +98,12 @@ def build_layouts(param_groups: Sequence[dict[str, Any]], cap_numel: int) -> lis
                 runs.append([])
             runs[-1].append(p)
         for runs in by_kind.values():
-            for params in runs:
+            for owners in runs:
+                shards = tuple(local(p) for p in owners)
                 offsets, pos = [], 0
-                for p in params:
+                for t in shards:
                     offsets.append(pos)
-                    pos += p.numel()
-                layouts.append(
-                    FlatLayout(len(layouts), g, tuple(params), tuple(ids[id(p)] for p in params), tuple(offsets), pos)
-                )
+                    pos += t.numel()
+                ids_ = tuple(ids[id(p)] for p in owners)
+                layouts.append(FlatLayout(len(layouts), g, shards, tuple(owners), ids_, tuple(offsets), pos))
     return layouts

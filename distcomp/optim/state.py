@@ -33,12 +33,53 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from distcomp.errors import CheckpointError
-from distcomp.optim.layout import FlatLayout, build_layouts
+from distcomp.optim.layout import FlatLayout, build_layouts, local
 from distcomp.optim.lowbit import QuantizedBuffer, Role, StateDtype
 
 FORMAT = "distcomp.optim/1"
+
+
+def standalone(value: Any) -> Any:
+    """A sharded state entry (a ``DTensor`` view of a fused buffer) as a ``DTensor`` of its own; others as they are."""
+    if not isinstance(value, DTensor):
+        return value
+    return DTensor.from_local(
+        value._local_tensor.clone(),
+        value.device_mesh,
+        value.placements,
+        run_check=False,
+        shape=value.shape,
+        stride=value.stride(),
+    )
+
+
+def local_shards(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with each sharded entry as this rank's plain local tensor.
+
+    For a per-rank file that ``torch.load(weights_only=True)`` reads; ``load_state_dict``
+    takes it on the same mesh (each entry's size is checked against the local shard).
+    """
+    state = {
+        i: {k: v._local_tensor if isinstance(v, DTensor) else v for k, v in entries.items()}
+        for i, entries in state_dict["state"].items()
+    }
+    return {**state_dict, "state": state}
+
+
+def like_param(view: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``view`` as ``optimizer.state`` shows it: a ``DTensor`` over the same storage when ``param`` is sharded.
+
+    So ``torch.distributed.checkpoint`` (and ``get_optimizer_state_dict``) see
+    sharded state exactly as they see FSDP2's own parameters.
+    """
+    if not isinstance(param, DTensor):
+        return view
+    return DTensor.from_local(
+        view, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+    )
 
 
 @dataclass
@@ -119,11 +160,11 @@ class FlatState:
         flat = self._flats.get((layout.index, key))
         if flat is None:
             flat = torch.zeros(layout.numel, dtype=torch.float32, device=layout.device)
-            for p, view in zip(layout.params, layout.views(flat)):
+            for p, view in zip(layout.owners, layout.views(flat)):
                 loose = self._opt.state[p].get(key)
                 if loose is not None:
-                    view.copy_(loose.reshape(p.shape))
-                self._opt.state[p][key] = view
+                    view.copy_(local(loose).reshape(view.shape))
+                self._opt.state[p][key] = like_param(view, p)
             self._flats[(layout.index, key)] = flat
         return flat
 
@@ -269,7 +310,7 @@ class FlatState:
         self._load_params(saved, reset_errors)
         for layout, bucket in zip(layouts, section["buckets"]):
             for key in self.element_keys:
-                if key not in self.lowbit and any(key in self._opt.state[p] for p in layout.params):
+                if key not in self.lowbit and any(key in self._opt.state[p] for p in layout.owners):
                     self.buffer(layout, key)
             for key, saved_store in bucket.get("lowbit", {}).items():
                 if key not in self.lowbit:
@@ -298,10 +339,12 @@ class FlatState:
                 )
             for key, value in entries.items():
                 if key in self.element_keys and key not in self.lowbit:
-                    if value.numel() != p.numel():
+                    value, shard = local(value), local(p)
+                    if value.numel() != shard.numel():
                         raise CheckpointError(
                             f"{self.algorithm}: state {key!r} of parameter {index} has "
-                            f"{value.numel()} values, the parameter {p.numel()} ({tuple(p.shape)})"
+                            f"{value.numel()} values, the parameter {shard.numel()} ({tuple(shard.shape)})"
+                            + (" on this rank: load it with the same sharding" if shard is not p else "")
                         )
                     if not (reset_errors and key in self.error_keys):
                         self._opt.state[p][key] = value.detach().to(device=p.device, dtype=torch.float32, copy=True)

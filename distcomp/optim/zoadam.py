@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from distcomp.errors import CheckpointError
+from distcomp.errors import CheckpointError, ConfigError
 from distcomp.optim.adam import AdamConfig, AdamSteps
 from distcomp.optim.base import GradientMode
 from distcomp.optim.functional import (
@@ -75,6 +75,14 @@ class ZeroOneAdam(AdamSteps):
                 require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
 
     config: Config
+
+    def check_sharded(self) -> None:
+        """Refused on FSDP: between synchronisations each rank steps its whole model with its own gradient."""
+        raise ConfigError(
+            "ZeroOneAdam cannot run on an FSDP model: its local steps update every parameter with this rank's "
+            "own momentum between synchronisations, and under FSDP a rank holds only its shard of the parameters. "
+            "Use OneBitAdam or OneBitLamb on FSDP, or ZeroOneAdam with DDP"
+        )
 
     def phase(self, t: int | None = None) -> Phase:
         """Phase of step ``t`` (default: the next step)."""

@@ -60,6 +60,9 @@ COMPRESSED_OPTIMIZERS: dict[str, type[CompressedOptimizer]] = {
 }
 """distcomp's optimizers that compress their own momentum exchange, by ``optimizer.name``."""
 
+FSDP_OPTIMIZERS = ("onebit_adam", "onebit_lamb")
+"""The compressed optimizers that run on FSDP2-sharded parameters (0/1 Adam's local steps need whole ones)."""
+
 SHARED_OPTIMIZER_KEYS = ("lr", "betas", "eps", "weight_decay")
 """Keys of the optimizer section that the compressed optimizers take too, unless their own section sets them."""
 
@@ -307,13 +310,20 @@ class TrainConfig:
         """Refuse, before any rank starts, runs that FSDP cannot train."""
         for spec in self.runs():
             require(
-                spec.optimizer not in COMPRESSED_OPTIMIZERS,
+                spec.optimizer not in COMPRESSED_OPTIMIZERS or spec.optimizer in FSDP_OPTIMIZERS,
                 "dist.parallel",
-                f"{self.dist.parallel} cannot train with the compressed optimizer {spec.optimizer!r} (it needs "
-                "DDP's whole gradients); use --set dist.parallel=ddp, or optimizer.name adamw/sgd with a compressor",
+                f"{self.dist.parallel} cannot train with {spec.optimizer!r}: its local steps update whole "
+                "parameters between synchronisations; use --set dist.parallel=ddp, or optimizer.name "
+                + " or ".join(FSDP_OPTIMIZERS),
             )
-            if self.dist.parallel == "hsdp":  # the replica all-reduce takes any compressor
-                continue
+            require(
+                not (spec.optimizer in COMPRESSED_OPTIMIZERS and self.dist.parallel == "hsdp"),
+                "dist.parallel",
+                f"hsdp cannot train with the compressed optimizer {spec.optimizer!r} yet (its exchange would cross "
+                "both mesh dimensions); use --set dist.parallel=fsdp or ddp",
+            )
+            if self.dist.parallel == "hsdp" or spec.optimizer in COMPRESSED_OPTIMIZERS:
+                continue  # hsdp's replica all-reduce takes any compressor; an optimizer sends its own 1-bit code
             name = compressor_for_config(spec.compression).name if spec.compression is not None else spec.name
             require(
                 name in FSDP_SUPPORTED,

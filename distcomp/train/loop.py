@@ -36,6 +36,7 @@ import distcomp.fsdp
 import distcomp.optim
 from distcomp.errors import CheckpointError
 from distcomp.models.gpt import GPT
+from distcomp.optim.state import local_shards
 from distcomp.telemetry import Counters
 from distcomp.train import checkpoint
 from distcomp.train.config import RunSpec, TrainConfig, config_to_raw
@@ -141,7 +142,11 @@ def _build_fsdp_run(cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: C
     fully_shard(model, mesh=mesh)
     # The optimizer is built on the sharded parameters, so its state is sharded too.
     optimizer = build_optimizer(model, cfg.optimizer, spec.optimizer)
-    state = distcomp.fsdp.register(model, spec.compression, replicate_group=replicate_group)
+    state = None
+    if isinstance(optimizer, distcomp.optim.CompressedOptimizer):  # it drives the reduce-scatters itself
+        distcomp.optim.register(model, optimizer)
+    else:
+        state = distcomp.fsdp.register(model, spec.compression, replicate_group=replicate_group)
     batches, val = _data(cfg, ctx, corpus)
     peak_lr = cfg.optimizer.peak_lr(spec.optimizer)
     return Run(model, model, state, optimizer, batches, val, peak_lr=peak_lr, sharded=True)
@@ -336,7 +341,13 @@ def _rank_state(run: Run, ctx: RankContext, step: int) -> dict[str, Any]:
 
 
 def _optimizer_state(run: Run) -> dict[str, Any]:
-    """The optimizer's state dict; with FSDP the full one (gathered: collective), keyed by parameter names."""
+    """The optimizer's state dict; with FSDP the full one (gathered: collective), keyed by parameter names.
+
+    A compressed optimizer on FSDP keeps its own per-rank format instead: this rank's
+    shards (plain tensors) with its worker errors, restored on the same mesh.
+    """
+    if isinstance(run.optimizer, distcomp.optim.CompressedOptimizer):
+        return local_shards(run.optimizer.state_dict())
     if not run.sharded:
         return run.optimizer.state_dict()
     # Full tensors, not this rank's shards, so the file holds plain tensors that load with weights_only.
@@ -372,7 +383,10 @@ def _restore(run: Run, path: Path, ctx: RankContext) -> None:
     if run.sharded:  # every rank read the full state dicts; each keeps its shards
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(run.model, model_state, options=options)
-        set_optimizer_state_dict(run.model, run.optimizer, state["optimizer"], options=options)
+        if isinstance(run.optimizer, distcomp.optim.CompressedOptimizer):
+            run.optimizer.load_state_dict(state["optimizer"])
+        else:
+            set_optimizer_state_dict(run.model, run.optimizer, state["optimizer"], options=options)
     else:
         run.model.load_state_dict(model_state)
         run.optimizer.load_state_dict(state["optimizer"])

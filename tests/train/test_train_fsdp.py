@@ -70,10 +70,10 @@ REFUSALS = [
     ),
     (["compare=[none,powersgd]"], ["'powersgd'", "dist.parallel=ddp"]),
     (
-        ["compare=[]", "compression.compressor=none", "optimizer.name=onebit_adam"],
-        ["fsdp cannot train with the compressed optimizer 'onebit_adam'", "dist.parallel=ddp"],
+        ["compare=[]", "compression.compressor=none", "optimizer.name=zero_one_adam"],
+        ["fsdp cannot train with 'zero_one_adam'", "dist.parallel=ddp", "onebit_adam or onebit_lamb"],
     ),
-    (["compare=[int8,zero_one_adam]"], ["compressed optimizer 'zero_one_adam'"]),
+    (["compare=[int8,zero_one_adam]"], ["cannot train with 'zero_one_adam'"]),
     (["dist.parallel=hsdp", "compare=[powersgd,onebit_lamb]"], ["hsdp cannot train with the compressed optimizer"]),
 ]
 
@@ -118,3 +118,21 @@ def test_hsdp_shard_that_does_not_divide_the_ranks_is_refused_before_any_rank_st
     assert "dist.shard: 3 ranks per shard group do not divide the 2 ranks of this job" in err
     assert "--set dist.shard=2" in err
     assert not (tmp_path / "runs").exists()  # refused before the run directory was claimed
+
+
+ONEBIT = {**SHAPE, **RESUME, "compare": "[onebit_adam]", "optimizer.onebit_adam.freeze_step": 2}
+
+
+def test_fsdp_onebit_adam_trains_and_resumes_bit_for_bit(tmp_path: Path) -> None:
+    whole = train(tmp_path, FSDP_INT8, extra={**ONEBIT, "name": "whole"})
+    assert whole.returncode == 0, whole.stderr
+    assert "OneBitAdam drives the reduce-scatter of 3 FSDP modules" in whole.stderr
+    first = tmp_path / "runs" / "whole" / "onebit_adam" / "checkpoints" / "step_000003"
+    flags = ("--quiet", "--resume", str(first))
+    resumed = train(tmp_path, FSDP_INT8, extra={**ONEBIT, "name": "resumed"}, flags=flags)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = summary(tmp_path, "whole")["runs"][0], summary(tmp_path, "resumed")["runs"][0]
+    assert a["compressor"] == "onebit_adam" and a["ratio"] > 1.0
+    assert a["losses"] == b["losses"] and a["val_losses"] == b["val_losses"]
+    saved = torch.load(first / "rank1.pt", weights_only=True)  # shards as plain tensors, with the worker errors
+    assert saved["optimizer"]["distcomp"]["fsdp"]["rank"] == 1
