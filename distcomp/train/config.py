@@ -160,8 +160,9 @@ class DistConfig:
     parallel: Literal["ddp", "fsdp", "hsdp"] = "ddp"
     """``ddp``: every rank holds the whole model and DDP all-reduces compressed gradients. ``fsdp``: FSDP2
     (``fully_shard`` on each GPT block and the model, over all ranks) shards parameters, gradients and
-    optimizer state, and ``distcomp.fsdp.register`` compresses its gradient reduce-scatter; compressors
-    that cannot compress a reduce-scatter and compressed optimizers are refused. ``hsdp``: FSDP2 inside
+    optimizer state, and ``distcomp.fsdp.register`` compresses its gradient reduce-scatter (compressors
+    that cannot compress a reduce-scatter are refused), or ``onebit_adam`` / ``onebit_lamb`` run their 1-bit
+    exchange inside it (``zero_one_adam`` is refused). ``hsdp``: FSDP2 inside
     groups of ``dist.shard`` ranks, replicated across the groups; the reduce-scatter stays exact and the
     replicas' all-reduce is compressed (any compressor; compressed optimizers are refused)."""
     shard: int = 0

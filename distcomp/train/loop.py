@@ -125,8 +125,8 @@ def _build_fsdp_run(cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: C
 
     ``fsdp`` shards over all ranks and compresses the reduce-scatter; ``hsdp`` shards over
     groups of ``dist.shard`` ranks (1-D ``fully_shard`` on the shard sub-mesh) and compresses
-    the all-reduce across replicas. The config refused compressed optimizers and compressors
-    FSDP cannot use before any rank started.
+    the all-reduce across replicas. A compressed optimizer (fsdp only) drives the reduce-scatters
+    itself; the config refused what FSDP cannot train before any rank started.
     """
     replicate_group = None
     if cfg.dist.parallel == "hsdp":

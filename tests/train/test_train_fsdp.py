@@ -120,10 +120,16 @@ def test_hsdp_shard_that_does_not_divide_the_ranks_is_refused_before_any_rank_st
     assert not (tmp_path / "runs").exists()  # refused before the run directory was claimed
 
 
-ONEBIT = {**SHAPE, **RESUME, "compare": "[onebit_adam]", "optimizer.onebit_adam.freeze_step": 2}
+ONEBIT = {
+    **SHAPE,
+    **RESUME,
+    "compare": "[onebit_adam]",
+    "optimizer.onebit_adam.freeze_step": 2,
+    "optimizer.onebit_adam.state_dtype": "int8",
+}
 
 
-def test_fsdp_onebit_adam_trains_and_resumes_bit_for_bit(tmp_path: Path) -> None:
+def test_fsdp_onebit_adam_with_int8_state_trains_and_resumes_bit_for_bit(tmp_path: Path) -> None:
     whole = train(tmp_path, FSDP_INT8, extra={**ONEBIT, "name": "whole"})
     assert whole.returncode == 0, whole.stderr
     assert "OneBitAdam drives the reduce-scatter of 3 FSDP modules" in whole.stderr
@@ -136,3 +142,4 @@ def test_fsdp_onebit_adam_trains_and_resumes_bit_for_bit(tmp_path: Path) -> None
     assert a["losses"] == b["losses"] and a["val_losses"] == b["val_losses"]
     saved = torch.load(first / "rank1.pt", weights_only=True)  # shards as plain tensors, with the worker errors
     assert saved["optimizer"]["distcomp"]["fsdp"]["rank"] == 1
+    assert all("lowbit" in bucket for bucket in saved["optimizer"]["distcomp"]["buckets"])
