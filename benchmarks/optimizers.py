@@ -4,6 +4,7 @@
     python benchmarks/optimizers.py speed --steps 20 --json speed.json
     python benchmarks/optimizers.py convergence --steps 300 # the language model of `distcomp train`
     python benchmarks/optimizers.py convergence --state-dtypes fp32,bf16,int8,int4   # low-bit optimizer state
+    python benchmarks/optimizers.py fsdp --steps 80         # the same optimizers on FSDP2, against AdamW + FSDP
     python benchmarks/optimizers.py speed --no-save        # print only; by default each run is saved as
                                                            # benchmarks/results/<date>-optimizers-<mode>.json and .md
 
@@ -27,6 +28,19 @@ the optimizer state kept between steps, in bytes per parameter (momentum +
 variance, and in all: with the error-feedback buffers and 0/1 Adam's extra
 state). ``--state-dtypes`` adds a row per compressed optimizer and
 ``state_dtype``; ``--methods`` keeps some of the optimizers only.
+
+``fsdp``: the same model, data, schedule and clipping, with each GPT block and
+the model wrapped by ``fully_shard`` (FSDP2), 2 ranks: AdamW + FSDP against
+1-bit Adam and 1-bit LAMB registered on the FSDP model (1-bit Adam also with
+int8 and int4 state, and with int8 worker errors). One run gives both
+speed and convergence: the methods train round by round, interleaved as in
+``speed``, and the step time is the median over the compressed phase (after its
+first two steps, which allocate). Also reported: bytes sent per step by the
+gradient reduce-scatters (the parameter all-gathers are the same for every
+method and are not counted), the optimizer state each rank holds per model
+parameter, and the held-out loss at the same step. Gradient clipping is kept as
+in ``convergence`` but acts only on AdamW and the warm-up: in the compressed
+phase the momentum is exchanged during backward, before any clipping.
 """
 
 from __future__ import annotations
@@ -44,6 +58,9 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hook
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import distcomp.optim as optim
@@ -58,7 +75,17 @@ except ImportError:  # run as a script: the script's own folder is on sys.path
 logger = logging.getLogger("distcomp.bench")
 
 WORLD_SIZE = 2
-Method = Literal["adamw", "noop", "onebit_adam", "onebit_adam_alone", "zero_one_adam", "onebit_lamb"]
+Method = Literal[
+    "adamw",
+    "noop",
+    "onebit_adam",
+    "onebit_adam_alone",
+    "zero_one_adam",
+    "onebit_lamb",
+    "adamw_fsdp",
+    "onebit_adam_fsdp",
+    "onebit_lamb_fsdp",
+]
 LABELS = {
     "adamw": "AdamW + DDP",
     "noop": "AdamW + noop_hook (bound)",
@@ -66,6 +93,9 @@ LABELS = {
     "onebit_adam_alone": "OneBitAdam, no DDP",
     "zero_one_adam": "ZeroOneAdam + DDP",
     "onebit_lamb": "OneBitLamb + DDP",
+    "adamw_fsdp": "AdamW + FSDP",
+    "onebit_adam_fsdp": "OneBitAdam on FSDP",
+    "onebit_lamb_fsdp": "OneBitLamb on FSDP",
 }
 
 
@@ -85,6 +115,19 @@ class ExperimentConfig:
     @property
     def label(self) -> str:
         return LABELS[self.method] + (f", {self.state_dtype} state" if self.state_dtype != "fp32" else "")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FsdpConfig(ExperimentConfig):
+    """One method on a ``fully_shard`` model (each GPT block, then the model)."""
+
+    error_feedback: str = "fp32"
+    """How a compressed optimizer's reduce-scatters keep their worker errors (``fp32``, ``bf16``, ``int8``)."""
+
+    @property
+    def label(self) -> str:
+        worker = f", {self.error_feedback} worker errors" if self.error_feedback != "fp32" else ""
+        return super().label + worker
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,24 +204,29 @@ def _methods(kind: Literal["speed", "convergence"], warmup: int) -> list[Experim
 
 def _optimizer(config: ExperimentConfig, groups: Any, betas: tuple[float, float]) -> torch.optim.Optimizer:
     options = {"betas": betas, **dict(config.options)}
-    if config.method in ("adamw", "noop"):
+    if config.method in ("adamw", "noop", "adamw_fsdp"):
         return torch.optim.AdamW(groups, lr=config.lr, betas=betas, weight_decay=0.0)
     cls = {
         "onebit_adam": optim.OneBitAdam,
         "onebit_adam_alone": optim.OneBitAdam,
         "zero_one_adam": optim.ZeroOneAdam,
         "onebit_lamb": optim.OneBitLamb,
+        "onebit_adam_fsdp": optim.OneBitAdam,
+        "onebit_lamb_fsdp": optim.OneBitLamb,
     }[config.method]
     return cls(groups, lr=config.lr, state_dtype=config.state_dtype, **options)
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> dict[str, float]:
-    """Optimizer-state bytes per parameter: a distcomp optimizer's :meth:`state_bytes`, or AdamW's tensors."""
+    """Optimizer-state bytes per parameter: a distcomp optimizer's :meth:`state_bytes`, or AdamW's tensors.
+
+    On FSDP, the bytes this rank holds (its shards) per parameter of the whole model.
+    """
     if isinstance(opt, optim.CompressedOptimizer):
         return opt.state_bytes()
-    params = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    params = sum(p.numel() for g in opt.param_groups for p in g["params"])  # a DTensor's numel is the whole's
     held = {
-        key: sum(st[key].numel() * st[key].element_size() for st in opt.state.values() if key in st) / params
+        key: sum(_local(st[key]).numel() * st[key].element_size() for st in opt.state.values() if key in st) / params
         for key in ("exp_avg", "exp_avg_sq")
     }
     return {
@@ -188,6 +236,11 @@ def state_bytes(opt: torch.optim.Optimizer) -> dict[str, float]:
         "other": 0.0,
         "total": sum(held.values()),
     }
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a sharded tensor; the tensor itself otherwise."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 @dataclass
@@ -201,6 +254,8 @@ class _Replica:
     def build(cls, config: ExperimentConfig, gpt: GPTConfig, seed: int, betas: tuple[float, float]) -> _Replica:
         torch.manual_seed(seed)
         model = GPT(gpt)
+        if isinstance(config, FsdpConfig):
+            return cls._build_fsdp(config, model, betas)
         wrapped: torch.nn.Module = model if config.method == "onebit_adam_alone" else DDP(model)
         decay = [p for p in model.parameters() if p.dim() >= 2]
         rest = [p for p in model.parameters() if p.dim() < 2]
@@ -210,6 +265,21 @@ class _Replica:
         elif isinstance(opt, optim.CompressedOptimizer) and isinstance(wrapped, DDP):
             optim.register(wrapped, opt)
         return cls(config, model, wrapped, opt)
+
+    @classmethod
+    def _build_fsdp(cls, config: FsdpConfig, model: GPT, betas: tuple[float, float]) -> _Replica:
+        """As ``distcomp train --parallel fsdp``: each block and the model are FSDP units over all ranks."""
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        # The optimizer is built on the sharded parameters, so its state is sharded too.
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        rest = [p for p in model.parameters() if p.dim() < 2]
+        opt = _optimizer(config, [{"params": decay}, {"params": rest}], betas)
+        if isinstance(opt, optim.CompressedOptimizer):
+            optim.register(model, opt, error_feedback=config.error_feedback)
+        return cls(config, model, model, opt)
 
     def step(
         self, x: torch.Tensor, y: torch.Tensor, lr: float | None = None, clip: float = 0.0
@@ -234,6 +304,8 @@ class _Replica:
             return float((self.opt.stats()["step"] or {}).get("sent_bytes", 0.0))
         if self.config.method == "noop":
             return 0.0
+        if self.config.method == "adamw_fsdp":  # FSDP's fp32 reduce-scatter: half an all-reduce
+            return (WORLD_SIZE - 1) / WORLD_SIZE * 4 * sum(p.numel() for p in self.model.parameters())
         return 2 * (WORLD_SIZE - 1) / WORLD_SIZE * 4 * sum(p.numel() for p in self.model.parameters())
 
     def synced(self) -> bool:
@@ -377,6 +449,154 @@ def _val_loss(model: GPT, batches: list[torch.Tensor]) -> float:
     return (total[0] / total[1]).item()
 
 
+# -- FSDP --------------------------------------------------------------------------------
+
+
+def fsdp_configs(warmup: int) -> list[FsdpConfig]:
+    """AdamW + FSDP, then the compressed optimizers on FSDP (1-bit Adam with each low-bit state and int8 errors).
+
+    Learning rates, options and ``warmup`` (the step compression starts at) as in ``convergence``.
+    """
+    adam = (("freeze_step", warmup),)
+    return [
+        FsdpConfig(method="adamw_fsdp", lr=2e-3),
+        FsdpConfig(method="onebit_adam_fsdp", lr=2e-3, options=adam),
+        FsdpConfig(method="onebit_lamb_fsdp", lr=2e-2, options=(("freeze_step", warmup), ("coeff_beta", 0.9))),
+        FsdpConfig(method="onebit_adam_fsdp", lr=2e-3, options=adam, state_dtype="int8"),
+        FsdpConfig(method="onebit_adam_fsdp", lr=2e-3, options=adam, state_dtype="int4"),
+        FsdpConfig(method="onebit_adam_fsdp", lr=2e-3, options=adam, error_feedback="int8"),
+    ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class FsdpResult:
+    """One method's figures on FSDP; None where its training failed."""
+
+    config: FsdpConfig
+    failure: str = ""
+    step_ms: float | None = None
+    """Whole step, wall time (median over the compressed phase of the slower rank)."""
+    x_adamw: float | None = None
+    """``step_ms`` over AdamW + FSDP's."""
+    cpu_ms: float | None = None
+    """Whole step, CPU time of the busier rank."""
+    opt_ms: float | None = None
+    """``optimizer.step()`` alone, wall time."""
+    sent_mb: float | None = None
+    """MB each rank's gradient reduce-scatters send per step (compressed phase)."""
+    ratio: float | None = None
+    """fp32 reduce-scatter bytes over bytes sent."""
+    momentum: float | None = None
+    """Optimizer-state bytes this rank holds per model parameter: momentum, ..."""
+    variance: float | None = None
+    errors: float | None = None
+    """... error feedback (worker, server) and the 1-bit copy of the momentum, ..."""
+    state: float | None = None
+    """... and in all."""
+    train_loss: float | None = None
+    """Mean over ranks of the last 10 steps' training loss."""
+    val_loss: float | None = None
+    """Held-out loss after the last step."""
+    vs_adamw: float | None = None
+    """``val_loss`` relative to AdamW + FSDP's (``+0.01``: 1% higher)."""
+
+
+def fsdp_rank(rank: int, world_size: int, configs: Sequence[FsdpConfig], steps: int, timed_from: int) -> dict[str, Any]:
+    """Train every method on FSDP, interleaved round by round, with `distcomp train`'s model, data and schedule."""
+    from distcomp.train.config import TrainConfig
+    from distcomp.train.data import ShardedBatches, load_corpus, val_batches
+    from distcomp.train.optim import lr_at
+
+    _rank_logging(rank)
+    cfg = TrainConfig(steps=steps)
+    corpus = load_corpus(cfg.data, cfg.model.context)
+    batches = ShardedBatches(corpus.train, cfg.model.context, cfg.data.batch_size, rank, world_size, cfg.seed)
+    reps = [_Replica.build(c, cfg.model, cfg.seed, cfg.optimizer.betas) for c in configs]
+    rec: dict[str, dict[str, list]] = {
+        c.label: {"wall": [], "cpu": [], "opt": [], "loss": [], "sent": []} for c in configs
+    }
+    for step in range(steps):
+        x, y = batches.batch(step, torch.device("cpu"))
+        for j in range(len(reps)):
+            rep = reps[(step + j) % len(reps)]
+            lr = lr_at(cfg.optimizer, step, steps) * rep.config.lr / cfg.optimizer.lr
+            dist.barrier()  # every method starts its step with the ranks in step
+            wall, cpu, opt_s, loss = rep.step(x, y, lr=lr, clip=cfg.optimizer.grad_clip)
+            r = rec[rep.config.label]
+            if step >= timed_from:
+                for key, value in (("wall", wall), ("cpu", cpu), ("opt", opt_s), ("sent", rep.sent_bytes())):
+                    r[key].append(value)
+            r["loss"].append(loss)
+        if rank == 0 and (step + 1) % 10 == 0:
+            logger.info("round %d/%d done", step + 1, steps)
+    val = val_batches(corpus.val, cfg.model.context, cfg.data.batch_size, cfg.eval.batches, rank, world_size)
+    for rep in reps:
+        r = rec[rep.config.label]
+        r["val"] = _val_loss(rep.model, val)
+        r["state"] = state_bytes(rep.opt)
+        r["stats"] = rep.opt.stats()["total"] if isinstance(rep.opt, optim.CompressedOptimizer) else {}
+    return {
+        "records": rec,
+        "numel": sum(p.numel() for p in reps[0].model.parameters()),
+        "clip": cfg.optimizer.grad_clip,
+        "batch": cfg.data.batch_size,
+        "context": cfg.model.context,
+    }
+
+
+def run_fsdp(
+    configs: Sequence[FsdpConfig], steps: int, warmup: int, timeout: float = 3600
+) -> tuple[list[FsdpResult], dict[str, Any]]:
+    """The FSDP run: every method in one 2-rank job; ``(results, facts)``."""
+    timed_from = warmup + 2  # the first two compressed steps allocate the error buffers
+    outs = run_ranks(
+        fsdp_rank, WORLD_SIZE, args=(tuple(configs), steps, timed_from), timeout=timeout, collective_timeout=600
+    )
+    recs = {c.label: [o["records"][c.label] for o in outs] for c in configs}
+    failures = {
+        c.label: "non-finite loss"
+        for c in configs
+        if not all(math.isfinite(v) for r in recs[c.label] for v in (*r["loss"], r["val"]))
+    }
+    wall = {c.label: common.median_step(r["wall"] for r in recs[c.label]) for c in configs if c.label not in failures}
+    base_val = recs[LABELS["adamw_fsdp"]][0]["val"] if LABELS["adamw_fsdp"] not in failures else None
+    dense = (WORLD_SIZE - 1) / WORLD_SIZE * 4 * outs[0]["numel"]
+    results = [_fsdp_result(c, recs[c.label], wall, dense, base_val, failures.get(c.label, "")) for c in configs]
+    facts = {k: outs[0][k] for k in ("numel", "clip", "batch", "context")}
+    return results, {**facts, "steps": steps, "warmup": warmup, "timed_from": timed_from}
+
+
+def _fsdp_result(
+    c: FsdpConfig,
+    ranks: list[dict[str, Any]],
+    wall: dict[str, float],
+    dense: float,
+    base_val: float | None,
+    failure: str,
+) -> FsdpResult:
+    if failure:
+        return FsdpResult(config=c, failure=failure)
+    sent = statistics.fmean(ranks[0]["sent"])
+    state = max((r["state"] for r in ranks), key=lambda s: s["total"])  # the rank holding more (uneven shards)
+    val = ranks[0]["val"]
+    return FsdpResult(
+        config=c,
+        step_ms=wall[c.label] * 1e3,
+        x_adamw=common.ratio(wall, c.label, LABELS["adamw_fsdp"]),
+        cpu_ms=common.median_step(r["cpu"] for r in ranks) * 1e3,
+        opt_ms=common.median_step(r["opt"] for r in ranks) * 1e3,
+        sent_mb=sent / 1e6,
+        ratio=dense / sent if sent else None,
+        momentum=state["momentum"],
+        variance=state["variance"],
+        errors=state["errors"],
+        state=state["total"],
+        train_loss=statistics.fmean(statistics.fmean(r["loss"][-10:]) for r in ranks),
+        val_loss=val,
+        vs_adamw=val / base_val - 1 if base_val else None,
+    )
+
+
 # -- output ------------------------------------------------------------------------------
 
 
@@ -395,6 +615,29 @@ SPEED_FIGURES = (
 def format_speed(results: Sequence[ExperimentResult]) -> str:
     """A markdown table of the speed run, one row per method."""
     return common.results_table(results, ("method",), lambda r: (r.config.label,), SPEED_FIGURES)
+
+
+FSDP_FIGURES = (
+    ("ms/step", "step_ms", ".0f"),
+    ("x AdamW+FSDP", "x_adamw", ".2f"),
+    ("cpu ms/step", "cpu_ms", ".0f"),
+    ("optimizer.step() ms", "opt_ms", ".0f"),
+    ("MB sent/step", "sent_mb", ".3f"),
+    ("ratio", "ratio", ".1f"),
+    ("momentum B/param", "momentum", ".2f"),
+    ("variance B/param", "variance", ".2f"),
+    ("errors B/param", "errors", ".2f"),
+    ("state B/param", "state", ".2f"),
+    ("train loss (last 10)", "train_loss", ".4f"),
+    ("held-out loss", "val_loss", ".4f"),
+    ("vs AdamW", "vs_adamw", "+.2%"),
+)
+"""The FSDP table's figures: column, :class:`FsdpResult` field, format."""
+
+
+def format_fsdp(results: Sequence[FsdpResult]) -> str:
+    """A markdown table of the FSDP run, one row per method."""
+    return common.results_table(results, ("method", "lr"), lambda r: (r.config.label, f"{r.config.lr:g}"), FSDP_FIGURES)
 
 
 def format_convergence(configs: Sequence[ExperimentConfig], outs: list[dict[str, Any]], steps: int) -> str:
@@ -450,18 +693,19 @@ def format_convergence(configs: Sequence[ExperimentConfig], outs: list[dict[str,
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``speed`` or ``convergence``, print its table and write the results files."""
     p = common.make_parser(__doc__)
-    p.add_argument("mode", choices=["speed", "convergence"])
+    p.add_argument("mode", choices=["speed", "convergence", "fsdp"])
     p.add_argument(
         "--steps",
         type=int,
         default=None,
-        help="timed steps (speed, default 10) or training steps (convergence, default 300)",
+        help="timed steps (speed, default 10) or training steps (convergence, default 300; fsdp, default 80)",
     )
     p.add_argument(
         "--warmup",
         type=int,
         default=None,
-        help="exact steps before compression (speed: untimed; default 5 for speed, 20%% of --steps for convergence)",
+        help="exact steps before compression (speed: untimed; default 5 for speed, 20%% of --steps for "
+        "convergence and fsdp)",
     )
     p.add_argument(
         "--state-dtypes",
@@ -486,6 +730,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         table = format_speed(results)
         figures: dict[str, Any] = {"facts": facts, "results": [asdict(r) for r in results]}
+    elif args.mode == "fsdp":
+        steps = args.steps or 80
+        warmup = args.warmup or steps // 5
+        if not 0 < warmup < steps - 2:
+            p.error(f"--warmup {warmup} with --steps {steps}: compression must start at least 3 steps before the end")
+        results, facts = run_fsdp(fsdp_configs(warmup), steps, warmup)
+        summary = _fsdp_summary(facts)
+        table = format_fsdp(results)
+        figures = {"facts": facts, "results": [asdict(r) for r in results]}
     else:
         steps = args.steps or 300
         configs = get_configs(
@@ -505,7 +758,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         figures = {"steps": steps, "configs": [asdict(c) for c in configs], "ranks": outs}
     print(f"\n{summary}\n")
     print(table)
-    title = {"speed": "Compressed optimizers: step time", "convergence": "Compressed optimizers: convergence"}
+    title = {
+        "speed": "Compressed optimizers: step time",
+        "convergence": "Compressed optimizers: convergence",
+        "fsdp": "Compressed optimizers on FSDP: step time, bytes, state and convergence",
+    }
     common.write_results(
         args,
         f"optimizers-{args.mode}",
@@ -515,6 +772,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         figures=figures,
     )
     return 0
+
+
+def _fsdp_summary(facts: dict[str, Any]) -> str:
+    return (
+        f"`distcomp train` defaults ({facts['numel'] / 1e6:.1f}M-parameter GPT, batch {facts['batch']} x "
+        f"{facts['context']} per rank, cosine schedule, clip {facts['clip']:g}) on FSDP2 (`fully_shard` on each block "
+        f"and the model), {WORLD_SIZE} ranks on gloo (loopback), {facts['steps']} steps, compressed from step "
+        f"{facts['warmup']}. Step times: median over steps {facts['timed_from']}-{facts['steps'] - 1} of the slower "
+        "rank, the methods interleaved round by round. MB sent/step: the gradient reduce-scatters in the compressed "
+        "phase (the parameter all-gathers are the same for every method and not counted). State: bytes this rank "
+        "holds per model parameter (errors: worker and server errors and the 1-bit momentum copy). Clipping acts on "
+        "AdamW and the warm-up only: in the compressed phase the momentum is exchanged during backward, before it."
+    )
 
 
 if __name__ == "__main__":
