@@ -38,6 +38,9 @@ class Counters:
     """Seconds spent waiting in collectives."""
     codec_s: float = 0.0
     """Seconds outside collectives: encoding, decoding, error feedback."""
+    exposed_comm_s: float = 0.0
+    """Seconds from the last hook call of a backward pass until its communication was done: the part of
+    a step's communication that could not overlap with backward (set on the bucket that ends the step)."""
     residual_norm: float = 0.0
     """L2 norm of the error-feedback residual after this step (0 without error feedback)."""
     nonfinite: bool = False
@@ -59,6 +62,7 @@ class Counters:
         self.collectives += other.collectives
         self.comm_s += other.comm_s
         self.codec_s += other.codec_s
+        self.exposed_comm_s += other.exposed_comm_s
         # Norms of disjoint pieces add in squares (hypot: no overflow, and exact when one side is 0).
         self.residual_norm = math.hypot(self.residual_norm, other.residual_norm)
         self.nonfinite |= other.nonfinite
@@ -136,12 +140,14 @@ class Telemetry:
             logger.warning("step %d: non-finite gradient; residuals were left untouched", cur.step)
         if self.log_every and self.steps % self.log_every == 0:
             logger.info(
-                "step %d: sent %.3f MB (dense %.3f MB, ratio %.1fx), comm %.1f ms, codec %.1f ms, residual %.3g",
+                "step %d: sent %.3f MB (dense %.3f MB, ratio %.1fx), comm %.1f ms (exposed %.1f ms), codec %.1f ms, "
+                "residual %.3g",
                 cur.step,
                 cur.sent_bytes / 1e6,
                 cur.dense_bytes / 1e6,
                 cur.ratio,
                 cur.comm_s * 1e3,
+                cur.exposed_comm_s * 1e3,
                 cur.codec_s * 1e3,
                 cur.residual_norm,
             )
@@ -161,6 +167,7 @@ class Telemetry:
                 "ratio": t.ratio,
                 "comm_s": t.comm_s,
                 "codec_s": t.codec_s,
+                "exposed_comm_s": t.exposed_comm_s,
             }
             return {
                 "step": self.last.as_dict() if self.last else None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -79,6 +80,7 @@ class CompressionState:
 
     def on_bucket(self, grad_bucket: dist.GradBucket) -> torch.futures.Future:
         """Compress and average one DDP bucket; returns the future DDP waits on."""
+        called = time.perf_counter()
         bucket = self._bucket(grad_bucket)
         step, last = self.step, grad_bucket.is_last()
         units = self._units(bucket, step)
@@ -96,6 +98,8 @@ class CompressionState:
                 try:
                     out = self.compressor.reduce(unit, comm, step, ends_step=ends_step)
                 finally:
+                    if ends_step:  # backward has nothing left to overlap with from its last hook call on
+                        comm.record.exposed_comm_s = time.perf_counter() - called
                     self.telemetry.add(step, comm.record)
                 if unit is not bucket:
                     for (_, dst), (_, src) in zip(bucket.select(unit.names), unit.views(out)):

@@ -16,11 +16,11 @@ from distcomp.telemetry import Counters, StepStats, Telemetry
 from distcomp.train.telemetry import StepRecord, summarize
 
 STEP_KEYS = ["step", "buckets", "numel", "dense_bytes", "payload_bytes", "sent_bytes", "collectives", "comm_s",
-             "codec_s", "residual_norm", "nonfinite", "compressed", "ratio"]
+             "codec_s", "exposed_comm_s", "residual_norm", "nonfinite", "compressed", "ratio"]
 BUCKET_KEYS = ["index", "numel", "dense_bytes", "payload_bytes", "sent_bytes", "collectives", "comm_s", "total_s",
-               "residual_norm", "nonfinite", "compressed"]
+               "exposed_comm_s", "residual_norm", "nonfinite", "compressed"]
 TOTAL_KEYS = ["steps", "compressed_steps", "nonfinite_steps", "dense_bytes", "sent_bytes", "payload_bytes", "ratio",
-              "comm_s", "codec_s"]
+              "comm_s", "codec_s", "exposed_comm_s"]
 
 
 def _bucket(index: int, *, comm_s: float, total_s: float, residual: float = 0.0, **counts: float) -> BucketRecord:
