@@ -17,9 +17,9 @@ and server error feedback, and hands the optimizer its shard of the new ``m``.
 That is the algorithm 1-bit Adam runs on DDP, on the same bytes.
 
 Compressing the gradient instead (and running the momentum recurrence on the
-shard) needs no copy of ``m``, but on a simulated 4-rank GPT run it ended 0.24
-nats above AdamW where compressing the momentum ended within 0.005; see
-``docs/optimizers.md``. Warm-up steps use FSDP's exact reduce-scatter; which one
+shard) needs no copy of ``m``, but on a simulated 4-rank GPT run it ended 0.22
+nats above AdamW in held-out loss where compressing the momentum ended 0.009
+above (``benchmarks/onebit_formulation.py``, ``docs/optimizers.md``). Warm-up steps use FSDP's exact reduce-scatter; which one
 runs is decided per backward from the optimizer's step counter.
 
 The worker error is as large as each unit's unsharded gradient (as for any
