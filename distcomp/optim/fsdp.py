@@ -19,8 +19,9 @@ That is the algorithm 1-bit Adam runs on DDP, on the same bytes.
 Compressing the gradient instead (and running the momentum recurrence on the
 shard) needs no copy of ``m``, but on a simulated 4-rank GPT run it ended 0.22
 nats above AdamW in held-out loss where compressing the momentum ended 0.009
-above (``benchmarks/onebit_formulation.py``, ``docs/optimizers.md``). Warm-up steps use FSDP's exact reduce-scatter; which one
-runs is decided per backward from the optimizer's step counter.
+above (``benchmarks/onebit_formulation.py``, ``docs/optimizers.md``). Warm-up
+steps use FSDP's exact reduce-scatter; which one runs is decided per backward
+from the optimizer's step counter.
 
 The worker error is as large as each unit's unsharded gradient (as for any
 compressed FSDP reduce-scatter); ``error_feedback`` stores it in fp32, bf16 or
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -39,7 +40,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed import ReduceOp
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 from torch.distributed.tensor import DTensor
 
 from distcomp.codecs import SignCodec
@@ -276,18 +276,12 @@ class ShardedGradients(FSDPCompressionState):
         self._next_momentum, self._shards = {}, {}
 
 
-class MomentumReduceScatter(ReduceScatter):
+class MomentumReduceScatter(CompressedReduceScatter):
     """One FSDP unit's reduce-scatter for a compressed optimizer: exact in warm-up, the 1-bit momentum after."""
 
     def __init__(self, state: ShardedGradients, unit: str, index: int) -> None:
-        self.state = state
-        self.unit = unit
-        self.index = index
-        self._exact = CompressedReduceScatter(state, unit, index)
-
-    def allocate(self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A plain tensor (the input is copied from)."""
-        return torch.empty(*size, dtype=dtype, device=device)
+        super().__init__(state, unit, index)
+        self.sharded = state
 
     def __call__(
         self,
@@ -298,9 +292,9 @@ class MomentumReduceScatter(ReduceScatter):
         async_op: bool = False,
     ) -> dist.Work | None:
         """FSDP's reduce-scatter (warm-up), or the 1-bit momentum exchange whose shard lands in ``output_tensor``."""
-        state, output, grads = self.state, output_tensor, input_tensor
+        state, output, grads = self.sharded, output_tensor, input_tensor
         if not state.compressing():
-            return self._exact(output, grads, group, op, async_op)
+            return super().__call__(output, grads, group, op, async_op)
         state.begin_call(self.unit)
         w = dist.get_world_size(group)
         if getattr(op, "op", op) != ReduceOp.AVG and w > 1:
