@@ -280,7 +280,7 @@ def two_phase_mean(
     The mean goes to ``out`` (flat fp32, ``x``'s size) if given. Other returned
     tensors may live in ``ws`` and are valid until its next use.
     """
-    ws = ws if ws is not None else Workspace()
+    ws = comm.scratch(ws if ws is not None else Workspace())
     n, w, dev = x.numel(), comm.world_size, x.device
     chunk, local, chunk_health = _reduce_scatter(comm, codec, x, health, ws, residual, residual_out)
     c = chunk.numel()
@@ -298,7 +298,7 @@ def two_phase_mean(
         spare = None if new_server is server_error else new_server.view(1, c)
         codec.encode_ef(chunk.view(1, c), server_error.view(1, c), spare, payload[:, :nbytes])
         _with_health(payload, nbytes, chunk_health)
-        body, healths = _split_health(comm.all_gather(payload.view(-1)).view(w, -1))
+        body, healths = _split_health(comm.all_gather(payload.view(-1), last=True).view(w, -1))
         _decode_pieces(codec, body, c, n, dest, ws)
     else:
         chunk.add_(server_error)
@@ -306,7 +306,7 @@ def two_phase_mean(
         own = codec.decode(payload[:, :nbytes], c, out=ws.get("own", c, torch.float32, dev)).view(-1)
         torch.sub(chunk, own, out=new_server)
         _with_health(payload, nbytes, chunk_health)
-        body, healths = _split_health(comm.all_gather(payload.view(-1)).view(w, -1))
+        body, healths = _split_health(comm.all_gather(payload.view(-1), last=True).view(w, -1))
         decoded = codec.decode(body, c, out=ws.get("decoded", w * c, torch.float32, dev)).view(-1)
         dest.copy_(decoded[:n])
     nonfinite = not bool(torch.isfinite(healths.sum()))

@@ -9,18 +9,27 @@ telemetry is the same for all of them. Bytes are reported two ways:
   input, all-gather ``(w-1)`` times its input, all-to-all ``(w-1)/w``). This is
   what a link counter sees, and the ratio against a dense fp32 all-reduce is
   computed from it.
+
+A :class:`Comm` may carry a pipelined bucket's turn
+(:class:`~distcomp.hooks.executor.Turn`): its last collective is then issued
+asynchronously and waited for while the next bucket runs, and the schedules take
+their scratch space from :meth:`Comm.scratch`, since two buckets may be in flight.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from distcomp.telemetry import Counters
+from distcomp.workspace import Workspace
+
+if TYPE_CHECKING:
+    from distcomp.hooks.executor import Turn
 
 DENSE_BYTES_PER_ELEMENT = 4
 
@@ -61,8 +70,11 @@ class Comm:
 
     group: dist.ProcessGroup | None
     record: BucketRecord = field(default_factory=lambda: BucketRecord(index=-1, numel=0))
+    turn: Turn | None = None
+    """A pipelined bucket's turn: the collective marked ``last`` hands the thread on while it runs."""
 
     def __post_init__(self) -> None:
+        self._done = False
         self.world_size = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
         w = self.world_size
@@ -74,15 +86,23 @@ class Comm:
         self._timed(tensor, 2 * (w - 1) / w, lambda: dist.all_reduce(tensor, op=op, group=self.group))
         return tensor
 
-    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Every rank's ``tensor`` stacked along a new first dimension."""
+    def all_gather(self, tensor: torch.Tensor, *, last: bool = False) -> torch.Tensor:
+        """Every rank's ``tensor`` stacked along a new first dimension.
+
+        ``last``: the bucket issues no collective after this one; with a
+        :attr:`turn`, the next bucket runs while this one is on the wire.
+        """
         flat = tensor.contiguous().view(-1)
         out = flat.new_empty(self.world_size * flat.numel())
-        self._timed(
-            tensor,
-            self.world_size - 1,
-            lambda: _all_gather_flat(out, flat, group=self.group),
-        )
+        if last and self.turn is not None:
+            self._check_open()
+            # Counted until this bucket runs again: time the next bucket held the thread is not codec time.
+            start = time.perf_counter()
+            self.turn.wait(_all_gather_flat(out, flat, group=self.group, async_op=True))
+            self._count(tensor, self.world_size - 1, time.perf_counter() - start)
+        else:
+            self._timed(tensor, self.world_size - 1, lambda: _all_gather_flat(out, flat, group=self.group))
+        self._done = last
         return out.view(self.world_size, *tensor.shape)
 
     def all_to_all(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -99,11 +119,24 @@ class Comm:
         )
         return out
 
+    def scratch(self, ws: Workspace) -> Workspace:
+        """``ws``, or for a pipelined bucket the workspace of its turn (the previous bucket may still use ``ws``)."""
+        return ws if self.turn is None else self.turn.workspace(ws)
+
+    def _check_open(self) -> None:
+        if self._done and self.turn is not None:
+            # The next bucket may already have issued its collectives: this one would be out of order.
+            raise RuntimeError("a pipelined bucket issued a collective after the one it marked last")
+
     def _timed(self, tensor: torch.Tensor, wire_factor: float, op) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
+        self._check_open()
         start = time.perf_counter()
         op()
-        self.record.comm_s += time.perf_counter() - start
+        self._count(tensor, wire_factor, time.perf_counter() - start)
+
+    def _count(self, tensor: torch.Tensor, wire_factor: float, seconds: float) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        self.record.comm_s += seconds
         self.record.payload_bytes += nbytes
         self.record.sent_bytes += wire_factor * nbytes
         self.record.collectives += 1

@@ -23,8 +23,9 @@ from distcomp.agreement import check_agreement
 from distcomp.bucket import Bucket
 from distcomp.comm import BucketRecord, Comm
 from distcomp.compressor import Compressor
+from distcomp.compressors.twophase import TwoPhaseCompressor
 from distcomp.config import config_to_dict
-from distcomp.hooks.executor import InlineExecutor, WorkerExecutor
+from distcomp.hooks.executor import InlineExecutor, PipelinedExecutor, Turn, WorkerExecutor
 from distcomp.rankstate import check_rank_state
 from distcomp.registry import make_compressor
 from distcomp.telemetry import Telemetry
@@ -48,6 +49,7 @@ class CompressionState:
         group: dist.ProcessGroup | None = None,
         param_names: dict[int, str] | None = None,
         overlap: bool = True,
+        pipeline: bool = True,
         log_every: int = 0,
         timeout: datetime.timedelta | None = None,
     ) -> None:
@@ -64,12 +66,15 @@ class CompressionState:
         self._restored: dict[tuple[str, ...], None] = {}
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        self._executor: InlineExecutor | WorkerExecutor = InlineExecutor(group)
+        self._executor: InlineExecutor | WorkerExecutor | PipelinedExecutor = InlineExecutor(group)
         if overlap:
             ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
             # The worker's own group must time out like the job's, not after torch's 30-minute default.
             # Only the worker holds it, so that shutting the worker down destroys it (see executor.py).
-            self._executor = WorkerExecutor(dist.new_group(ranks=ranks, timeout=timeout or group_timeout(group)))
+            worker_group = dist.new_group(ranks=ranks, timeout=timeout or group_timeout(group))
+            # Two-phase buckets end with an all-gather that the next bucket's all-to-all can overlap.
+            pipelined = pipeline and isinstance(compressor, TwoPhaseCompressor)
+            self._executor = (PipelinedExecutor if pipelined else WorkerExecutor)(worker_group)
 
     @property
     def _comm_group(self) -> dist.ProcessGroup | None:
@@ -89,10 +94,10 @@ class CompressionState:
             self.step += 1
             self._layouts, self._step_layouts = self._step_layouts or self._layouts, []
 
-        def job() -> torch.Tensor:
+        def job(turn: Turn | None) -> torch.Tensor:
             out = bucket.buffer
             for unit in units:
-                comm = Comm(self._comm_group, BucketRecord(index=unit.index, numel=unit.numel))
+                comm = Comm(self._comm_group, BucketRecord(index=unit.index, numel=unit.numel), turn)
                 # The step's state is kept or dropped as a whole after its last bucket (see Compressor.reduce).
                 ends_step = last and unit is units[-1]
                 try:
@@ -109,7 +114,9 @@ class CompressionState:
                 self.telemetry.end_step()
             return out
 
-        return self._executor.submit(job)
+        # Only a bucket that ends in one compressed two-phase exchange has a last collective to overlap.
+        pipelined = len(units) == 1 and step >= self.compressor.config.start_step and bucket.numel > 0
+        return self._executor.submit(job, pipelined=pipelined)
 
     def _units(self, bucket: Bucket, step: int) -> list[Bucket]:
         """The pieces to compress: the bucket itself, or the layouts a resumed checkpoint recorded.
@@ -241,6 +248,7 @@ def ddp_comm_hook(
     model: torch.nn.Module | None = None,
     group: dist.ProcessGroup | None = None,
     overlap: bool = True,
+    pipeline: bool = True,
     log_every: int = 0,
     timeout: datetime.timedelta | None = None,
     **config: Any,
@@ -252,8 +260,11 @@ def ddp_comm_hook(
     gives parameter names for checkpoints; without it parameters are named by
     order. ``overlap`` runs communication on a worker thread so it overlaps the
     backward pass; that thread uses a process group of its own, with ``timeout``
-    (default: the timeout of ``group``). Raises :class:`~distcomp.errors.RankMismatchError` on every rank
-    if the ranks were given different settings.
+    (default: the timeout of ``group``). ``pipeline`` (with ``overlap``, for the
+    two-phase compressors sign, int8 and int4) lets bucket i+1's all-to-all start
+    while bucket i's all-gather runs; the collectives and results are the same.
+    Raises :class:`~distcomp.errors.RankMismatchError` on every rank if the ranks
+    were given different settings.
     """
     comp = make_compressor(compressor, config)
     group = group if group is not None else getattr(model, "process_group", None)
@@ -263,7 +274,13 @@ def ddp_comm_hook(
         module = model.module if isinstance(model, DistributedDataParallel) else model
         names = {id(p): n for n, p in module.named_parameters()}
     state = CompressionState(
-        comp, group=group, param_names=names, overlap=overlap, log_every=log_every, timeout=timeout
+        comp,
+        group=group,
+        param_names=names,
+        overlap=overlap,
+        pipeline=pipeline,
+        log_every=log_every,
+        timeout=timeout,
     )
     return compressed_hook, state
 
@@ -274,6 +291,7 @@ def register(
     /,
     *,
     overlap: bool = True,
+    pipeline: bool = True,
     log_every: int = 0,
     timeout: datetime.timedelta | None = None,
     **config: Any,
@@ -289,6 +307,7 @@ def register(
         model=model,
         group=model.process_group,
         overlap=overlap,
+        pipeline=pipeline,
         log_every=log_every,
         timeout=timeout,
         **config,
