@@ -119,15 +119,25 @@ class OneBitAdam(AdamSteps):
         if self.comm.sharded:
             return self._sharded_step(t, grads, health)
         for layout, g in zip(layouts, grads):
-            self._l2(layout, g)
-            m = self.flat.buffer(layout, "exp_avg")
-            local = torch.lerp(m, g, 1 - self.param_groups[layout.group]["betas"][0], out=g)
-            mean = self.comm.compressed_mean(layout, local, health)
+            mean = self.comm.compressed_mean(layout, self._exchange_value(t, layout, g), health)
             if mean is None:
                 return False
-            m.copy_(mean)
-            self._adam_update(layout, t + 1, self.config.freeze_step, frozen=True)
+            self._take_mean(t, layout, mean)
         return True
+
+    def _overlaps(self, t: int) -> bool:
+        return self.phase(t) == "compressed"
+
+    def _exchange_value(self, t: int, layout: FlatLayout, g: torch.Tensor) -> torch.Tensor:
+        """This rank's momentum ``m_i = beta1 m + (1 - beta1) g_i``, written into ``g``."""
+        self._l2(layout, g)
+        m = self.flat.buffer(layout, "exp_avg", write=False)
+        return torch.lerp(m, g, 1 - self.param_groups[layout.group]["betas"][0], out=g)
+
+    def _take_mean(self, t: int, layout: FlatLayout, mean: torch.Tensor) -> None:
+        """The averaged momentum becomes ``m``; the parameters step with the frozen variance."""
+        self.flat.buffer(layout, "exp_avg").copy_(mean)
+        self._adam_update(layout, t + 1, self.config.freeze_step, frozen=True)
 
     def _sharded_step(self, t: int, grads: list[torch.Tensor], health: torch.Tensor) -> bool:
         """FSDP: the reduce-scatters exchanged the momentum; this rank's shard of it goes into ``exp_avg``."""

@@ -12,7 +12,9 @@ An optimizer is three pieces:
   (whether a step needs the exactly averaged gradient or this rank's own).
 
 Everything a step communicates is issued from ``step()``, synchronously,
-bucket by bucket in the same order on every rank.
+bucket by bucket in the same order on every rank, except with DDP, whose hook
+runs the exchange of a compressed step during backward
+(:mod:`distcomp.optim.overlap`) when ``register`` was asked to overlap.
 """
 
 from __future__ import annotations
@@ -108,6 +110,29 @@ class CompressedOptimizer(torch.optim.Optimizer):
         """Steps at which the algorithm changes phase, with what to log there."""
         return {}
 
+    # With DDP, a step whose 1-bit exchange needs only this rank's gradient runs that exchange during
+    # backward (distcomp.optim.overlap): the step-time path and the overlapped one share these three.
+
+    def _overlaps(self, t: int) -> bool:
+        """Whether step ``t``'s exchange may run from DDP's hook (it reads nothing but this rank's gradient)."""
+        return False
+
+    def _exchange_value(self, t: int, layout: FlatLayout, g: torch.Tensor) -> torch.Tensor:
+        """What step ``t`` averages in 1 bit for the bucket, from its gradient ``g`` (written into ``g``).
+
+        Changes no state: on a non-finite step nothing of it may remain.
+        """
+        raise NotImplementedError
+
+    def _take_mean(self, t: int, layout: FlatLayout, mean: torch.Tensor) -> Any:
+        """The rest of step ``t`` for the bucket, from the averaged value (``mean`` may be overwritten)."""
+        raise NotImplementedError
+
+    def _exchanged_step(self, t: int, means: list[torch.Tensor]) -> None:
+        """Step ``t`` from every bucket's averaged value (the exchange ran during backward)."""
+        for layout, mean in zip(self.flat.layouts, means):
+            self._take_mean(t, layout, mean)
+
     def _after_load(self, reset_errors: bool) -> None:
         """Subclass checks once a checkpoint is restored."""
 
@@ -180,8 +205,14 @@ class CompressedOptimizer(torch.optim.Optimizer):
         self.comm.check_served(t)
         if self.comm.rank == 0 and t in self._milestones():
             logger.info("%s: step %d: %s", self.algorithm, t, self._milestones()[t])
-        grads, health = self.comm.gather(getattr(self, "grad_scale", None))
-        ran = self._run(t, grads, health)
+        exchanged = self.comm.take_exchanged(t)
+        if exchanged is not None:
+            ran = exchanged.finite
+            if ran:
+                self._exchanged_step(t, exchanged.means)
+        else:
+            grads, health = self.comm.gather(getattr(self, "grad_scale", None))
+            ran = self._run(t, grads, health)
         self.flat.commit()
         if ran:
             self._step += 1
@@ -215,6 +246,8 @@ class CompressedOptimizer(torch.optim.Optimizer):
             state_dict, config=self.config.trajectory(), world=world, rank=rank, reset_errors=reset_errors
         )
         super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+        if self.comm.overlap is not None:
+            self.comm.overlap.drop()
         self._denoms = {}
         self.flat.load(state_dict["state"], section, reset_errors)
         self._load_fsdp(section.get("fsdp"), reset_errors)

@@ -30,6 +30,7 @@ from distcomp.workspace import Workspace
 if TYPE_CHECKING:
     from distcomp.optim.ddp import OptimizerHookState
     from distcomp.optim.fsdp import ShardedGradients
+    from distcomp.optim.overlap import BackwardExchange, Exchanged
 
 
 def world_of(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -74,6 +75,8 @@ class GradientComm:
         """The DDP hook that communicates the gradients during backward, once ``register`` attached one."""
         self.fsdp: ShardedGradients | None = None
         """FSDP2's reduce-scatters that deliver this rank's shard of the (1-bit) mean, once ``register`` set them."""
+        self.overlap: BackwardExchange | None = None
+        """With DDP: the exchanges its hook runs during backward (``register(..., overlap=True)``)."""
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -98,12 +101,34 @@ class GradientComm:
             return
         self._world, self._rank = world_of(self.group)
         if self._world > 1:
-            wrappers = {"ddp": self.ddp is not None, "fsdp": self.fsdp is not None}
+            wrappers = {"ddp": self.ddp is not None, "fsdp": self.fsdp is not None, "overlap": self.overlap is not None}
             check_agreement({**settings, **wrappers}, self.group, what=f"{self.algorithm} settings")
 
-    def attach_ddp(self, hook: OptimizerHookState) -> None:
-        """Let ``hook`` (``distcomp.optim.register``) communicate the gradients; only before :attr:`connected`."""
+    def attach_ddp(self, hook: OptimizerHookState, overlap: BackwardExchange | None = None) -> None:
+        """Let ``hook`` (``distcomp.optim.register``) communicate the gradients; only before :attr:`connected`.
+
+        With ``overlap``, the hook also runs the compressed exchange during backward.
+        """
         self.ddp = hook
+        self.overlap = overlap
+
+    @property
+    def codec(self) -> SignCodec:
+        """The 1-bit code of every exchange."""
+        return self._codec
+
+    @property
+    def exchange_workspace(self) -> Workspace:
+        """The exchange's scratch (one bucket's worth), which the overlapped exchange shares."""
+        return self._exchange.ws
+
+    def grad_buffer(self, layout: FlatLayout) -> torch.Tensor:
+        """The bucket's flat fp32 gradient scratch (also where an overlapped exchange leaves its mean)."""
+        return self._grads_ws.get(f"grad{layout.index}", layout.numel, torch.float32, layout.device)
+
+    def take_exchanged(self, step: int) -> Exchanged | None:
+        """The exchange DDP's hook ran during backward for ``step``, made current; None: exchange in step()."""
+        return None if self.overlap is None else self.overlap.take(step)
 
     def attach_fsdp(self, gradients: ShardedGradients) -> None:
         """Let FSDP2's reduce-scatters communicate the gradients; only before :attr:`connected`."""
@@ -137,7 +162,7 @@ class GradientComm:
         inv = None if grad_scale is None else grad_scale.double().reciprocal().float()
         flats, health = [], None
         for layout in self._state.layouts:
-            flat = self._grads_ws.get(f"grad{layout.index}", layout.numel, torch.float32, layout.device)
+            flat = self.grad_buffer(layout)
             for p, view in zip(layout.owners, layout.views(flat)):
                 if p.grad is None:
                     view.zero_()

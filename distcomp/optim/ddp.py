@@ -12,7 +12,11 @@ The hook asks the optimizer, at every backward pass, what its coming step needs:
   a local step): the gradients stay local. Only a 4-byte health word is
   all-reduced on the last bucket and, if any rank's gradient was non-finite,
   that bucket is filled with NaN on every rank, so that every rank's
-  GradScaler skips the step and backs off alike.
+  GradScaler skips the step and backs off alike;
+* with ``overlap`` (the default), a step whose 1-bit exchange needs only this
+  rank's gradient runs that exchange from the hook, bucket by bucket on a
+  communication worker, while backward goes on (:mod:`distcomp.optim.overlap`);
+  the gradients stay local, and the exchanges' health words decide the NaN.
 
 Bytes go into the optimizer's telemetry (``opt.stats()``). The hook reaches the
 optimizer only through its public ``steps``, ``gradient_mode`` and ``comm``
@@ -22,6 +26,7 @@ optimizer only through its public ``steps``, ``gradient_mode`` and ``comm``
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, cast
 
@@ -31,10 +36,15 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel
 
+from distcomp.agreement import check_agreement
 from distcomp.comm import BucketRecord, Comm
-from distcomp.hooks.ddp import annotate_hook
+from distcomp.hooks.ddp import annotate_hook, group_timeout
+from distcomp.hooks.executor import WorkerExecutor
 from distcomp.numerics import local_health
 from distcomp.optim.base import CompressedOptimizer
+from distcomp.optim.overlap import BackwardExchange
+
+logger = logging.getLogger("distcomp.optim")
 
 
 class OptimizerHookState:
@@ -43,11 +53,15 @@ class OptimizerHookState:
     Not checkpointed: everything it decides follows from the optimizer's step counter.
     """
 
-    def __init__(self, optimizer: CompressedOptimizer, group: dist.ProcessGroup | None) -> None:
+    def __init__(
+        self, optimizer: CompressedOptimizer, group: dist.ProcessGroup | None, overlap: BackwardExchange | None = None
+    ) -> None:
         self.optimizer = optimizer
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.served_step: int | None = None
+        self.overlap = overlap
+        """The exchanges run during backward (None: every exchange runs in ``step()``)."""
         self._health: torch.Tensor | None = None
 
     def on_bucket(self, bucket: dist.GradBucket) -> torch.futures.Future:
@@ -55,6 +69,8 @@ class OptimizerHookState:
         buffer = bucket.buffer()
         if self.optimizer.gradient_mode(step) == "mean":
             fut = self._mean(buffer, bucket.index())
+        elif self.overlap is not None and self.overlap.wants(step):
+            fut = self.overlap.on_bucket(bucket, step)
         else:
             fut = self._local(buffer, bucket.index(), bucket.is_last())
         if bucket.is_last():
@@ -103,8 +119,16 @@ class OptimizerHookState:
         fut.set_result(buffer)
         return fut
 
+    def close(self) -> None:
+        """Stop the communication worker of the overlapped exchange and destroy its group (idempotent).
+
+        A worker left running is shut down at interpreter exit, so a script need not call this.
+        """
+        if self.overlap is not None:
+            self.overlap.close()
+
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("group", "optimizer", "_health")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("group", "optimizer", "_health", "overlap")}
 
 
 def optimizer_hook(state: OptimizerHookState, bucket: dist.GradBucket) -> torch.futures.Future:
@@ -115,14 +139,17 @@ def optimizer_hook(state: OptimizerHookState, bucket: dist.GradBucket) -> torch.
 annotate_hook(optimizer_hook, OptimizerHookState)
 
 
-def register(model: Any, optimizer: CompressedOptimizer, **options: Any) -> Any:
+def register(model: Any, optimizer: CompressedOptimizer, *, overlap: bool = True, **options: Any) -> Any:
     """Let ``optimizer`` decide the wrapper's gradient communication: ``distcomp.optim.register(model, opt)``.
 
     Call it on every rank, after building both and before the first step. DDP
     then all-reduces only for the steps that need the exact mean and leaves the
-    gradients local when the optimizer compresses (nothing is sent twice). A
-    ``fully_shard`` (FSDP2) model reduce-scatters exactly for those steps and
-    otherwise sends the 1-bit code of each rank's gradient in its reduce-scatter
+    gradients local when the optimizer compresses (nothing is sent twice); with
+    ``overlap``, the compressed exchange runs during backward on a worker thread
+    with a process group of its own, with the same results
+    (:mod:`distcomp.optim.overlap`). A ``fully_shard`` (FSDP2) model
+    reduce-scatters exactly for those steps and otherwise sends the 1-bit code
+    of each rank's gradient in its reduce-scatter, which always overlaps backward
     (:mod:`distcomp.optim.fsdp`; ``options``: ``error_feedback``).
     """
     if isinstance(model, FSDPModule):
@@ -150,7 +177,29 @@ def register(model: Any, optimizer: CompressedOptimizer, **options: Any) -> Any:
     mine, theirs = optimizer.world_size, dist.get_world_size(group)
     if mine != theirs:
         raise ValueError(f"the optimizer's process group has {mine} ranks but the DDP model's has {theirs}")
-    state = OptimizerHookState(optimizer, group)
+    check_agreement({"overlap": overlap}, group, what=f"{optimizer.algorithm} registration")
+    exchange = None
+    if overlap and _covers(model, optimizer):
+        # The worker's own group, so that its collectives never interleave with DDP's differently on different ranks.
+        ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
+        worker = WorkerExecutor(dist.new_group(ranks=ranks, timeout=group_timeout(group)), name="distcomp-optim")
+        exchange = BackwardExchange(optimizer, worker)
+    state = OptimizerHookState(optimizer, group, exchange)
     model.register_comm_hook(state, optimizer_hook)
-    optimizer.comm.attach_ddp(state)
+    optimizer.comm.attach_ddp(state, exchange)
     return state
+
+
+def _covers(model: DistributedDataParallel, optimizer: CompressedOptimizer) -> bool:
+    """Whether DDP's buckets carry exactly the optimizer's gradients (else the exchange runs in ``step()``)."""
+    ignored = getattr(model, "parameters_to_ignore", set())
+    reduced = {id(p) for n, p in model.module.named_parameters() if p.requires_grad and p.numel() and n not in ignored}
+    held = {id(p) for layout in optimizer.flat.layouts for p in layout.owners}
+    if reduced != held:
+        logger.info(
+            "%s: the exchange runs in step(), not during backward: DDP reduces other parameters than the "
+            "optimizer holds",
+            optimizer.algorithm,
+        )
+        return False
+    return True

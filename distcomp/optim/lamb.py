@@ -132,10 +132,10 @@ class OneBitLamb(CompressedOptimizer):
             if t == self.config.freeze_step:
                 self._set_scaling()
             for layout, g in zip(layouts, grads):
-                step = self._compressed_step(layout, t, g, health)
-                if step is None:
+                mean = self.comm.compressed_mean(layout, self._exchange_value(t, layout, g), health)
+                if mean is None:
                     return False
-                coeffs += step
+                coeffs += self._take_mean(t, layout, mean, g)
         self.lamb_coeffs = coeffs
         return True
 
@@ -257,17 +257,37 @@ class OneBitLamb(CompressedOptimizer):
             coeffs.append(st["lamb_coeff_freeze"] * st["last_factor"])
         return coeffs
 
-    def _compressed_step(self, layout: FlatLayout, t: int, g: torch.Tensor, health: torch.Tensor) -> list[float] | None:
+    def _overlaps(self, t: int) -> bool:
+        # The first compressed step fixes the momentum scales from every bucket first: it runs in step().
+        return self.phase(t) == "compressed" and t != self.config.freeze_step
+
+    def _exchanged_step(self, t: int, means: list[torch.Tensor]) -> None:
+        self.lamb_coeffs = [
+            c for layout, mean in zip(self.flat.layouts, means) for c in self._take_mean(t, layout, mean)
+        ]
+
+    def _exchange_value(self, t: int, layout: FlatLayout, g: torch.Tensor) -> torch.Tensor:
+        """This rank's momentum, each tensor's scaled to the common magnitude, written into ``g``."""
+        b1 = self.param_groups[layout.group]["betas"][0]
+        local = torch.lerp(self.flat.buffer(layout, "exp_avg", write=False), g, 1 - b1, out=g)
+        torch._foreach_mul_(layout.views(local), self._scales(layout))
+        return local
+
+    def _scales(self, layout: FlatLayout) -> list[float]:
+        return [self.state[p]["scaling_coeff"] for p in layout.params]
+
+    def _take_mean(
+        self, t: int, layout: FlatLayout, mean: torch.Tensor, out: torch.Tensor | None = None
+    ) -> list[float]:
+        """The frozen-ratio step from the averaged scaled momentum; returns the bucket's trust ratios.
+
+        ``out`` (bucket-sized scratch, default ``mean``) receives the update once ``mean`` is used up.
+        """
         group, c = self.param_groups[layout.group], self.config
         b1, b2 = group["betas"]
-        scales = [self.state[p]["scaling_coeff"] for p in layout.params]
+        out = mean if out is None else out
         m = self.flat.buffer(layout, "exp_avg")
-        local = torch.lerp(m, g, 1 - b1, out=g)
-        torch._foreach_mul_(layout.views(local), scales)
-        mean = self.comm.compressed_mean(layout, local, health)
-        if mean is None:
-            return None
-        torch._foreach_div_(layout.views(mean), scales)
+        torch._foreach_div_(layout.views(mean), self._scales(layout))
         fresh = self.flat.buffer(layout, "exp_avg_sq_fresh")
         rebuilt = torch.mul(m, b1, out=self._scratch("rebuilt", layout))
         torch.sub(mean, rebuilt, out=rebuilt).div_(1 - b1)  # the averaged gradient this momentum step implies
@@ -279,7 +299,7 @@ class OneBitLamb(CompressedOptimizer):
         )
         ratio = torch.div(denom, ratio, out=rebuilt)
         ratio_max = torch.stack(torch._foreach_max(layout.views(ratio))).tolist()
-        update, prelim = self._update(layout, g, t + 1, c.freeze_step, denom)
+        update, prelim = self._update(layout, out, t + 1, c.freeze_step, denom)
         coeffs = []
         for p, rmax, pn, un in zip(layout.params, ratio_max, prelim, _norms(layout.views(update))):
             st = self.state[p]

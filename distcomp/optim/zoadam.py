@@ -109,11 +109,14 @@ class ZeroOneAdam(AdamSteps):
             for layout in self.flat.layouts:
                 torch._foreach_copy_(layout.views(self.flat.buffer(layout, "anchor")), list(layout.params))
         for layout, g in zip(self.flat.layouts, grads):
-            self._l2(layout, g)
             if phase == "local":
+                self._l2(layout, g)
                 self._local_step(layout, t, g)
-            elif not self._sync_step(layout, t, g, health):
+                continue
+            mean = self.comm.compressed_mean(layout, self._exchange_value(t, layout, g), health)
+            if mean is None:
                 return False
+            self._take_mean(t, layout, mean)
         return True
 
     def _variance_phase(self, t: int, phase: Phase, grads: list[torch.Tensor], health: torch.Tensor) -> bool:
@@ -122,18 +125,41 @@ class ZeroOneAdam(AdamSteps):
             return False
         v_updates = zero_one_variance_updates(t + 1, self.config.var_update_scaler)
         for layout, g in zip(self.flat.layouts, grads):
-            self._l2(layout, g)
-            b1, b2 = self.param_groups[layout.group]["betas"]
-            m = self.flat.buffer(layout, "exp_avg")
-            if exact:
-                adam_moments_(m, self.flat.buffer(layout, "exp_avg_sq"), g, b1, b2)
-            else:
-                mean = self.comm.compressed_mean(layout, g, health)
+            if not exact:
+                mean = self.comm.compressed_mean(layout, self._exchange_value(t, layout, g), health)
                 if mean is None:
                     return False
-                m.lerp_(mean, 1 - b1)
+                self._take_mean(t, layout, mean)
+                continue
+            self._l2(layout, g)
+            b1, b2 = self.param_groups[layout.group]["betas"]
+            adam_moments_(self.flat.buffer(layout, "exp_avg"), self.flat.buffer(layout, "exp_avg_sq"), g, b1, b2)
             self._adam_update(layout, t + 1, v_updates)
         return True
+
+    def _overlaps(self, t: int) -> bool:
+        # The first frozen step resets the errors and sets the anchor before its exchange: it runs in step().
+        phase = self.phase(t)
+        return phase == "compressed-gradient" or (phase == "sync" and t != self.config.var_freeze_step)
+
+    def _exchange_value(self, t: int, layout: FlatLayout, g: torch.Tensor) -> torch.Tensor:
+        """What step ``t`` averages, written into ``g``: the gradient (variance phase) or the interval's update."""
+        self._l2(layout, g)
+        if self.phase(t) == "compressed-gradient":
+            return g
+        group = self.param_groups[layout.group]
+        bc1 = bias_correction(group["betas"][0], t + 1, group["bias_correction"])
+        m, u = self.flat.buffer(layout, "exp_avg", write=False), self.flat.buffer(layout, "momentum_accumulator")
+        local = torch.lerp(m, g, 1 - group["betas"][0], out=g)
+        return torch.add(u, local, alpha=group["lr"] / bc1, out=g)
+
+    def _take_mean(self, t: int, layout: FlatLayout, mean: torch.Tensor) -> None:
+        """Step ``t`` from the averaged gradient, or the synchronisation from the averaged update."""
+        if self.phase(t) == "sync":
+            self._sync_step(layout, t, mean)
+            return
+        self.flat.buffer(layout, "exp_avg").lerp_(mean, 1 - self.param_groups[layout.group]["betas"][0])
+        self._adam_update(layout, t + 1, zero_one_variance_updates(t + 1, self.config.var_update_scaler))
 
     def _frozen(self, layout: FlatLayout, t: int) -> tuple[float, float, float, dict[str, float]]:
         """``(lr, 1 - lr wd, bc1, the bucket's interval scalars)`` of frozen-phase step ``t``."""
@@ -161,15 +187,10 @@ class ZeroOneAdam(AdamSteps):
             decay_(layout.params, lr, self.param_groups[layout.group]["weight_decay"])
         adam_apply_(layout.params, layout.views(m), layout.views(denom), lr / bc1)
 
-    def _sync_step(self, layout: FlatLayout, t: int, g: torch.Tensor, health: torch.Tensor) -> bool:
-        """The last step of an interval: average the accumulated updates and restart from the anchor."""
+    def _sync_step(self, layout: FlatLayout, t: int, mean: torch.Tensor) -> None:
+        """The last step of an interval, from the averaged accumulated updates: restart from the anchor."""
         lr, shrink, bc1, scalars = self._frozen(layout, t)
         m, u = self.flat.buffer(layout, "exp_avg"), self.flat.buffer(layout, "momentum_accumulator")
-        local = torch.lerp(m, g, 1 - self.param_groups[layout.group]["betas"][0], out=g)
-        local = torch.add(u, local, alpha=lr / bc1, out=g)
-        mean = self.comm.compressed_mean(layout, local, health)
-        if mean is None:
-            return False
         lrs, total_shrink = scalars["lrs"] + lr, scalars["shrink"] * shrink
         anchor = self.flat.buffer(layout, "anchor")
         denom = self._frozen_denominator(layout)
@@ -178,7 +199,6 @@ class ZeroOneAdam(AdamSteps):
         torch.mul(mean, bc1 / lrs if lrs else 0.0, out=m)  # lr 0 over the whole interval: no momentum to recover
         u.zero_()
         scalars["lrs"], scalars["shrink"] = 0.0, 1.0
-        return True
 
     def _after_load(self, reset_errors: bool) -> None:
         if not reset_errors:
