@@ -113,7 +113,8 @@ def build_run(cfg: TrainConfig, spec: RunSpec, ctx: RankContext, corpus: Corpus)
     optimizer = build_optimizer(model, cfg.optimizer, spec.optimizer)
     if isinstance(optimizer, distcomp.optim.CompressedOptimizer):
         state = None
-        distcomp.optim.register(ddp, optimizer)
+        # Clipping needs every gradient before the momentum: the exchange can then not start during backward.
+        distcomp.optim.register(ddp, optimizer, overlap=cfg.dist.overlap and not cfg.optimizer.grad_clip)
     else:
         state = distcomp.register(ddp, spec.compression, overlap=cfg.dist.overlap)
     batches, val = _data(cfg, ctx, corpus)
