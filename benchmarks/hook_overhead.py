@@ -2,6 +2,7 @@
 
     python benchmarks/hook_overhead.py                      # 2 ranks on gloo over loopback
     python benchmarks/hook_overhead.py --bandwidth 100mbit  # 2 network namespaces, 100 Mbit/s each way
+    python benchmarks/hook_overhead.py --bandwidth 10mbit   # slow link: fewer steps, no dense methods
     python benchmarks/hook_overhead.py --steps 20 --json out.json
     python benchmarks/hook_overhead.py --no-save             # print only; by default each run is saved as
                                                             # benchmarks/results/<date>-hook-overhead.json and .md
@@ -31,7 +32,14 @@ time. ``cpu x bound`` compares CPU
 time (all threads: compute, encode/decode, loopback copies), which ignores
 waiting for the link. Bytes, codec and communication times come from distcomp's
 telemetry (``state.stats()``); DDP's bytes are those of a ring all-reduce of
-the fp32 gradients.
+the fp32 gradients. ``exposed ms`` is the communication that backward could not
+hide: from the last hook call of a backward pass to the end of its
+communication (``exposed_comm_s``).
+
+Below :data:`SLOW_LINK_BITS` a dense step takes tens of seconds on the wire (43.6 MB
+at 10 Mbit/s is 35 s), so such runs default to :data:`SLOW_LINK_STEPS` timed steps
+and leave out plain DDP and the methods that send dense or half-size gradients
+(``--dense`` puts them back).
 """
 
 from __future__ import annotations
@@ -85,6 +93,12 @@ OPTIONS: dict[str, dict[str, Any]] = {
 }
 """The compressors measured by default, with their options."""
 TARGET_NONE_VS_DDP = 1.03
+DENSE_METHODS = ("none", "fp16", "bf16")
+"""Compressors that send every gradient (in fp32 or half size): left out of slow-link runs by default."""
+SLOW_LINK_BITS = 50e6
+"""Links slower than this (bits/s) get fewer steps and no dense methods by default."""
+SLOW_LINK_STEPS = 4
+"""Timed steps per method on a slow link (default)."""
 TARGET_POWERSGD_RATIO = 40.0
 MASTER_PORT = 29517
 PROBE_BYTES = 4 * 2**20
@@ -103,6 +117,9 @@ class ExperimentConfig:
     """The distcomp compressor (``hook="distcomp"`` only)."""
     overlap: bool = True
     """distcomp only: communicate on a worker thread (True) or synchronously in the hook (False)."""
+    pipeline: bool = True
+    """distcomp with ``overlap`` only: let bucket i+1's all-to-all overlap bucket i's all-gather (two-phase
+    compressors; the others ignore it)."""
     options: tuple[tuple[str, Any], ...] = ()
     """Compressor options as ``(key, value)`` pairs (a tuple keeps the config frozen and hashable)."""
 
@@ -116,7 +133,11 @@ class ExperimentConfig:
 
     @property
     def mode(self) -> str:
-        return ("overlap" if self.overlap else "sync") if self.hook == "distcomp" else "-"
+        if self.hook != "distcomp":
+            return "-"
+        if not self.overlap:
+            return "sync"
+        return "overlap" if self.pipeline else "overlap, unpipelined"
 
     @property
     def key(self) -> str:
@@ -140,6 +161,10 @@ class BenchConfig:
     """Sequences per rank per step."""
     bucket_cap_mb: float = 10.0
     """DDP's bucket size; 10 MB gives the 43.6 MB of gradients several buckets."""
+    bucket_cap_mb_list: tuple[float, ...] = ()
+    """Per-bucket caps (DDP's ``bucket_cap_mb_list``) in the order the buckets are reduced; the bucket
+    after the listed ones holds what is left, so a list that sums to just under the gradients' size makes
+    the bucket that closes the backward pass small (less exposed communication). Empty: ``bucket_cap_mb``."""
     min_buckets: int = 4
     """The run fails if DDP made fewer buckets than this."""
     lr: float = 3e-4
@@ -193,6 +218,9 @@ class ExperimentResult:
     """Encode/decode time per step (median over steps, mean over ranks); distcomp only."""
     comm_ms: float | None = None
     """Time waiting in collectives per step (median over steps, mean over ranks); distcomp only."""
+    exposed_ms: float | None = None
+    """Communication backward could not hide: from the last hook call of a backward pass to the end of its
+    communication (``exposed_comm_s``; median over steps, mean over ranks); distcomp only."""
     buckets: int | None = None
     """Buckets per step as distcomp's telemetry counts them."""
     final_loss: float | None = None
@@ -201,12 +229,20 @@ class ExperimentResult:
     """Every timed step (slower rank), for spread."""
 
 
-def get_configs(compressors: Sequence[str], sync_for: Sequence[str]) -> list[ExperimentConfig]:
-    """Plain DDP, the bound, then each compressor with overlap, and also without where ``sync_for`` says."""
-    configs = [ExperimentConfig(hook="ddp"), ExperimentConfig(hook="noop")]
+def get_configs(
+    compressors: Sequence[str], sync_for: Sequence[str], *, ddp: bool = True, unpipelined_for: Sequence[str] = ()
+) -> list[ExperimentConfig]:
+    """Plain DDP (if ``ddp``), the bound, then each compressor with overlap; also without overlap where
+    ``sync_for`` says, and overlapped but not pipelined where ``unpipelined_for`` says."""
+    configs = [ExperimentConfig(hook="ddp")] if ddp else []
+    configs.append(ExperimentConfig(hook="noop"))
     for name in compressors:
         options = tuple(OPTIONS.get(name, {}).items())
         configs.append(ExperimentConfig(hook="distcomp", compressor=name, overlap=True, options=options))
+        if name in unpipelined_for:
+            configs.append(
+                ExperimentConfig(hook="distcomp", compressor=name, overlap=True, pipeline=False, options=options)
+            )
         if name in sync_for:
             configs.append(ExperimentConfig(hook="distcomp", compressor=name, overlap=False, options=options))
     return configs
@@ -266,7 +302,7 @@ class _Replica:
         if self.state is None:
             return {}
         s = self.state.stats()["step"]
-        return {k: float(s[k]) for k in ("sent_bytes", "ratio", "codec_s", "comm_s", "buckets")}
+        return {k: float(s[k]) for k in ("sent_bytes", "ratio", "codec_s", "comm_s", "exposed_comm_s", "buckets")}
 
 
 @dataclass
@@ -286,12 +322,14 @@ class _Record:
 def _build(config: ExperimentConfig, bench: BenchConfig) -> _Replica:
     torch.manual_seed(bench.seed)
     model = GPT(GPTConfig())
-    ddp = DDP(model, bucket_cap_mb=bench.bucket_cap_mb)
+    ddp = DDP(model, bucket_cap_mb=bench.bucket_cap_mb, bucket_cap_mb_list=list(bench.bucket_cap_mb_list) or None)
     state = None
     if config.hook == "noop":
         ddp.register_comm_hook(None, noop_hook)
     elif config.hook == "distcomp":
-        state = distcomp.register(ddp, config.compressor, overlap=config.overlap, **dict(config.options))
+        state = distcomp.register(
+            ddp, config.compressor, overlap=config.overlap, pipeline=config.pipeline, **dict(config.options)
+        )
     opt = torch.optim.AdamW(model.parameters(), lr=bench.lr)
     return _Replica(config, model, ddp, opt, state)
 
@@ -515,7 +553,7 @@ def _summarise(configs: Sequence[ExperimentConfig], outputs: list[dict[str, Any]
             results.append(ExperimentResult(config=c, failure=failures[c.key]))
             continue
         ranks = recs[c.key]
-        sent, ratio, codec, comm, buckets = _traffic(c, ranks, dense)
+        sent, ratio, codec, comm, exposed, buckets = _traffic(c, ranks, dense)
         results.append(
             ExperimentResult(
                 config=c,
@@ -531,6 +569,7 @@ def _summarise(configs: Sequence[ExperimentConfig], outputs: list[dict[str, Any]
                 ratio=ratio,
                 codec_ms=codec,
                 comm_ms=comm,
+                exposed_ms=exposed,
                 buckets=buckets,
                 final_loss=statistics.fmean(r["losses"][-1] for r in ranks),
                 steps_ms=tuple(max(s) * 1e3 for s in zip(*(r["seconds"] for r in ranks), strict=True)),
@@ -546,19 +585,20 @@ def _adjusted(rank: dict[str, Any]) -> list[float]:
 
 def _traffic(
     c: ExperimentConfig, ranks: list[dict[str, Any]], dense_bytes: float
-) -> tuple[float, float | None, float | None, float | None, int | None]:
-    """``(sent bytes, ratio, codec ms, comm ms, buckets)`` of one method per step."""
+) -> tuple[float, float | None, float | None, float | None, float | None, int | None]:
+    """``(sent bytes, ratio, codec ms, comm ms, exposed ms, buckets)`` of one method per step."""
     if c.hook == "ddp":
-        return dense_bytes, 1.0, None, None, None
+        return dense_bytes, 1.0, None, None, None, None
     if c.hook == "noop":
-        return 0.0, None, None, None, None
+        return 0.0, None, None, None, None, None
     stats = ranks[0]["stats"]
 
     def per_step_ms(key: str) -> float:
         return statistics.median(statistics.fmean(r["stats"][i][key] for r in ranks) for i in range(len(stats))) * 1e3
 
     sent = statistics.median(s["sent_bytes"] for s in stats)
-    return sent, dense_bytes / sent, per_step_ms("codec_s"), per_step_ms("comm_s"), int(stats[-1]["buckets"])
+    figures = per_step_ms("codec_s"), per_step_ms("comm_s"), per_step_ms("exposed_comm_s")
+    return sent, dense_bytes / sent, *figures, int(stats[-1]["buckets"])
 
 
 # -- output ------------------------------------------------------------------------
@@ -576,6 +616,7 @@ FIGURES = (
     ("ratio", "ratio", ".1f"),
     ("codec ms", "codec_ms", ".1f"),
     ("comm ms", "comm_ms", ".1f"),
+    ("exposed ms", "exposed_ms", ".1f"),
 )
 """The table's figures: column, :class:`ExperimentResult` field, format."""
 
@@ -609,15 +650,42 @@ def _verdict(met: bool) -> str:
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = common.make_parser(__doc__)
     d = BenchConfig()
-    p.add_argument("--steps", type=int, default=d.steps, help="timed steps per method (median reported)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"timed steps per method (median reported; default {d.steps}, {SLOW_LINK_STEPS} on a slow link)",
+    )
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps first (>= 3)")
     p.add_argument("--batch", type=int, default=d.batch, help="sequences per rank per step")
     p.add_argument("--bucket-cap-mb", type=float, default=d.bucket_cap_mb, help="DDP bucket size")
-    p.add_argument("--methods", default=",".join(OPTIONS), help="compressors to measure, comma-separated")
+    p.add_argument(
+        "--bucket-cap-mb-list",
+        default="",
+        help="per-bucket caps in MiB, comma-separated, in reduction order (DDP's bucket_cap_mb_list); "
+        "e.g. 13,13,13 leaves a 0.6 MiB last bucket",
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="compressors to measure, comma-separated (default: all in OPTIONS; on a slow link, all but "
+        f"{', '.join(DENSE_METHODS)})",
+    )
+    p.add_argument(
+        "--dense",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="measure plain DDP, and by default the dense methods (default: yes, except below 50 Mbit/s)",
+    )
     p.add_argument(
         "--sync-for",
         default=None,
         help="compressors also measured with overlap=False (default: all of --methods; '' for none)",
+    )
+    p.add_argument(
+        "--unpipelined-for",
+        default="",
+        help="compressors also measured overlapped but without the pipelined two-phase schedule (e.g. sign,int8)",
     )
     p.add_argument(
         "--bandwidth",
@@ -632,6 +700,17 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return common.parse_args(p, argv)
 
 
+def _is_slow(bandwidth: str) -> bool:
+    try:
+        return netns.rate_bits(bandwidth) < SLOW_LINK_BITS
+    except ValueError as exc:
+        raise SystemExit(f"hook_overhead.py: {exc}") from None
+
+
+def _default_methods(dense: bool) -> list[str]:
+    return [m for m in OPTIONS if dense or m not in DENSE_METHODS]
+
+
 def _split(csv: str) -> list[str]:
     return [s.strip() for s in csv.split(",") if s.strip()]
 
@@ -644,21 +723,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     # SIGTERM unwinds like Ctrl-C, so namespaces and rank processes are cleaned up.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    slow = args.bandwidth is not None and _is_slow(args.bandwidth)
+    dense = not slow if args.dense is None else args.dense
     try:
         bench = BenchConfig(
-            steps=args.steps,
+            steps=args.steps if args.steps is not None else (SLOW_LINK_STEPS if slow else BenchConfig().steps),
             warmup=args.warmup,
             batch=args.batch,
             bucket_cap_mb=args.bucket_cap_mb,
+            bucket_cap_mb_list=tuple(float(x) for x in _split(args.bucket_cap_mb_list)),
             bandwidth=args.bandwidth,
         )
     except ValueError as exc:
         raise SystemExit(f"hook_overhead.py: {exc}") from None
-    methods = _split(args.methods)
+    methods = _split(args.methods) if args.methods is not None else _default_methods(dense)
     unknown = set(methods) - set(distcomp.available_compressors())
     if unknown:
         raise SystemExit(f"unknown compressors {sorted(unknown)}; available: {distcomp.available_compressors()}")
-    configs = get_configs(methods, methods if args.sync_for is None else _split(args.sync_for))
+    sync_for = methods if args.sync_for is None else _split(args.sync_for)
+    configs = get_configs(methods, sync_for, ddp=dense, unpipelined_for=_split(args.unpipelined_for))
     results, facts = run_experiment(bench, configs, timeout=args.timeout)
     summary, table, targets = describe_run(bench, facts), format_table(results), format_targets(results)
     print(f"\n{summary}\n")
@@ -678,8 +761,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def describe_run(bench: BenchConfig, facts: dict[str, Any]) -> str:
     """One line: the model, the link and its measured speed, the steps, and how busy the machine was."""
     link = "loopback (unshaped)" if bench.bandwidth is None else f"2 network namespaces, tbf {bench.bandwidth}"
+    caps = ",".join(f"{c:g}" for c in bench.bucket_cap_mb_list) or f"{bench.bucket_cap_mb:g}"
     return (
-        f"{facts['numel'] / 1e6:.1f}M parameters, {facts['buckets']} buckets, {WORLD_SIZE} ranks on gloo, "
+        f"{facts['numel'] / 1e6:.1f}M parameters, {facts['buckets']} buckets (caps {caps} MiB), "
+        f"{WORLD_SIZE} ranks on gloo, "
         f"{link}; link probe: {PROBE_BYTES / 2**20:.0f} MB all-reduce {facts['probe_ms']:.1f} ms "
         f"(~{facts['probe_gbit_s']:.2f} Gbit/s on the wire); median of {bench.steps} steps after {bench.warmup}; "
         f"load average before/after {facts['load_average_before'][0]:.1f}/{facts['load_average_after'][0]:.1f}"

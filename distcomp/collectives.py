@@ -39,6 +39,23 @@ def exact_mean(buffer: torch.Tensor, comm: Comm) -> torch.Tensor:
     return buffer
 
 
+def exact_mean_async(buffer: torch.Tensor, comm: Comm) -> torch.futures.Future:
+    """:func:`exact_mean` without waiting for the all-reduce (the same result bit for bit).
+
+    The future holds ``buffer`` once averaged, with ``comm.record.nonfinite``
+    set. Its callbacks run on the backend's threads and issue no collective, so
+    the order of collectives stays the caller's.
+    """
+    buffer.div_(comm.world_size)
+
+    def health(fut: torch.futures.Future) -> torch.Tensor:
+        out = fut.value()
+        comm.record.nonfinite = bool(local_health(out).isnan())
+        return out
+
+    return comm.all_reduce_async(buffer).then(health)
+
+
 @dataclass
 class TwoPhaseResult:
     out: torch.Tensor

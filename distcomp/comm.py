@@ -86,6 +86,21 @@ class Comm:
         self._timed(tensor, 2 * (w - 1) / w, lambda: dist.all_reduce(tensor, op=op, group=self.group))
         return tensor
 
+    def all_reduce_async(self, tensor: torch.Tensor) -> torch.futures.Future:
+        """:meth:`all_reduce` (sum) without waiting: the future holds ``tensor`` once every rank's is added in.
+
+        ``comm_s`` counts from the issue to the completion.
+        """
+        self._check_open()
+        w, start = self.world_size, time.perf_counter()
+
+        def done(fut: torch.futures.Future) -> torch.Tensor:
+            fut.value()  # re-raises the collective's error
+            self._count(tensor, 2 * (w - 1) / w, time.perf_counter() - start)
+            return tensor
+
+        return dist.all_reduce(tensor, group=self.group, async_op=True).get_future().then(done)
+
     def all_gather(self, tensor: torch.Tensor, *, last: bool = False) -> torch.Tensor:
         """Every rank's ``tensor`` stacked along a new first dimension.
 
