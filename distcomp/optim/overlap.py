@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("distcomp.optim")
 
+_SCALED = "a GradScaler drives the steps, and the gradients are only unscaled in step()"
+
 
 class StagedWorkerErrors:
     """Worker errors of an exchange that runs before its step is known finite everywhere.
@@ -244,22 +246,27 @@ class BackwardExchange:
         if pending is None or pending.step != step:
             if pending is not None:
                 self._exchange.end_step(False)
+            if self.enabled and getattr(self.optimizer, "grad_scale", None) is not None:  # known before it costs
+                self._turn_off(_SCALED)
             return None
         problem = pending.problem or self._changed(pending)
         if problem:
             self._exchange.end_step(False)
-            self.enabled = False
-            logger.warning(
-                "%s: the compressed exchange no longer overlaps the backward pass: %s. It runs in step() "
-                "from now on, with the same results; pass overlap=False to distcomp.optim.register to say so",
-                self.optimizer.algorithm,
-                problem,
-            )
+            self._turn_off(problem)
             return None
         finite = not pending.nonfinite
         self._exchange.end_step(finite)
         self.steps_overlapped += 1
         return Exchanged(finite, [m for m in pending.means if m is not None] if finite else [])
+
+    def _turn_off(self, problem: str) -> None:
+        self.enabled = False
+        logger.warning(
+            "%s: the compressed exchange does not overlap the backward pass: %s. It runs in step() from now on, "
+            "with the same results; pass overlap=False to distcomp.optim.register to say so",
+            self.optimizer.algorithm,
+            problem,
+        )
 
     def drop(self) -> None:
         """Forget a prepared exchange (the optimizer's state is being replaced)."""
@@ -271,7 +278,7 @@ class BackwardExchange:
         """What happened between backward and ``step()`` that the exchange did not see, if anything."""
         opt = self.optimizer
         if getattr(opt, "grad_scale", None) is not None:
-            return "a GradScaler drives the steps, and the gradients are only unscaled in step()"
+            return _SCALED
         if not pending.nonfinite and any(m is None for m in pending.means):
             return "not every bucket was exchanged"
         if pending.grads is None:
