@@ -211,11 +211,16 @@ class Turn:
         """
         ex = self._executor
         with ex._cond:
-            ex._release(self._seq)
+            # Alone in flight with no later bucket queued there is nothing to overlap: keeping the baton saves
+            # two thread switches. An earlier job still in flight must get the baton back, to finish first.
+            hand_on = ex._submitted > self._seq + 1 or min(ex._unfinished) < self._seq
+            if hand_on:
+                ex._release(self._seq)
         try:
             work.wait()
         finally:
-            ex._resume(self._seq)
+            if hand_on:
+                ex._resume(self._seq)
 
 
 # Workers not shut down yet. Strong references: a hook state the user dropped

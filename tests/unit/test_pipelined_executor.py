@@ -55,7 +55,8 @@ def test_jobs_overlap_only_at_the_last_collective_and_finish_in_order() -> None:
     log: list[str] = []
     works = {k: FakeWork() for k in range(3)}
     try:
-        futs = [ex.submit(_job(k, log, works), pipelined=True) for k in range(3)]
+        with ex._cond:  # all three queued before job 0 runs: each has a later job to hand on to
+            futs = [ex.submit(_job(k, log, works), pipelined=True) for k in range(3)]
         _until(lambda: "issue 1" in log, "job 1 to start while job 0 waits")
         assert log == ["start 0", "issue 0", "start 1", "issue 1"], "job 2 must wait for job 0 to finish"
         works[1].done.set()  # job 1's collective finishes first: its code must still wait for job 0's
@@ -86,6 +87,22 @@ def test_a_job_that_is_not_pipelined_waits_for_every_earlier_job() -> None:
         first.wait()
         second.wait()
         assert log == ["start 0", "issue 0", "after 0", "start 1"]
+    finally:
+        works[0].done.set()
+        ex.shutdown()
+
+
+def test_a_job_alone_in_flight_keeps_the_thread() -> None:
+    ex = PipelinedExecutor(group=object())  # type: ignore[arg-type]
+    log: list[str] = []
+    works = {0: FakeWork()}
+    try:
+        first = ex.submit(_job(0, log, works), pipelined=True)
+        _until(lambda: "issue 0" in log, "job 0 to wait")
+        with ex._cond:
+            assert ex._holder == 0, "no later job was queued: nothing to hand on to"
+        works[0].done.set()
+        assert int(first.wait()) == 0 and ex.overlapped == 0
     finally:
         works[0].done.set()
         ex.shutdown()
