@@ -47,10 +47,11 @@ def exact_mean_async(buffer: torch.Tensor, comm: Comm) -> torch.futures.Future:
     the order of collectives stays the caller's.
     """
     buffer.div_(comm.world_size)
+    record = comm.record  # not comm: a callback must not hold the group (see Comm.all_reduce_async)
 
     def health(fut: torch.futures.Future) -> torch.Tensor:
         out = fut.value()
-        comm.record.nonfinite = bool(local_health(out).isnan())
+        record.nonfinite = bool(local_health(out).isnan())
         return out
 
     return comm.all_reduce_async(buffer).then(health)

@@ -92,11 +92,13 @@ class Comm:
         ``comm_s`` counts from the issue to the completion.
         """
         self._check_open()
-        w, start = self.world_size, time.perf_counter()
+        w, start, record = self.world_size, time.perf_counter(), self.record
 
+        # The callback runs on a backend thread and must not hold the group (it holds only the record): a
+        # group whose last reference dropped there would be destroyed on its own thread, which aborts.
         def done(fut: torch.futures.Future) -> torch.Tensor:
             fut.value()  # re-raises the collective's error
-            self._count(tensor, 2 * (w - 1) / w, time.perf_counter() - start)
+            _count(record, tensor, 2 * (w - 1) / w, time.perf_counter() - start)
             return tensor
 
         return dist.all_reduce(tensor, group=self.group, async_op=True).get_future().then(done)
@@ -150,11 +152,16 @@ class Comm:
         self._count(tensor, wire_factor, time.perf_counter() - start)
 
     def _count(self, tensor: torch.Tensor, wire_factor: float, seconds: float) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        self.record.comm_s += seconds
-        self.record.payload_bytes += nbytes
-        self.record.sent_bytes += wire_factor * nbytes
-        self.record.collectives += 1
+        _count(self.record, tensor, wire_factor, seconds)
+
+
+def _count(record: BucketRecord, tensor: torch.Tensor, wire_factor: float, seconds: float) -> None:
+    """Add one collective of ``tensor`` that took ``seconds`` to ``record``."""
+    nbytes = tensor.numel() * tensor.element_size()
+    record.comm_s += seconds
+    record.payload_bytes += nbytes
+    record.sent_bytes += wire_factor * nbytes
+    record.collectives += 1
 
 
 # torch 2.13 renamed all_gather_into_tensor to all_gather_single; older releases only have the former.
