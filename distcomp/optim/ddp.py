@@ -192,7 +192,7 @@ def register(model: Any, optimizer: CompressedOptimizer, *, overlap: bool = True
 
 def _covers(model: DistributedDataParallel, optimizer: CompressedOptimizer) -> bool:
     """Whether DDP's buckets carry exactly the optimizer's gradients (else the exchange runs in ``step()``)."""
-    ignored = getattr(model, "parameters_to_ignore", set())
+    ignored: set[str] = getattr(model, "parameters_to_ignore", set())
     reduced = {id(p) for n, p in model.module.named_parameters() if p.requires_grad and p.numel() and n not in ignored}
     held = {id(p) for layout in optimizer.flat.layouts for p in layout.owners}
     if reduced != held:

@@ -188,7 +188,7 @@ class BackwardExchange:
         self._pending = pending
         # DDP writes the averaged buckets back into .grad in a callback queued during backward; queueing
         # from inside a callback runs after every callback queued so far, so after DDP's.
-        engine = torch.autograd.Variable._execution_engine  # type: ignore[attr-defined]
+        engine = torch.autograd.Variable._execution_engine
         engine.queue_callback(lambda: engine.queue_callback(lambda: self._note_grads(pending)))
 
     def _receive(self, pending: _Backward, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[BucketRecord]:
