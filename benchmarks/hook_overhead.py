@@ -52,7 +52,6 @@ import math
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -451,34 +450,8 @@ def _launch_netns(bench: BenchConfig, configs: Sequence[ExperimentConfig], timeo
         }
         job_path = Path(tmp) / "job.json"
         job_path.write_text(json.dumps(job))
-        procs: list[subprocess.Popen] = []
-        try:
-            for rank, host in enumerate(link.hosts):
-                argv = [sys.executable, str(Path(__file__).resolve()), "--worker", str(job_path), "--rank", str(rank)]
-                env = {**os.environ, "GLOO_SOCKET_IFNAME": host.iface}
-                procs.append(subprocess.Popen(link.exec_argv(rank, argv), env=env))
-            _wait_all(procs, timeout)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                p.wait()
+        link.run_workers(str(Path(__file__).resolve()), str(job_path), [0, 1], timeout)
         return [json.loads(Path(r).read_text()) for r in results]
-
-
-def _wait_all(procs: Sequence[subprocess.Popen], timeout: float) -> None:
-    """Wait for every process; raise as soon as one fails or the time is up."""
-    deadline = time.monotonic() + timeout
-    while True:
-        codes = [p.poll() for p in procs]
-        failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
-        if failed:
-            raise RuntimeError(f"rank {failed[0][0]} exited with status {failed[0][1]}")
-        if all(code == 0 for code in codes):
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the ranks did not finish within {timeout:.0f}s")
-        time.sleep(0.5)
 
 
 def _worker_main(job_path: str, rank: int) -> None:

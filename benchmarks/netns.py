@@ -20,6 +20,8 @@ import os
 import re
 import shutil
 import subprocess
+import sys
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,6 +54,40 @@ class Link:
     def exec_argv(self, index: int, argv: Sequence[str]) -> list[str]:
         """``argv`` run inside host ``index``'s namespace."""
         return ["ip", "netns", "exec", self.hosts[index].namespace, *argv]
+
+    def run_workers(self, script: str, job: str, hosts: Sequence[int], timeout: float) -> None:
+        """``python script --worker job --rank r`` for each rank r, inside host ``hosts[r]``; wait for all.
+
+        Each rank's gloo binds to its host's veth end (``GLOO_SOCKET_IFNAME``).
+        Raises as soon as one rank fails or the time is up; no rank outlives the call.
+        """
+        procs: list[subprocess.Popen] = []
+        try:
+            for rank, host in enumerate(hosts):
+                argv = [sys.executable, script, "--worker", job, "--rank", str(rank)]
+                env = {**os.environ, "GLOO_SOCKET_IFNAME": self.hosts[host].iface}
+                procs.append(subprocess.Popen(self.exec_argv(host, argv), env=env))
+            _wait_all(procs, timeout)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+
+
+def _wait_all(procs: Sequence[subprocess.Popen], timeout: float) -> None:
+    """Wait for every process; raise as soon as one fails or the time is up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [(rank, code) for rank, code in enumerate(codes) if code not in (None, 0)]
+        if failed:
+            raise RuntimeError(f"rank {failed[0][0]} exited with status {failed[0][1]}")
+        if all(code == 0 for code in codes):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the ranks did not finish within {timeout:.0f}s")
+        time.sleep(0.5)
 
 
 def rate_bits(rate: str) -> float:

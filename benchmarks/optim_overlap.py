@@ -18,9 +18,6 @@ import argparse
 import datetime
 import json
 import logging
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -155,20 +152,7 @@ def _launch_netns(cfg: ExperimentConfig, timeout: float) -> list[dict[str, Any]]
         job = {"config": asdict(cfg), "init_method": f"tcp://{link.hosts[0].address}:{MASTER_PORT}", "results": results}
         job_path = Path(tmp) / "job.json"
         job_path.write_text(json.dumps(job))
-        procs = []
-        try:
-            for rank, host in enumerate(link.hosts):
-                argv = [sys.executable, str(Path(__file__).resolve()), "--worker", str(job_path), "--rank", str(rank)]
-                env = {**os.environ, "GLOO_SOCKET_IFNAME": host.iface}
-                procs.append(subprocess.Popen(link.exec_argv(rank, argv), env=env))
-            for p in procs:
-                if p.wait(timeout=timeout) != 0:
-                    raise RuntimeError(f"a rank exited with status {p.returncode}")
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                p.wait()
+        link.run_workers(str(Path(__file__).resolve()), str(job_path), [0, 1], timeout)
         return [json.loads(Path(r).read_text()) for r in results]
 
 
