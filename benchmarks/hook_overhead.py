@@ -66,6 +66,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.debugging_hooks import noop_hoo
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import distcomp
+import distcomp.optim
 from distcomp.models.gpt import GPT, GPTConfig
 from distcomp.testing import run_ranks
 
@@ -103,7 +104,9 @@ MASTER_PORT = 29517
 PROBE_BYTES = 4 * 2**20
 """Size of the all-reduce that measures the link before the timed steps."""
 
-Hook = Literal["ddp", "noop", "distcomp"]
+Hook = Literal["ddp", "noop", "distcomp", "onebit_adam"]
+ONEBIT_FREEZE_STEP = 2
+"""1-bit Adam's exact warm-up steps: the rest of the warm-up and every timed step are in its compressed phase."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,11 +114,14 @@ class ExperimentConfig:
     """One method measured in the run."""
 
     hook: Hook
-    """``ddp``: DDP's own all-reduce; ``noop``: torch's ``noop_hook`` (sends nothing); ``distcomp``: a compressor."""
+    """``ddp``: DDP's own all-reduce; ``noop``: torch's ``noop_hook`` (sends nothing); ``distcomp``: a compressor;
+    ``onebit_adam``: ``distcomp.optim.OneBitAdam`` with ``distcomp.optim.register`` (the optimizer decides
+    the communication; timed in its compressed phase)."""
     compressor: str | None = None
     """The distcomp compressor (``hook="distcomp"`` only)."""
     overlap: bool = True
-    """distcomp only: communicate on a worker thread (True) or synchronously in the hook (False)."""
+    """distcomp: communicate on a worker thread (True) or synchronously in the hook (False); 1-bit Adam:
+    exchange the momentum during backward (True) or in ``step()`` (False)."""
     pipeline: bool = True
     """distcomp with ``overlap`` only: let bucket i+1's all-to-all overlap bucket i's all-gather (two-phase
     compressors; the others ignore it)."""
@@ -128,10 +134,14 @@ class ExperimentConfig:
             return "DDP (no hook)"
         if self.hook == "noop":
             return "noop_hook (bound)"
+        if self.hook == "onebit_adam":
+            return "1-bit Adam"
         return " ".join([str(self.compressor), *(f"{k}={v}" for k, v in self.options)])
 
     @property
     def mode(self) -> str:
+        if self.hook == "onebit_adam":
+            return "overlap" if self.overlap else "step-time"
         if self.hook != "distcomp":
             return "-"
         if not self.overlap:
@@ -229,10 +239,16 @@ class ExperimentResult:
 
 
 def get_configs(
-    compressors: Sequence[str], sync_for: Sequence[str], *, ddp: bool = True, unpipelined_for: Sequence[str] = ()
+    compressors: Sequence[str],
+    sync_for: Sequence[str],
+    *,
+    ddp: bool = True,
+    unpipelined_for: Sequence[str] = (),
+    onebit_adam: bool = False,
 ) -> list[ExperimentConfig]:
     """Plain DDP (if ``ddp``), the bound, then each compressor with overlap; also without overlap where
-    ``sync_for`` says, and overlapped but not pipelined where ``unpipelined_for`` says."""
+    ``sync_for`` says, and overlapped but not pipelined where ``unpipelined_for`` says; last, if
+    ``onebit_adam``, 1-bit Adam with its exchange overlapped and in ``step()``."""
     configs = [ExperimentConfig(hook="ddp")] if ddp else []
     configs.append(ExperimentConfig(hook="noop"))
     for name in compressors:
@@ -244,6 +260,8 @@ def get_configs(
             )
         if name in sync_for:
             configs.append(ExperimentConfig(hook="distcomp", compressor=name, overlap=False, options=options))
+    if onebit_adam:
+        configs += [ExperimentConfig(hook="onebit_adam", overlap=o) for o in (True, False)]
     return configs
 
 
@@ -278,7 +296,10 @@ class _Replica:
     model: GPT
     ddp: DDP
     opt: torch.optim.Optimizer
-    state: distcomp.CompressionState | None
+    state: Any
+    """What to ``close()``: the compression state, or 1-bit Adam's hook state; None for DDP and the bound."""
+    telemetry: Any
+    """What reports ``stats()``: the compression state or the 1-bit optimizer; None for DDP and the bound."""
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> _StepTime:
         """One training step, timed."""
@@ -298,9 +319,9 @@ class _Replica:
         return common.param_digest(self.model)
 
     def step_stats(self) -> dict[str, float]:
-        if self.state is None:
+        if self.telemetry is None:
             return {}
-        s = self.state.stats()["step"]
+        s = self.telemetry.stats()["step"]
         return {k: float(s[k]) for k in ("sent_bytes", "ratio", "codec_s", "comm_s", "exposed_comm_s", "buckets")}
 
 
@@ -322,6 +343,10 @@ def _build(config: ExperimentConfig, bench: BenchConfig) -> _Replica:
     torch.manual_seed(bench.seed)
     model = GPT(GPTConfig())
     ddp = DDP(model, bucket_cap_mb=bench.bucket_cap_mb, bucket_cap_mb_list=list(bench.bucket_cap_mb_list) or None)
+    if config.hook == "onebit_adam":
+        onebit = distcomp.optim.OneBitAdam(model.parameters(), lr=bench.lr, freeze_step=ONEBIT_FREEZE_STEP)
+        hook_state = distcomp.optim.register(ddp, onebit, overlap=config.overlap)
+        return _Replica(config, model, ddp, onebit, hook_state, onebit)
     state = None
     if config.hook == "noop":
         ddp.register_comm_hook(None, noop_hook)
@@ -330,7 +355,7 @@ def _build(config: ExperimentConfig, bench: BenchConfig) -> _Replica:
             ddp, config.compressor, overlap=config.overlap, pipeline=config.pipeline, **dict(config.options)
         )
     opt = torch.optim.AdamW(model.parameters(), lr=bench.lr)
-    return _Replica(config, model, ddp, opt, state)
+    return _Replica(config, model, ddp, opt, state, state)
 
 
 def _probe_link(reps: int = 3) -> float:
@@ -359,6 +384,7 @@ def _gather_health(replicas: list[_Replica], records: list[_Record]) -> list[dic
 def _verdicts(configs: Sequence[ExperimentConfig], health: list[dict[str, Any]]) -> dict[str, str]:
     """``{key: why it is wrong}`` from every rank's ``{key: (digest, finite)}``; deterministic on every rank."""
     ddp_key = next((c.key for c in configs if c.hook == "ddp"), None)
+    step_time_key = next((c.key for c in configs if c.hook == "onebit_adam" and not c.overlap), None)
     out: dict[str, str] = {}
     for c in configs:
         digests = {h[c.key][0] for h in health}
@@ -368,11 +394,16 @@ def _verdicts(configs: Sequence[ExperimentConfig], health: list[dict[str, Any]])
             out[c.key] = "ranks hold different parameters"
         elif c.compressor == "none" and ddp_key is not None and health[0][c.key][0] != health[0][ddp_key][0]:
             out[c.key] = "parameters differ from plain DDP's (must be bit-exact)"
+        elif (
+            c.hook == "onebit_adam" and step_time_key is not None and health[0][c.key][0] != health[0][step_time_key][0]
+        ):
+            out[c.key] = "parameters differ from the step-time exchange's (must be bit-exact)"
     return out
 
 
 def _bucket_count(replicas: list[_Replica], minimum: int) -> int | None:
-    counts = {int(r.state.stats()["step"]["buckets"]) for r in replicas if r.state is not None}
+    # DDP's buckets as the hooks count them (1-bit Adam counts its own fused buckets).
+    counts = {int(r.state.stats()["step"]["buckets"]) for r in replicas if r.config.hook == "distcomp"}
     if not counts:
         return None
     if min(counts) < minimum:
@@ -663,8 +694,16 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--bandwidth",
         default=None,
-        help="run the ranks in two network namespaces at this tc rate "
-        "(e.g. 100mbit, 1gbit); default: loopback, unshaped",
+        help="run the ranks in two network namespaces at this tc rate (e.g. 100mbit, 1gbit); several, "
+        "comma-separated, run one series each and add a table across them ('none' is loopback: "
+        "none,100mbit,10mbit); default: loopback, unshaped",
+    )
+    p.add_argument(
+        "--onebit-adam",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure distcomp.optim.OneBitAdam + register in its compressed phase, its exchange "
+        "overlapped with backward and in step() (default: yes)",
     )
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run is abandoned")
     p.add_argument("--worker", default=None, metavar="JOB", help=argparse.SUPPRESS)
@@ -696,7 +735,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     # SIGTERM unwinds like Ctrl-C, so namespaces and rank processes are cleaned up.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    slow = args.bandwidth is not None and _is_slow(args.bandwidth)
+    series = [_series(args, link) for link in _links(args.bandwidth)]  # every argument checked before any run
+    reports, figures, failed = [], [], False
+    for bench, configs in series:
+        results, facts = run_experiment(bench, configs, timeout=args.timeout)
+        summary, table, targets = describe_run(bench, facts), format_table(results), format_targets(results)
+        print(f"\n{summary}\n\n{table}\n\n{targets}")
+        heading = f"## {_link_name(bench.bandwidth)}\n\n" if len(series) > 1 else ""
+        reports.append(f"{heading}{summary}\n\n{table}\n\n{targets}".rstrip())
+        figures.append({"bench": asdict(bench), **facts, "results": [asdict(r) for r in results]})
+        failed |= any(r.failure for r in results)
+    if len(series) > 1:
+        overview = format_overview(figures)
+        print(f"\n{overview}")
+        reports.insert(0, overview)
+    links = [b.bandwidth for b, _ in series]
+    common.write_results(
+        args,
+        "hook-overhead" + "".join(f"-{_link_name(b)}" for b in links if b is not None or len(links) > 1),
+        title="DDP hook overhead",
+        command=common.command_line(__file__, argv),
+        report="\n\n".join(reports),
+        figures=figures[0] if len(figures) == 1 else {"series": figures},
+    )
+    return 1 if failed else 0
+
+
+LOOPBACK_NAMES = ("none", "loopback", "unshaped")
+"""``--bandwidth`` entries that mean no namespaces and no shaping."""
+
+
+def _links(bandwidth: str | None) -> list[str | None]:
+    """The links to measure in turn, from ``--bandwidth`` (None: one loopback series)."""
+    if bandwidth is None:
+        return [None]
+    return [None if b.lower() in LOOPBACK_NAMES else b for b in _split(bandwidth)]
+
+
+def _link_name(bandwidth: str | None) -> str:
+    return "unshaped" if bandwidth is None else bandwidth
+
+
+def _series(args: argparse.Namespace, bandwidth: str | None) -> tuple[BenchConfig, list[ExperimentConfig]]:
+    """One link's settings and methods: a slow link gets fewer steps and no dense methods unless told."""
+    slow = bandwidth is not None and _is_slow(bandwidth)
     dense = not slow if args.dense is None else args.dense
     try:
         bench = BenchConfig(
@@ -705,7 +787,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch=args.batch,
             bucket_cap_mb=args.bucket_cap_mb,
             bucket_cap_mb_list=tuple(float(x) for x in _split(args.bucket_cap_mb_list)),
-            bandwidth=args.bandwidth,
+            bandwidth=bandwidth,
         )
     except ValueError as exc:
         raise SystemExit(f"hook_overhead.py: {exc}") from None
@@ -714,21 +796,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown compressors {sorted(unknown)}; available: {distcomp.available_compressors()}")
     sync_for = methods if args.sync_for is None else _split(args.sync_for)
-    configs = get_configs(methods, sync_for, ddp=dense, unpipelined_for=_split(args.unpipelined_for))
-    results, facts = run_experiment(bench, configs, timeout=args.timeout)
-    summary, table, targets = describe_run(bench, facts), format_table(results), format_targets(results)
-    print(f"\n{summary}\n")
-    print(table)
-    print("\n" + targets)
-    common.write_results(
-        args,
-        "hook-overhead" if bench.bandwidth is None else f"hook-overhead-{bench.bandwidth}",
-        title="DDP hook overhead",
-        command=common.command_line(__file__, argv),
-        report=f"{summary}\n\n{table}\n\n{targets}",
-        figures={"bench": asdict(bench), **facts, "results": [asdict(r) for r in results]},
+    configs = get_configs(
+        methods, sync_for, ddp=dense, unpipelined_for=_split(args.unpipelined_for), onebit_adam=args.onebit_adam
     )
-    return 1 if any(r.failure for r in results) else 0
+    return bench, configs
+
+
+def format_overview(series: Sequence[dict[str, Any]]) -> str:
+    """One table across the links: each method's step time over the bound of its own series, and its bytes."""
+    links = [_link_name(s["bench"]["bandwidth"]) for s in series]
+    rows: dict[tuple[str, str], dict[str, str]] = {}
+    sent: dict[tuple[str, str], str] = {}
+    for link, s in zip(links, series, strict=True):
+        for r in s["results"]:
+            c = ExperimentConfig.from_dict(r["config"])
+            key = (c.name, c.mode)
+            cell = "failed" if r["failure"] else common.fmt(r["x_bound"], ".2f")
+            rows.setdefault(key, {})[link] = cell
+            if r["sent_mb"] is not None:
+                sent[key] = f"{r['sent_mb']:.2f}"
+    table = common.markdown_table(
+        ["method", "mode", *(f"x bound, {link}" for link in links), "MB sent/step"],
+        [[name, mode, *(cells.get(link, "-") for link in links), sent.get((name, mode), "-")]
+         for (name, mode), cells in rows.items()],
+    )  # fmt: skip
+    return (
+        "All links, one run: each method's median step over the no-communication bound measured in the same "
+        f"series (- : not measured on that link)\n\n{table}"
+    )
 
 
 def describe_run(bench: BenchConfig, facts: dict[str, Any]) -> str:

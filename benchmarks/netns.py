@@ -15,16 +15,21 @@ missing, by :func:`ensure_tools`).
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
+import pickle
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger("distcomp.bench.netns")
 
@@ -192,3 +197,61 @@ def shaped_link(rate: str, subnet: str = "10.77.0") -> Iterator[Link]:
         yield Link(hosts, rate)
     finally:
         _delete(hosts)
+
+
+# -- a rank function on each end of a shaped link --------------------------------------------
+
+
+def run_ranks(
+    script: str,
+    fn: Callable[..., Any],
+    bandwidth: str,
+    args: tuple[Any, ...] = (),
+    *,
+    port: int = 29631,
+    timeout: float = 1800.0,
+) -> list[Any]:
+    """``fn(rank, 2, *args)`` on two gloo ranks, one per end of a link shaped to ``bandwidth``; their returns.
+
+    The namespaced side of ``distcomp.testing.run_ranks``. ``script`` (the
+    benchmark's own file) is started as ``script --worker JOB --rank R`` in each
+    namespace and must hand those two to :func:`worker_main`; ``fn`` and ``args``
+    travel pickled, so ``fn`` must be module-level in ``script``.
+    """
+    with shaped_link(bandwidth) as link, tempfile.TemporaryDirectory() as tmp:
+        results = [str(Path(tmp) / f"rank{r}.pkl") for r in range(2)]
+        job = Path(tmp) / "job.pkl"
+        init = f"tcp://{link.hosts[0].address}:{port}"
+        job.write_bytes(pickle.dumps({"fn": fn, "args": args, "init_method": init, "results": results}))
+        link.run_workers(str(Path(script).resolve()), str(job), [0, 1], timeout)
+        return [pickle.loads(Path(r).read_bytes()) for r in results]
+
+
+def worker_main(job_path: str, rank: int) -> None:
+    """One rank of :func:`run_ranks`, inside its namespace: join the group, run, write what ``fn`` returned."""
+    import torch
+    import torch.distributed as dist
+
+    job = pickle.loads(Path(job_path).read_bytes())
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=job["init_method"], rank=rank, world_size=2, timeout=datetime.timedelta(seconds=600)
+    )
+    try:
+        out = job["fn"](rank, 2, *job["args"])
+        dist.barrier()  # exiting right after DDP can abort the process
+    finally:
+        dist.destroy_process_group()
+    Path(job["results"][rank]).write_bytes(pickle.dumps(out))
+
+
+def serve_worker(argv: Sequence[str] | None = None) -> bool:
+    """Run :func:`worker_main` if ``argv`` (default: the command line) is ``--worker JOB --rank R``.
+
+    A benchmark's ``main`` calls this first, so that :func:`run_ranks` can start its script as a rank.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) != 4 or argv[0] != "--worker" or argv[2] != "--rank":
+        return False
+    worker_main(argv[1], int(argv[3]))
+    return True

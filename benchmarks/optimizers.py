@@ -2,6 +2,7 @@
 
     python benchmarks/optimizers.py speed                  # 10.8M-parameter GPT, 2 ranks on gloo (loopback)
     python benchmarks/optimizers.py speed --steps 20 --json speed.json
+    python benchmarks/optimizers.py speed --bandwidth none,100mbit,10mbit   # shaped links (root), a column each
     python benchmarks/optimizers.py convergence --steps 300 # the language model of `distcomp train`
     python benchmarks/optimizers.py convergence --state-dtypes fp32,bf16,int8,int4   # low-bit optimizer state
     python benchmarks/optimizers.py fsdp --steps 80         # the same optimizers on FSDP2, against AdamW + FSDP
@@ -19,7 +20,10 @@ median over the timed steps of the slower rank, wall and CPU time, and the
 bytes each rank sends per step (the optimizers' own telemetry; DDP's fp32
 all-reduce for AdamW). Correctness first: replicas must hold identical
 parameters and finite losses (0/1 Adam: at its synchronisation steps), or the
-method is reported as failed, without a speed.
+method is reported as failed, without a speed. ``--bandwidth`` runs the two
+ranks in network namespaces joined by a ``tc``-shaped link instead, one series
+per listed link and a table of the ratios to the bound across them; below 50
+Mbit/s AdamW + DDP (tens of seconds a step) is left out unless ``--dense``.
 
 ``convergence``: the model, data, learning-rate schedule and gradient clipping
 of ``distcomp train``'s defaults, 2 ranks, AdamW + DDP against each compressed
@@ -45,6 +49,7 @@ phase the momentum is exchanged during backward, before any clipping.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import math
@@ -68,9 +73,10 @@ from distcomp.models.gpt import GPT, GPTConfig
 from distcomp.testing import run_ranks
 
 try:
-    from benchmarks import common
+    from benchmarks import common, netns
 except ImportError:  # run as a script: the script's own folder is on sys.path
     import common
+    import netns
 
 logger = logging.getLogger("distcomp.bench")
 
@@ -355,12 +361,15 @@ def speed_rank(
 
 
 def run_experiment(
-    configs: Sequence[ExperimentConfig], warmup: int, steps: int, timeout: float = 3600
+    configs: Sequence[ExperimentConfig], warmup: int, steps: int, timeout: float = 3600, bandwidth: str | None = None
 ) -> tuple[list[ExperimentResult], dict[str, Any]]:
-    """The speed run: every method in one 2-rank job; ``(results, facts)``."""
-    outs = run_ranks(
-        speed_rank, WORLD_SIZE, args=(tuple(configs), warmup, steps), timeout=timeout, collective_timeout=600
-    )
+    """The speed run: every method in one 2-rank job, over loopback or a link shaped to ``bandwidth``;
+    ``(results, facts)``."""
+    job = (tuple(configs), warmup, steps)
+    if bandwidth is None:
+        outs = run_ranks(speed_rank, WORLD_SIZE, args=job, timeout=timeout, collective_timeout=600)
+    else:
+        outs = netns.run_ranks(__file__, speed_rank, bandwidth, job, timeout=timeout)
     recs = {c.label: [o["records"][c.label] for o in outs] for c in configs}
     failures = {}
     for c in configs:
@@ -394,7 +403,7 @@ def run_experiment(
                 final_loss=statistics.fmean(r["loss"][-1] for r in recs[c.label]),
             )
         )
-    return results, {"numel": outs[0]["numel"], "warmup": warmup, "steps": steps}
+    return results, {"numel": outs[0]["numel"], "warmup": warmup, "steps": steps, "bandwidth": bandwidth}
 
 
 # -- convergence ------------------------------------------------------------------------
@@ -717,19 +726,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="convergence: comma-separated compressed optimizers to run (default all; AdamW always runs)",
     )
+    p.add_argument(
+        "--bandwidth",
+        default=None,
+        help="speed: run the ranks in two network namespaces at this tc rate (e.g. 10mbit); several, "
+        "comma-separated, give one series each and a table across them ('none' is loopback: none,100mbit,10mbit)",
+    )
+    p.add_argument(
+        "--dense",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="speed: measure AdamW + DDP (dense fp32 all-reduce) on every link (default: not below 50 Mbit/s, "
+        "where one of its steps takes tens of seconds)",
+    )
     common.add_output_args(p)
+    if netns.serve_worker(argv):
+        return 0
     args = common.parse_args(p, argv)
     common.log_to_console()
     if args.mode == "speed":
-        steps, warmup = args.steps or 10, args.warmup or 5
-        configs = get_configs("speed", max(warmup - 2, 1))  # the first two compressed steps allocate: untimed
-        results, facts = run_experiment(configs, warmup, steps)
-        summary = (
-            f"{facts['numel'] / 1e6:.1f}M-parameter GPT, {WORLD_SIZE} ranks on gloo (loopback), median of "
-            f"{steps} steps after {warmup}; compressed optimizers in their compressed phase"
-        )
-        table = format_speed(results)
-        figures: dict[str, Any] = {"facts": facts, "results": [asdict(r) for r in results]}
+        summary, table, figures = _speed(args)
     elif args.mode == "fsdp":
         steps = args.steps or 80
         warmup = args.warmup or steps // 5
@@ -763,15 +779,82 @@ def main(argv: Sequence[str] | None = None) -> int:
         "convergence": "Compressed optimizers: convergence",
         "fsdp": "Compressed optimizers on FSDP: step time, bytes, state and convergence",
     }
+    links = [_link_name(b) for b in _links(args.bandwidth)] if args.mode == "speed" and args.bandwidth else []
     common.write_results(
         args,
-        f"optimizers-{args.mode}",
+        "-".join([f"optimizers-{args.mode}", *links]),
         title=title[args.mode],
         command=common.command_line(__file__, argv),
         report=f"{summary}\n\n{table}",
         figures=figures,
     )
     return 0
+
+
+SLOW_LINK_BITS = 50e6
+"""Below this (bits/s), AdamW + DDP is left out of a speed series by default."""
+LOOPBACK_NAMES = ("none", "loopback", "unshaped")
+
+
+def _links(bandwidth: str | None) -> list[str | None]:
+    """The links of ``--bandwidth``, in order (None: loopback)."""
+    if not bandwidth:
+        return [None]
+    return [None if b.strip().lower() in LOOPBACK_NAMES else b.strip() for b in bandwidth.split(",") if b.strip()]
+
+
+def _link_name(bandwidth: str | None) -> str:
+    return "unshaped" if bandwidth is None else bandwidth
+
+
+def _speed(args: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
+    """The speed mode on every link of ``--bandwidth``: ``(summary, tables, figures)``."""
+    steps, warmup = args.steps or 10, args.warmup or 5
+    links = _links(args.bandwidth)
+    for link in links:  # a bad rate fails here, before any rank starts
+        if link is not None:
+            try:
+                netns.rate_bits(link)
+            except ValueError as exc:
+                raise SystemExit(f"optimizers.py: {exc}") from None
+    configs = get_configs("speed", max(warmup - 2, 1))  # the first two compressed steps allocate: untimed
+    reports, series = [], []
+    for link in links:
+        slow = link is not None and netns.rate_bits(link) < SLOW_LINK_BITS
+        keep = [c for c in configs if c.method != "adamw" or (not slow if args.dense is None else args.dense)]
+        results, facts = run_experiment(keep, warmup, steps, bandwidth=link)
+        table = format_speed(results)
+        print(f"\n{_link_name(link)}\n\n{table}")
+        reports.append(f"## {_link_name(link)}\n\n{table}" if len(links) > 1 else table)
+        series.append({"facts": facts, "results": [asdict(r) for r in results]})
+    summary = (
+        f"{series[0]['facts']['numel'] / 1e6:.1f}M-parameter GPT, {WORLD_SIZE} ranks on gloo "
+        f"({', '.join(_describe_link(b) for b in links)}), median of {steps} steps after {warmup}; compressed "
+        "optimizers in their compressed phase, registered with overlap (the default)"
+    )
+    if len(links) > 1:
+        reports.insert(0, format_speed_overview(series))
+    return summary, "\n\n".join(reports), (series[0] if len(series) == 1 else {"series": series})
+
+
+def _describe_link(bandwidth: str | None) -> str:
+    return "loopback" if bandwidth is None else f"2 network namespaces, tbf {bandwidth}"
+
+
+def format_speed_overview(series: Sequence[dict[str, Any]]) -> str:
+    """Each method's step over the bound of its own series, one column per link, and its bytes."""
+    links = [_link_name(s["facts"]["bandwidth"]) for s in series]
+    cells: dict[str, dict[str, str]] = {}
+    sent: dict[str, str] = {}
+    for link, s in zip(links, series, strict=True):
+        for r in s["results"]:
+            label = ExperimentConfig(**{**r["config"], "options": ()}).label
+            cells.setdefault(label, {})[link] = "failed" if r["failure"] else common.fmt(r["x_bound"], ".2f")
+            if r["sent_mb"] is not None:
+                sent[label] = f"{r['sent_mb']:.2f}"
+    rows = [[label, *(c.get(link, "-") for link in links), sent.get(label, "-")] for label, c in cells.items()]
+    table = common.markdown_table(["method", *(f"x bound, {link}" for link in links), "MB sent/step"], rows)
+    return f"All links: median step over the no-communication bound of the same series (- : not measured)\n\n{table}"
 
 
 def _fsdp_summary(facts: dict[str, Any]) -> str:
