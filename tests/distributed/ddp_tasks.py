@@ -201,6 +201,11 @@ def dtype_run(rank: int, world_size: int, compressor: str, dtype_name: str, step
     return {"losses": losses, "digests": digests, "buckets": state.stats()["step"]["buckets"]}
 
 
+def dtype_runs(rank: int, world_size: int, cases: list[tuple[str, str]], steps: int) -> list[dict[str, Any]]:
+    """:func:`dtype_run` for each ``(compressor, dtype)`` in turn, in one job."""
+    return [dtype_run(rank, world_size, compressor, dtype, steps) for compressor, dtype in cases]
+
+
 def dead_peer(rank: int, world_size: int, overlap: bool) -> str:
     """Rank 1 dies at step 3; the survivor must get an error from backward, not hang."""
     data = corpus()

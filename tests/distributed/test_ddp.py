@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ddp_tasks import (
-    Run, dead_peer, dtype_run, mismatched_register, one_bad_bucket_many, train_many, worker_group_timeout,
+    Run, dead_peer, dtype_runs, mismatched_register, one_bad_bucket_many, train_many, worker_group_timeout,
 )
 from distcomp.testing import run_ranks
 
@@ -143,10 +143,20 @@ def test_find_unused_parameters_and_no_sync() -> None:
         assert losses[-1] < losses[0], run
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-@pytest.mark.parametrize("compressor", ["powersgd", "sign", "int8", "topk", "fp16", "bf16"])
-def test_half_precision_parameters(dtype: str, compressor: str) -> None:
-    ranks = run_ranks(dtype_run, 2, args=(compressor, dtype, 12), timeout=120)
+DTYPE_CASES = [
+    (c, d) for c in ("powersgd", "sign", "int8", "topk", "fp16", "bf16") for d in ("float16", "bfloat16", "float32")
+]
+
+
+@pytest.fixture(scope="module")
+def dtype_job() -> list[list[dict[str, Any]]]:
+    """Every case of DTYPE_CASES trained in one 2-rank job (process start-up would dominate one job each)."""
+    return run_ranks(dtype_runs, 2, args=(DTYPE_CASES, 12), timeout=300)
+
+
+@pytest.mark.parametrize("case", range(len(DTYPE_CASES)), ids=[f"{c}-{d}" for c, d in DTYPE_CASES])
+def test_half_precision_parameters(dtype_job: list[list[dict[str, Any]]], case: int) -> None:
+    ranks = [r[case] for r in dtype_job]
     assert ranks[0]["digests"] == ranks[1]["digests"]
     assert all(l == l and l < 1e4 for l in ranks[0]["losses"]), ranks[0]["losses"]
     assert ranks[0]["losses"][-1] < ranks[0]["losses"][0]

@@ -132,9 +132,9 @@ def test_a_stop_at_any_moment_of_start_up_is_a_clean_stop(tmp_path: Path, signum
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(5 * (90 + 90 + 60) + 30)  # five trials of rank_pids, wait_for, finish: above the slow limit
+@pytest.mark.timeout(3 * (90 + 90 + 60) + 30)  # three trials of rank_pids, wait_for, finish: above the slow limit
 def test_a_rank_killed_mid_run_is_blamed_with_its_signal_not_the_peer_it_disconnected(tmp_path: Path) -> None:
-    for trial in range(5):  # the reports race: a wrong ordering shows within a few trials
+    for trial in range(3):  # the reports race: a wrong ordering shows within a few trials (each rank a victim)
         victim = trial % 2
         (tmp_path / str(trial)).mkdir()
         job = start_train(tmp_path / str(trial))
