@@ -679,7 +679,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--dense",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="measure plain DDP, and by default the dense methods (default: yes, except below 50 Mbit/s)",
+        help="measure plain DDP and the dense methods, even where --methods names them (default: yes, except "
+        "below 50 Mbit/s)",
     )
     p.add_argument(
         "--sync-for",
@@ -792,6 +793,8 @@ def _series(args: argparse.Namespace, bandwidth: str | None) -> tuple[BenchConfi
     except ValueError as exc:
         raise SystemExit(f"hook_overhead.py: {exc}") from None
     methods = _split(args.methods) if args.methods is not None else _default_methods(dense)
+    if not dense:  # named or not, a dense method on a slow link takes tens of seconds a step
+        methods = [m for m in methods if m not in DENSE_METHODS]
     unknown = set(methods) - set(distcomp.available_compressors())
     if unknown:
         raise SystemExit(f"unknown compressors {sorted(unknown)}; available: {distcomp.available_compressors()}")

@@ -19,6 +19,7 @@ runs the exchange of a compressed step during backward
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 from typing import Any, ClassVar, Literal
@@ -75,6 +76,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
     ) -> None:
         """``options`` are the fields of the class's ``Config`` (DeepSpeed's key names); unknown ones fail."""
         self.config = config = build(self.Config, {"lr": lr, **options}, self.algorithm)
+        self._bucket_cap_chosen = "bucket_cap_mb" in options
         self.flat = FlatState(
             self,
             self.algorithm,
@@ -242,6 +244,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
         needs the checkpoint to be at a synchronisation point.
         """
         world, rank = world_of(self.process_group)
+        self._adopt_bucket_cap(state_dict)
         section = self.flat.check(
             state_dict, config=self.config.trajectory(), world=world, rank=rank, reset_errors=reset_errors
         )
@@ -253,6 +256,24 @@ class CompressedOptimizer(torch.optim.Optimizer):
         self._load_fsdp(section.get("fsdp"), reset_errors)
         self._step = int(section["step"])
         self._after_load(reset_errors)
+
+    def _adopt_bucket_cap(self, state_dict: dict[str, Any]) -> None:
+        """Take the checkpoint's ``bucket_cap_mb`` if the user chose none and no bucket exists yet.
+
+        The default changed (64 to 25 MB, so that smaller models overlap
+        backward too); a checkpoint written with the old default then loads
+        with the bucket layout it was written with instead of being refused.
+        """
+        section = state_dict.get("distcomp") if isinstance(state_dict, dict) else None
+        saved = section.get("config", {}).get("bucket_cap_mb") if isinstance(section, dict) else None
+        if saved is None or saved == self.config.bucket_cap_mb or self._bucket_cap_chosen or self.flat.started:
+            return
+        logger.info("%s: bucket_cap_mb=%g from the checkpoint (its bucket layout)", self.algorithm, saved)
+        self.config = dataclasses.replace(self.config, bucket_cap_mb=float(saved))
+        self.flat.cap_numel = self.config.bucket_cap_numel
+        self.flat.regroup()
+        if self.comm.overlap is not None:
+            self.comm.overlap.forget_layout()
 
     def _load_fsdp(self, saved: dict[str, Any] | None, reset_errors: bool) -> None:
         """The FSDP reduce-scatters' worker errors, saved with an FSDP run, restored into this one's."""

@@ -268,6 +268,11 @@ class BackwardExchange:
             problem,
         )
 
+    def forget_layout(self) -> None:
+        """The optimizer's fused buckets were rebuilt (a checkpoint's layout, before any step)."""
+        self.drop()
+        self._where = None
+
     def drop(self) -> None:
         """Forget a prepared exchange (the optimizer's state is being replaced)."""
         if self._pending is not None:

@@ -216,6 +216,28 @@ def test_state_dict_round_trip_continues_identically(algorithm: str, tmp_path) -
     assert all(torch.equal(a, b) for a, b in zip(net.parameters(), net2.parameters()))
 
 
+def test_a_checkpoint_of_another_default_bucket_cap_loads_with_its_own_layout(tmp_path) -> None:
+    """A run that chose no bucket_cap_mb takes the checkpoint's (a default that changed); a chosen one is kept."""
+    net = make_model()
+    opt = optim.OneBitAdam(net.parameters(), lr=0.01, freeze_step=2, block=32, bucket_cap_mb=0.0008)
+    _train(net, opt, range(4))
+    assert len(opt.bucket_layout()) > 1, "the test needs a layout that the default cap would not give"
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    tail = _train(net, opt, range(4, 7))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    net2 = make_model()
+    net2.load_state_dict(ckpt["model"])
+    opt2 = optim.OneBitAdam(net2.parameters(), lr=0.01, freeze_step=2, block=32)
+    assert len(opt2.bucket_layout()) == 1
+    opt2.load_state_dict(ckpt["opt"])
+    assert opt2.config.bucket_cap_mb == 0.0008 and opt2.bucket_layout() == opt.bucket_layout()
+    assert _train(net2, opt2, range(4, 7)) == tail
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), net2.parameters()))
+    chosen = optim.OneBitAdam(make_model().parameters(), lr=0.01, freeze_step=2, block=32, bucket_cap_mb=25)
+    with pytest.raises(CheckpointError, match="bucket_cap_mb"):
+        chosen.load_state_dict(ckpt["opt"])
+
+
 def test_state_dict_holds_fp32_state_by_parameter() -> None:
     net = make_model(torch.float16)
     opt = optim.OneBitAdam(net.parameters(), lr=0.01, freeze_step=2)
