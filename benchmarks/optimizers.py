@@ -262,7 +262,8 @@ class _Replica:
         model = GPT(gpt)
         if isinstance(config, FsdpConfig):
             return cls._build_fsdp(config, model, betas)
-        wrapped: torch.nn.Module = model if config.method == "onebit_adam_alone" else DDP(model)
+        # Every replica starts from the same seed: no 43.6 MB broadcast per replica (35 s at 10 Mbit/s).
+        wrapped: torch.nn.Module = model if config.method == "onebit_adam_alone" else DDP(model, init_sync=False)
         decay = [p for p in model.parameters() if p.dim() >= 2]
         rest = [p for p in model.parameters() if p.dim() < 2]
         opt = _optimizer(config, [{"params": decay}, {"params": rest}], betas)

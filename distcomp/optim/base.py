@@ -267,9 +267,19 @@ class CompressedOptimizer(torch.optim.Optimizer):
         section = state_dict.get("distcomp") if isinstance(state_dict, dict) else None
         saved = section.get("config", {}).get("bucket_cap_mb") if isinstance(section, dict) else None
         if saved is None or saved == self.config.bucket_cap_mb or self._bucket_cap_chosen or self.flat.started:
-            return
+            return  # nothing to adopt, or a choice the check below holds the checkpoint to
         logger.info("%s: bucket_cap_mb=%g from the checkpoint (its bucket layout)", self.algorithm, saved)
-        self.config = dataclasses.replace(self.config, bucket_cap_mb=float(saved))
+        self.set_default_bucket_cap(float(saved))
+
+    def set_default_bucket_cap(self, mb: float) -> None:
+        """Rebuild the fused buckets at most ``mb`` MB each, unless the user chose ``bucket_cap_mb``.
+
+        Only before any bucket holds state (package-internal: ``distcomp.optim.register``
+        makes them follow DDP's buckets, a checkpoint brings the layout it was written with).
+        """
+        if self._bucket_cap_chosen or self.flat.started or mb == self.config.bucket_cap_mb:
+            return
+        self.config = dataclasses.replace(self.config, bucket_cap_mb=mb)
         self.flat.cap_numel = self.config.bucket_cap_numel
         self.flat.regroup()
         if self.comm.overlap is not None:

@@ -40,9 +40,8 @@ class OptimizerConfig:
     and send more scales (2048: about 31x fewer bytes than an fp32 all-reduce)."""
     bucket_cap_mb: float = 25.0
     """Largest fused bucket of momentum, in MB of fp32; each bucket is one compressed all-reduce per step.
-    It is also the unit that overlaps backward (``distcomp.optim.register``): 25, DDP's default bucket
-    size, gives any model over 25 MB at least two (a checkpoint written with another default loads
-    with its own, see ``load_state_dict``)."""
+    It is also the unit that overlaps backward: unless set, ``distcomp.optim.register`` makes it DDP's
+    ``bucket_cap_mb``, and a checkpoint loads with the one it was written with (the default was 64)."""
     state_dtype: StateDtype = "fp32"
     """How the momentum and the (frozen) variance are kept between steps: ``fp32``; ``bf16``; ``int8`` or
     ``int4`` (blocks of 256 or 128 values with one fp32 scale; a zero-free grid of ``sqrt(v)`` for the variance).

@@ -178,6 +178,8 @@ def register(model: Any, optimizer: CompressedOptimizer, *, overlap: bool = True
     if mine != theirs:
         raise ValueError(f"the optimizer's process group has {mine} ranks but the DDP model's has {theirs}")
     check_agreement({"overlap": overlap}, group, what=f"{optimizer.algorithm} registration")
+    # The fused bucket is the unit that overlaps backward: as fine as DDP's buckets unless the user chose one.
+    optimizer.set_default_bucket_cap(model.bucket_bytes_cap / 2**20)
     exchange = None
     if overlap and _covers(model, optimizer):
         # The worker's own group, so that its collectives never interleave with DDP's differently on different ranks.

@@ -344,6 +344,19 @@ def test_register_checks_its_arguments(pg1: None) -> None:
         optim.register(ddp, opt)
 
 
+def test_register_makes_the_fused_buckets_follow_ddps_unless_chosen(pg1: None) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    net = make_model()
+    ddp = DDP(net, bucket_cap_mb=0.001)
+    opt = optim.OneBitAdam(net.parameters(), freeze_step=2)
+    optim.register(ddp, opt, overlap=False)
+    assert opt.config.bucket_cap_mb == pytest.approx(0.001, rel=1e-3) and len(opt.bucket_layout()) > 1
+    chosen = optim.OneBitAdam(net.parameters(), freeze_step=2, bucket_cap_mb=25)
+    optim.register(DDP(net, bucket_cap_mb=0.001), chosen, overlap=False)
+    assert chosen.config.bucket_cap_mb == 25 and len(chosen.bucket_layout()) == 1
+
+
 def test_step_without_a_ddp_backward_is_an_error(pg1: None) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
