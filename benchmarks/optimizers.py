@@ -811,6 +811,10 @@ def _link_name(bandwidth: str | None) -> str:
 def _speed(args: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
     """The speed mode on every link of ``--bandwidth``: ``(summary, tables, figures)``."""
     steps, warmup = args.steps or 10, args.warmup or 5
+    if warmup < 5:
+        # Frozen after one or two exact steps, the variance is still zero where a gradient was: 1-bit Adam
+        # then diverges (and a diverged model's step time is not the optimizer's).
+        raise SystemExit(f"optimizers.py speed: --warmup {warmup}: needs >= 5 (3 exact steps, then 2 untimed)")
     links = _links(args.bandwidth)
     for link in links:  # a bad rate fails here, before any rank starts
         if link is not None:
