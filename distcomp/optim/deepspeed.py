@@ -12,6 +12,16 @@ Only the ``optimizer`` section is read::
 ``params`` is an option of the matching optimizer under the same name, except
 ``cuda_aware`` and ``comm_backend_name``, which select DeepSpeed's transports
 and are ignored with one warning. Unknown keys fail, naming the allowed ones.
+
+The config is read as DeepSpeed reads it: files and strings with hjson (so
+comments and trailing commas are fine), and an absent ``bias_correction`` means
+no bias correction, which is what DeepSpeed's 1-bit optimizers did whatever the
+key said (they stored it and never applied it); one warning says so. The
+sections DeepSpeed applied around the optimizer (``gradient_clipping``, at 1.0
+even when absent, ``fp16``, ``scheduler``, ``zero_optimization``, ...) are not
+applied here; one warning lists those of the config with what to do instead.
+Values must have their types: DeepSpeed handed them to torch unchanged, so a
+string such as ``"1e-4"`` or ``"auto"`` fails here, naming the key.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import hjson
 import torch.distributed as dist
 
 from distcomp.errors import ConfigError
@@ -85,10 +96,74 @@ def from_deepspeed_config(
     dropped = [k for k in TRANSPORT_KEYS if options.pop(k, None) is not None]
     if dropped:
         logger.warning("%s: ignoring DeepSpeed option(s) %s: %s", cls.algorithm, ", ".join(dropped), TRANSPORT_NOTE)
+    _check_strings(options, cls.algorithm)
+    if "bias_correction" not in options:
+        options["bias_correction"] = False
+        logger.warning("%s: %s", cls.algorithm, BIAS_CORRECTION_NOTE)
+    unapplied = _unapplied(raw)
+    if unapplied:
+        logger.warning(
+            "%s: DeepSpeed config sections not applied by distcomp (only 'optimizer' is read):\n  %s",
+            cls.algorithm,
+            "\n  ".join(unapplied),
+        )
     try:
         return cls(params, process_group=process_group, log_every=log_every, **options)
     except ConfigError as exc:
         raise ConfigError(f"DeepSpeed config, optimizer {cls.algorithm}: {exc}") from None
+
+
+BIAS_CORRECTION_NOTE = (
+    "no 'bias_correction' in the config: not applying bias correction, as DeepSpeed's 1-bit optimizers did "
+    "(they stored the key and never applied it, so a DeepSpeed run trained without it); add "
+    '"bias_correction": true to the optimizer\'s params to apply it'
+)
+STRING_KEYS = ("state_dtype",)
+"""Options whose values are strings; any other string value is an error."""
+
+DEEPSPEED_DEFAULT_CLIP = 1.0
+"""DeepSpeed's ``gradient_clipping`` when the key is absent."""
+SECTIONS = {
+    "fp16": "use torch.autocast and torch.amp.GradScaler (a step with inf/NaN gradients is skipped on every rank)",
+    "bf16": "use torch.autocast(dtype=torch.bfloat16)",
+    "scheduler": "use a torch.optim.lr_scheduler on the optimizer",
+    "zero_optimization": "shard with FSDP2 (fully_shard) and distcomp.optim.register, or not at all",
+    "prescale_gradients": "nothing to do: distcomp averages the gradients itself",
+    "gradient_predivide_factor": "nothing to do: distcomp averages the gradients itself",
+    "train_batch_size": "set the batch size in your data loader",
+    "train_micro_batch_size_per_gpu": "set the batch size in your data loader",
+    "gradient_accumulation_steps": "accumulate with DDP's no_sync() before the step",
+}
+"""Sections DeepSpeed applied around the optimizer, and what to do instead."""
+
+
+def _check_strings(options: dict[str, Any], algorithm: str) -> None:
+    """A string where a number or boolean belongs fails here, naming the key (DeepSpeed passed it on as is)."""
+    for key, value in options.items():
+        if isinstance(value, str) and key not in STRING_KEYS:
+            hint = (
+                "'auto' is filled in by the HF Trainer / Accelerate DeepSpeed integration, not by DeepSpeed; "
+                "give the value"
+                if value.strip().lower() == "auto"
+                else "write it without quotes"
+            )
+            raise ConfigError(
+                f"DeepSpeed config, optimizer {algorithm}: 'optimizer.params.{key}' is the string {value!r}; {hint}"
+            )
+
+
+def _unapplied(raw: dict[str, Any]) -> list[str]:
+    """One line per section of ``raw`` that DeepSpeed would have applied and distcomp does not."""
+    clip = raw.get("gradient_clipping", DEEPSPEED_DEFAULT_CLIP)
+    lines = []
+    if clip:
+        where = "set" if "gradient_clipping" in raw else "absent, so DeepSpeed's default"
+        lines.append(
+            f"gradient_clipping ({where}: {clip}): call torch.nn.utils.clip_grad_norm_(model.parameters(), {clip}) "
+            "before optimizer.step() to match DeepSpeed"
+        )
+    lines += [f"{key}: {advice}" for key, advice in SECTIONS.items() if key in raw]
+    return lines
 
 
 def _read(config: dict[str, Any] | str | Path) -> dict[str, Any]:
@@ -96,11 +171,14 @@ def _read(config: dict[str, Any] | str | Path) -> dict[str, Any]:
         return config
     text = str(config)
     try:
-        raw = json.loads(text) if text.lstrip().startswith("{") else json.loads(Path(text).read_text(encoding="utf-8"))
+        source = text if text.lstrip().startswith("{") else Path(text).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read DeepSpeed config {text}: {exc.strerror}") from None
-    except ValueError as exc:
-        raise ConfigError(f"DeepSpeed config {text[:60]!r}: not valid JSON: {exc}") from None
+    try:
+        # hjson, as DeepSpeed reads its configs: JSON plus comments and trailing commas.
+        raw = json.loads(json.dumps(hjson.loads(source)))
+    except (ValueError, hjson.HjsonDecodeError) as exc:
+        raise ConfigError(f"DeepSpeed config {text[:60]!r}: not valid JSON (or hjson): {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError("DeepSpeed config: expected a JSON object at the top")
     return raw

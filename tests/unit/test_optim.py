@@ -166,11 +166,50 @@ def test_deepspeed_config_maps_options_and_warns_once(caplog: pytest.LogCaptureF
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="distcomp.optim"):
             opt = optim.from_deepspeed_config(source, make_model().parameters())
-        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-        assert len(warnings) == 1 and "cuda_aware, comm_backend_name" in warnings[0].getMessage()
-        assert "torch.distributed" in warnings[0].getMessage()
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 2 and "cuda_aware, comm_backend_name" in warnings[0]
+        assert "torch.distributed" in warnings[0]
+        # The sections DeepSpeed applied around the optimizer, each with what to do instead.
+        assert "gradient_clipping (absent, so DeepSpeed's default: 1.0)" in warnings[1]
+        assert "clip_grad_norm_" in warnings[1] and "fp16: use torch.autocast" in warnings[1]
+        assert "train_batch_size" in warnings[1] and "scheduler" not in warnings[1]
         assert opt.config.freeze_step == 23000 and opt.param_groups[0]["lr"] == 2e-4
         assert opt.param_groups[0]["bias_correction"] is False and opt.param_groups[0]["weight_decay"] == 0.01
+
+
+def test_deepspeed_config_is_read_as_deepspeed_reads_it(caplog: pytest.LogCaptureFixture, tmp_path) -> None:
+    # DeepSpeed's 1-bit Adam tutorial config as printed there: a trailing comma (and here a comment), read by hjson.
+    path = tmp_path / "ds.json"
+    path.write_text(
+        '{\n  "train_batch_size": 4096,\n  "gradient_clipping": 0.5, // clip\n'
+        '  "optimizer": {"type": "OneBitAdam", "params": {"lr": 4e-4, "freeze_step": 23000,},},\n}\n'
+    )
+    with caplog.at_level(logging.WARNING, logger="distcomp.optim"):
+        opt = optim.from_deepspeed_config(str(path), make_model().parameters())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    # No bias_correction key: DeepSpeed never applied it, so neither does distcomp, and it says so once.
+    assert opt.param_groups[0]["bias_correction"] is False and opt.config.freeze_step == 23000
+    assert sum("no 'bias_correction'" in w and '"bias_correction": true' in w for w in warnings) == 1
+    assert any("gradient_clipping (set: 0.5)" in w and "clip_grad_norm_(model.parameters(), 0.5)" in w
+               for w in warnings)
+    given = {"optimizer": {"type": "OneBitAdam", "params": {"bias_correction": True}}, "gradient_clipping": 0}
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="distcomp.optim"):
+        assert optim.from_deepspeed_config(given, make_model().parameters()).param_groups[0]["bias_correction"]
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING], "nothing left unapplied"
+
+
+@pytest.mark.parametrize("params,match", [
+    ({"lr": "auto"}, r"'optimizer.params.lr' is the string 'auto'.*HF Trainer"),
+    ({"lr": "1e-4"}, r"'optimizer.params.lr' is the string '1e-4'; write it without quotes"),
+    ({"bias_correction": "false"}, r"'optimizer.params.bias_correction' is the string 'false'"),
+    ({"freeze_step": 400.7}, r"'freeze_step': must be an integer, got 400.7"),
+    ({"freeze_step": True}, r"'freeze_step': must be an integer, got True"),
+    ({"lr": None}, r"'lr': must be a number, got None"),
+])
+def test_deepspeed_values_of_the_wrong_type_name_the_key(params: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        optim.from_deepspeed_config({"optimizer": {"type": "OneBitAdam", "params": params}}, make_model().parameters())
 
 
 def test_deepspeed_zero_one_and_lamb_keys() -> None:
