@@ -2,10 +2,13 @@
 
 state = distcomp.register(ddp_model, "powersgd", rank=4)    # DDP
 state = distcomp.fsdp.register(fsdp_model, "int8")          # FSDP2; HSDP: replicate_group=...
+opt = distcomp.optim.OneBitAdam(model.parameters(), lr=1e-3, freeze_step=400)   # 1-bit Adam, 0/1 Adam, 1-bit LAMB
 """
 
 from distcomp import compressors as _compressors  # noqa: F401 - registers the built-in compressors
-from distcomp import fsdp
+
+# distcomp.optim.OneBitAdam right after `import distcomp`, as torch.optim.AdamW after `import torch`.
+from distcomp import fsdp, optim
 from distcomp.bucket import Bucket
 from distcomp.compressor import Compressor, CompressorConfig
 from distcomp.config import config_from_dict, config_to_dict, load_config
@@ -30,6 +33,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "fsdp",
+    "optim",
     "ddp_comm_hook",
     "get_compressor",
     "load_config",

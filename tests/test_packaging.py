@@ -34,3 +34,10 @@ def test_installed_package_imports_outside_the_repository(tmp_path: Path) -> Non
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "distcomp.kernels.sign"
+
+
+def test_import_distcomp_gives_its_subpackages_as_import_torch_does() -> None:
+    code = "import distcomp; print(distcomp.optim.OneBitAdam.__name__, distcomp.fsdp.register.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["OneBitAdam", "register"]

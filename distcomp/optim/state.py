@@ -286,7 +286,9 @@ class FlatState:
         if section["rank"] != rank:
             raise CheckpointError(
                 f"{self.algorithm}: checkpoint was written by rank {section['rank']} but this is "
-                f"rank {rank}: error buffers differ between ranks; load each rank's own file"
+                f"rank {rank}: error buffers differ between ranks; load each rank's own file, or, from a single "
+                "file every rank loads (rank 0's), pass reset_errors=True to keep the moments and the step and "
+                "restart this rank's errors"
             )
         return section
 

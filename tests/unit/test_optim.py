@@ -308,6 +308,19 @@ def test_load_refuses_other_checkpoints() -> None:
         opt.load_state_dict(other)
 
 
+def test_another_ranks_checkpoint_names_the_single_file_route() -> None:
+    net = make_model()
+    opt = optim.OneBitAdam(net.parameters(), lr=0.01, freeze_step=2)
+    _train(net, opt, range(4))
+    sd = copy.deepcopy(opt.state_dict())
+    sd["distcomp"]["rank"] = 1  # as if rank 1 wrote it
+    with pytest.raises(CheckpointError, match=r"written by rank 1 but this is rank 0.*reset_errors=True"):
+        optim.OneBitAdam(net.parameters(), lr=0.01, freeze_step=2).load_state_dict(copy.deepcopy(sd))
+    again = optim.OneBitAdam(net.parameters(), lr=0.01, freeze_step=2)
+    again.load_state_dict(sd, reset_errors=True)
+    assert again.steps == 4
+
+
 # -- dtypes, missing gradients, misuse ---------------------------------------------------
 
 
