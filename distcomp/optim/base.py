@@ -72,9 +72,19 @@ class CompressedOptimizer(torch.optim.Optimizer):
         *,
         process_group: dist.ProcessGroup | None = None,
         log_every: int = 0,
+        reset_errors_from_other_ranks: bool = False,
         **options: Any,
     ) -> None:
-        """``options`` are the fields of the class's ``Config`` (DeepSpeed's key names); unknown ones fail."""
+        """``options`` are the fields of the class's ``Config`` (DeepSpeed's key names); unknown ones fail.
+
+        ``reset_errors_from_other_ranks`` (also an attribute, for frameworks that build the
+        optimizer): a checkpoint another rank of the same world size wrote, such as the
+        single file rank 0 saves and every rank loads, loads with ``reset_errors=True``
+        (moments and step kept, this rank's errors restarted) and one warning, instead of
+        being refused.
+        """
+        self.reset_errors_from_other_ranks = reset_errors_from_other_ranks
+        self._warned_other_rank = False
         self.config = config = build(self.Config, {"lr": lr, **options}, self.algorithm)
         self._bucket_cap_chosen = "bucket_cap_mb" in options
         self.flat = FlatState(
@@ -244,6 +254,7 @@ class CompressedOptimizer(torch.optim.Optimizer):
         needs the checkpoint to be at a synchronisation point.
         """
         world, rank = world_of(self.process_group)
+        reset_errors = reset_errors or self._another_ranks(state_dict, world, rank)
         self._adopt_bucket_cap(state_dict)
         section = self.flat.check(
             state_dict, config=self.config.trajectory(), world=world, rank=rank, reset_errors=reset_errors
@@ -256,6 +267,24 @@ class CompressedOptimizer(torch.optim.Optimizer):
         self._load_fsdp(section.get("fsdp"), reset_errors)
         self._step = int(section["step"])
         self._after_load(reset_errors)
+
+    def _another_ranks(self, state_dict: dict[str, Any], world: int, rank: int) -> bool:
+        """Whether to restart the errors because another rank of this world size wrote the state (opted in)."""
+        section = state_dict.get("distcomp") if isinstance(state_dict, dict) else None
+        if not self.reset_errors_from_other_ranks or not isinstance(section, dict):
+            return False
+        if section.get("rank") == rank or section.get("world_size") != world:
+            return False
+        if not self._warned_other_rank:
+            self._warned_other_rank = True
+            logger.warning(
+                "%s: rank %d loads the optimizer state rank %s wrote (reset_errors_from_other_ranks): moments and "
+                "step kept, this rank's error feedback restarts from zero",
+                self.algorithm,
+                rank,
+                section.get("rank"),
+            )
+        return True
 
     def _adopt_bucket_cap(self, state_dict: dict[str, Any]) -> None:
         """Take the checkpoint's ``bucket_cap_mb`` if the user chose none and no bucket exists yet.

@@ -165,8 +165,9 @@ def register(model: Any, optimizer: CompressedOptimizer, *, overlap: bool = True
         )
     if not isinstance(optimizer, CompressedOptimizer):
         raise TypeError(f"distcomp.optim.register expects a distcomp.optim optimizer, got {type(optimizer).__name__}")
-    if optimizer.steps or optimizer.comm.connected:
-        raise RuntimeError("distcomp.optim.register must be called before the optimizer's first step")
+    # A checkpoint loaded first (nanoGPT's order) is fine: what cannot change is a world fixed by a step.
+    if optimizer.comm.connected:
+        raise RuntimeError("distcomp.optim.register must be called before the optimizer's first step in this process")
     module_params = {id(p) for p in model.module.parameters()}
     if any(id(p) not in module_params for g in optimizer.param_groups for p in g["params"]):
         raise ValueError(
@@ -181,7 +182,8 @@ def register(model: Any, optimizer: CompressedOptimizer, *, overlap: bool = True
     # The fused bucket is the unit that overlaps backward: as fine as DDP's buckets unless the user chose one.
     optimizer.set_default_bucket_cap(model.bucket_bytes_cap / 2**20)
     exchange = None
-    if overlap and _covers(model, optimizer):
+    # One rank sends nothing and compresses nothing (the step averages exactly): no exchange to overlap.
+    if overlap and theirs > 1 and _covers(model, optimizer):
         # The worker's own group, so that its collectives never interleave with DDP's differently on different ranks.
         ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
         worker = WorkerExecutor(dist.new_group(ranks=ranks, timeout=group_timeout(group)), name="distcomp-optim")

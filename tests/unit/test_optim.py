@@ -396,6 +396,66 @@ def test_register_checks_its_arguments(pg1: None) -> None:
         optim.register(ddp, opt)
 
 
+def test_register_after_loading_a_checkpoint_continues_identically(pg1: None) -> None:
+    """nanoGPT's order: build, load the optimizer state, then wrap in DDP and register."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    net = make_model()
+    ddp = DDP(net)
+    opt = optim.OneBitAdam(net.parameters(), lr=0.01, freeze_step=2, block=32)
+    optim.register(ddp, opt)
+    _train(ddp, opt, range(4))
+    sd, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(net.state_dict())
+    tail = _train(ddp, opt, range(4, 7))
+    net2 = make_model()
+    net2.load_state_dict(weights)
+    opt2 = optim.OneBitAdam(net2.parameters(), lr=0.01, freeze_step=2, block=32)
+    opt2.load_state_dict(sd)
+    ddp2 = DDP(net2)
+    optim.register(ddp2, opt2)
+    assert _train(ddp2, opt2, range(4, 7)) == tail
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), net2.parameters()))
+
+
+def test_on_one_rank_register_with_overlap_equals_the_step_time_path(pg1: None) -> None:
+    """One rank compresses nothing in step(); the overlapped exchange must not compress either."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    losses = {}
+    for overlap in (True, False):
+        net = make_model()
+        ddp = DDP(net)
+        opt = optim.OneBitAdam(net.parameters(), lr=0.01, freeze_step=2, block=32)
+        optim.register(ddp, opt, overlap=overlap)
+        losses[overlap] = (_train(ddp, opt, range(7)), [p.detach().clone() for p in net.parameters()])
+    assert losses[True][0] == losses[False][0]
+    assert all(torch.equal(a, b) for a, b in zip(losses[True][1], losses[False][1]))
+
+
+def test_a_single_file_from_another_rank_loads_when_opted_in(caplog: pytest.LogCaptureFixture) -> None:
+    net = make_model()
+    opt = optim.OneBitAdam(net.parameters(), lr=0.01, freeze_step=2)
+    _train(net, opt, range(4))
+    sd = copy.deepcopy(opt.state_dict())
+    sd["distcomp"]["rank"] = 1  # the file another rank wrote
+    opted = optim.OneBitAdam(net.parameters(), lr=0.01, freeze_step=2, reset_errors_from_other_ranks=True)
+    by_attribute = optim.OneBitAdam(net.parameters(), lr=0.01, freeze_step=2)
+    by_attribute.reset_errors_from_other_ranks = True  # how a framework that built the optimizer opts in
+    for other in (opted, by_attribute):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="distcomp.optim"):
+            other.load_state_dict(copy.deepcopy(sd))
+            other.load_state_dict(copy.deepcopy(sd))
+        warned = [r.getMessage() for r in caplog.records if "error feedback restarts" in r.getMessage()]
+        assert len(warned) == 1, "one warning, however often it loads"
+        assert other.steps == 4
+        for p in net.parameters():
+            assert torch.equal(other.state[p]["exp_avg"], opt.state[p]["exp_avg"])
+    sd["distcomp"]["world_size"] = 2  # another world size is still refused: the errors' chunks differ
+    with pytest.raises(CheckpointError, match="2 ranks"):
+        opted.load_state_dict(sd)
+
+
 def test_register_makes_the_fused_buckets_follow_ddps_unless_chosen(pg1: None) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
