@@ -129,6 +129,27 @@ def results_table(
     return markdown_table([*lead, *(column for column, _, _ in figures)], rows)
 
 
+def across_links(
+    lead: Sequence[str], links: Sequence[str], series: Sequence[Iterable[tuple[tuple[str, ...], str, str | None]]]
+) -> str:
+    """A markdown table of one run's series on several links: a row per method, a column per link.
+
+    ``series[i]`` holds link ``links[i]``'s methods as ``(lead cells, x bound cell, MB sent cell or None)``;
+    a method missing from a link shows ``-`` there, and its bytes come from the last link that had them.
+    """
+    cells: dict[tuple[str, ...], dict[str, str]] = {}
+    sent: dict[tuple[str, ...], str] = {}
+    for link, rows in zip(links, series, strict=True):
+        for key, cell, mb in rows:
+            cells.setdefault(key, {})[link] = cell
+            if mb is not None:
+                sent[key] = mb
+    return markdown_table(
+        [*lead, *(f"x bound, {link}" for link in links), "MB sent/step"],
+        [[*key, *(c.get(link, "-") for link in links), sent.get(key, "-")] for key, c in cells.items()],
+    )
+
+
 def markdown_row(cells: Sequence[str]) -> str:
     """One row of a markdown table."""
     return "| " + " | ".join(cells) + " |"

@@ -36,7 +36,7 @@ the fp32 gradients. ``exposed ms`` is the communication that backward could not
 hide: from the last hook call of a backward pass to the end of its
 communication (``exposed_comm_s``).
 
-Below :data:`SLOW_LINK_BITS` a dense step takes tens of seconds on the wire (43.6 MB
+Below :data:`netns.SLOW_LINK_BITS` a dense step takes tens of seconds on the wire (43.6 MB
 at 10 Mbit/s is 35 s), so such runs default to :data:`SLOW_LINK_STEPS` timed steps
 and leave out plain DDP and the methods that send dense or half-size gradients
 (``--dense`` puts them back).
@@ -45,19 +45,15 @@ and leave out plain DDP and the methods that send dense or half-size gradients
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import logging
 import math
 import os
 import signal
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -95,8 +91,6 @@ OPTIONS: dict[str, dict[str, Any]] = {
 TARGET_NONE_VS_DDP = 1.03
 DENSE_METHODS = ("none", "fp16", "bf16")
 """Compressors that send every gradient (in fp32 or half size): left out of slow-link runs by default."""
-SLOW_LINK_BITS = 50e6
-"""Links slower than this (bits/s) get fewer steps and no dense methods by default."""
 SLOW_LINK_STEPS = 4
 """Timed steps per method on a slow link (default)."""
 TARGET_POWERSGD_RATIO = 40.0
@@ -473,40 +467,9 @@ def _launch_loopback(bench: BenchConfig, configs: Sequence[ExperimentConfig], ti
 
 def _launch_netns(bench: BenchConfig, configs: Sequence[ExperimentConfig], timeout: float) -> list[dict[str, Any]]:
     """Each rank in its own namespace, joined by a veth pair shaped to ``bench.bandwidth``."""
-    with netns.shaped_link(bench.bandwidth) as link, tempfile.TemporaryDirectory() as tmp:
-        results = [str(Path(tmp) / f"rank{r}.json") for r in range(WORLD_SIZE)]
-        job = {
-            "bench": asdict(bench),
-            "configs": [asdict(c) for c in configs],
-            "init_method": f"tcp://{link.hosts[0].address}:{MASTER_PORT}",
-            "results": results,
-        }
-        job_path = Path(tmp) / "job.json"
-        job_path.write_text(json.dumps(job))
-        link.run_workers(str(Path(__file__).resolve()), str(job_path), [0, 1], timeout)
-        return [json.loads(Path(r).read_text()) for r in results]
-
-
-def _worker_main(job_path: str, rank: int) -> None:
-    """A rank started by :func:`_launch_netns` inside its namespace."""
-    job = json.loads(Path(job_path).read_text())
-    bench = BenchConfig(**job["bench"])
-    configs = [ExperimentConfig.from_dict(c) for c in job["configs"]]
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=job["init_method"],
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=datetime.timedelta(seconds=600),
-    )
-    try:
-        out = run_rank(rank, WORLD_SIZE, bench, configs)
-        # Barrier before teardown: exiting right after DDP can abort the process.
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    Path(job["results"][rank]).write_text(json.dumps(out))
+    assert bench.bandwidth is not None
+    job = (bench, tuple(configs))
+    return netns.run_ranks(__file__, run_rank, bench.bandwidth, job, port=MASTER_PORT, timeout=timeout)
 
 
 # -- the experiment ------------------------------------------------------------------
@@ -709,15 +672,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "overlapped with backward and in step() (default: yes)",
     )
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run is abandoned")
-    p.add_argument("--worker", default=None, metavar="JOB", help=argparse.SUPPRESS)
-    p.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     common.add_output_args(p)
     return common.parse_args(p, argv)
 
 
 def _is_slow(bandwidth: str) -> bool:
     try:
-        return netns.rate_bits(bandwidth) < SLOW_LINK_BITS
+        return netns.rate_bits(bandwidth) < netns.SLOW_LINK_BITS
     except ValueError as exc:
         raise SystemExit(f"hook_overhead.py: {exc}") from None
 
@@ -731,20 +692,20 @@ def _split(csv: str) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if netns.serve_worker(argv):  # a rank that netns.run_ranks started in its namespace
+        return 0
     args = _parse_args(argv)
     common.log_to_console()
-    if args.worker is not None:
-        _worker_main(args.worker, args.rank)
-        return 0
     # SIGTERM unwinds like Ctrl-C, so namespaces and rank processes are cleaned up.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    series = [_series(args, link) for link in _links(args.bandwidth)]  # every argument checked before any run
+    # Every link's arguments are checked before any run.
+    series = [_series(args, link) for link in netns.parse_links(args.bandwidth)]
     reports, figures, failed = [], [], False
     for bench, configs in series:
         results, facts = run_experiment(bench, configs, timeout=args.timeout)
         summary, table, targets = describe_run(bench, facts), format_table(results), format_targets(results)
         print(f"\n{summary}\n\n{table}\n\n{targets}")
-        heading = f"## {_link_name(bench.bandwidth)}\n\n" if len(series) > 1 else ""
+        heading = f"## {netns.link_name(bench.bandwidth)}\n\n" if len(series) > 1 else ""
         reports.append(f"{heading}{summary}\n\n{table}\n\n{targets}".rstrip())
         figures.append({"bench": asdict(bench), **facts, "results": [asdict(r) for r in results]})
         failed |= any(r.failure for r in results)
@@ -755,28 +716,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     links = [b.bandwidth for b, _ in series]
     common.write_results(
         args,
-        "hook-overhead" + "".join(f"-{_link_name(b)}" for b in links if b is not None or len(links) > 1),
+        "hook-overhead" + "".join(f"-{netns.link_name(b)}" for b in links if b is not None or len(links) > 1),
         title="DDP hook overhead",
         command=common.command_line(__file__, argv),
         report="\n\n".join(reports),
         figures=figures[0] if len(figures) == 1 else {"series": figures},
     )
     return 1 if failed else 0
-
-
-LOOPBACK_NAMES = ("none", "loopback", "unshaped")
-"""``--bandwidth`` entries that mean no namespaces and no shaping."""
-
-
-def _links(bandwidth: str | None) -> list[str | None]:
-    """The links to measure in turn, from ``--bandwidth`` (None: one loopback series)."""
-    if bandwidth is None:
-        return [None]
-    return [None if b.lower() in LOOPBACK_NAMES else b for b in _split(bandwidth)]
-
-
-def _link_name(bandwidth: str | None) -> str:
-    return "unshaped" if bandwidth is None else bandwidth
 
 
 def _series(args: argparse.Namespace, bandwidth: str | None) -> tuple[BenchConfig, list[ExperimentConfig]]:
@@ -809,26 +755,18 @@ def _series(args: argparse.Namespace, bandwidth: str | None) -> tuple[BenchConfi
 
 def format_overview(series: Sequence[dict[str, Any]]) -> str:
     """One table across the links: each method's step time over the bound of its own series, and its bytes."""
-    links = [_link_name(s["bench"]["bandwidth"]) for s in series]
-    rows: dict[tuple[str, str], dict[str, str]] = {}
-    sent: dict[tuple[str, str], str] = {}
-    for link, s in zip(links, series, strict=True):
-        for r in s["results"]:
-            c = ExperimentConfig.from_dict(r["config"])
-            key = (c.name, c.mode)
-            cell = "failed" if r["failure"] else common.fmt(r["x_bound"], ".2f")
-            rows.setdefault(key, {})[link] = cell
-            if r["sent_mb"] is not None:
-                sent[key] = f"{r['sent_mb']:.2f}"
-    table = common.markdown_table(
-        ["method", "mode", *(f"x bound, {link}" for link in links), "MB sent/step"],
-        [[name, mode, *(cells.get(link, "-") for link in links), sent.get((name, mode), "-")]
-         for (name, mode), cells in rows.items()],
-    )  # fmt: skip
+    links = [netns.link_name(s["bench"]["bandwidth"]) for s in series]
+    table = common.across_links(("method", "mode"), links, [map(_overview_row, s["results"]) for s in series])
     return (
         "All links, one run: each method's median step over the no-communication bound measured in the same "
         f"series (- : not measured on that link)\n\n{table}"
     )
+
+
+def _overview_row(r: dict[str, Any]) -> tuple[tuple[str, str], str, str | None]:
+    c = ExperimentConfig.from_dict(r["config"])
+    cell = "failed" if r["failure"] else common.fmt(r["x_bound"], ".2f")
+    return (c.name, c.mode), cell, None if r["sent_mb"] is None else f"{r['sent_mb']:.2f}"
 
 
 def describe_run(bench: BenchConfig, facts: dict[str, Any]) -> str:

@@ -36,6 +36,23 @@ logger = logging.getLogger("distcomp.bench.netns")
 PREFIX = "dcbench"
 """Name prefix of every namespace this module creates: ``dcbench-<pid>-<i>``."""
 _UNITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
+LOOPBACK_NAMES = ("none", "loopback", "unshaped")
+"""Entries of a benchmark's ``--bandwidth`` list that mean loopback: no namespaces, no shaping."""
+SLOW_LINK_BITS = 50e6
+"""Links slower than this (bits/s) leave out the methods that send dense gradients by default: one of
+their steps takes tens of seconds on the wire (43.6 MB at 10 Mbit/s is 35 s)."""
+
+
+def parse_links(bandwidth: str | None) -> list[str | None]:
+    """The links of a comma-separated ``--bandwidth`` list, in order; None stands for loopback (also the
+    whole list's default)."""
+    names = [b.strip() for b in (bandwidth or "").split(",") if b.strip()]
+    return [None if b.lower() in LOOPBACK_NAMES else b for b in names] or [None]
+
+
+def link_name(bandwidth: str | None) -> str:
+    """How tables and result files name a link."""
+    return "unshaped" if bandwidth is None else bandwidth
 
 
 @dataclass(frozen=True)

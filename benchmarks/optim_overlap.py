@@ -14,15 +14,10 @@ must end with identical parameters, or no speed is reported.
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
 import logging
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -127,33 +122,7 @@ def run_rank(rank: int, world_size: int, cfg: ExperimentConfig) -> dict[str, Any
     }
 
 
-def _worker_main(job_path: str, rank: int) -> None:
-    """A rank started inside its namespace."""
-    job = json.loads(Path(job_path).read_text())
-    dist.init_process_group(
-        "gloo", init_method=job["init_method"], rank=rank, world_size=WORLD_SIZE,
-        timeout=datetime.timedelta(seconds=600),
-    )  # fmt: skip
-    try:
-        out = run_rank(rank, WORLD_SIZE, ExperimentConfig(**job["config"]))
-        dist.barrier()  # exiting right after DDP can abort the process
-    finally:
-        dist.destroy_process_group()
-    Path(job["results"][rank]).write_text(json.dumps(out))
-
-
 # -- the experiment --------------------------------------------------------------------------
-
-
-def _launch_netns(cfg: ExperimentConfig, timeout: float) -> list[dict[str, Any]]:
-    assert cfg.bandwidth is not None
-    with netns.shaped_link(cfg.bandwidth) as link, tempfile.TemporaryDirectory() as tmp:
-        results = [str(Path(tmp) / f"rank{r}.json") for r in range(WORLD_SIZE)]
-        job = {"config": asdict(cfg), "init_method": f"tcp://{link.hosts[0].address}:{MASTER_PORT}", "results": results}
-        job_path = Path(tmp) / "job.json"
-        job_path.write_text(json.dumps(job))
-        link.run_workers(str(Path(__file__).resolve()), str(job_path), [0, 1], timeout)
-        return [json.loads(Path(r).read_text()) for r in results]
 
 
 def run_experiment(cfg: ExperimentConfig, timeout: float = 1800.0) -> list[ExperimentResult]:
@@ -161,7 +130,7 @@ def run_experiment(cfg: ExperimentConfig, timeout: float = 1800.0) -> list[Exper
     if cfg.bandwidth is None:
         outputs = run_ranks(run_rank, WORLD_SIZE, args=(cfg,), timeout=timeout, collective_timeout=600)
     else:
-        outputs = _launch_netns(cfg, timeout)
+        outputs = netns.run_ranks(__file__, run_rank, cfg.bandwidth, (cfg,), port=MASTER_PORT, timeout=timeout)
     digests = outputs[0]["digests"]
     if digests["overlapped"] != digests["step-time"]:
         return [ExperimentResult(m, failure="overlapped and step-time parameters differ") for m in METHODS]
@@ -194,13 +163,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=ExperimentConfig.optimizer_bucket_cap_mb,
         help="the optimizer's fused-bucket cap (the unit of the exchange)",
     )
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     common.add_output_args(parser)
-    args = common.parse_args(parser, argv)
-    if args.worker:
-        _worker_main(args.worker, args.rank)
+    if netns.serve_worker(argv):  # a rank that netns.run_ranks started in its namespace
         return
+    args = common.parse_args(parser, argv)
     common.log_to_console()
     report, figures = [], []
     for cfg in get_configs(args.bandwidth):

@@ -780,7 +780,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "convergence": "Compressed optimizers: convergence",
         "fsdp": "Compressed optimizers on FSDP: step time, bytes, state and convergence",
     }
-    links = [_link_name(b) for b in _links(args.bandwidth)] if args.mode == "speed" and args.bandwidth else []
+    links = (
+        [netns.link_name(b) for b in netns.parse_links(args.bandwidth)]
+        if args.mode == "speed" and args.bandwidth
+        else []
+    )
     common.write_results(
         args,
         "-".join([f"optimizers-{args.mode}", *links]),
@@ -792,22 +796,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-SLOW_LINK_BITS = 50e6
-"""Below this (bits/s), AdamW + DDP is left out of a speed series by default."""
-LOOPBACK_NAMES = ("none", "loopback", "unshaped")
-
-
-def _links(bandwidth: str | None) -> list[str | None]:
-    """The links of ``--bandwidth``, in order (None: loopback)."""
-    if not bandwidth:
-        return [None]
-    return [None if b.strip().lower() in LOOPBACK_NAMES else b.strip() for b in bandwidth.split(",") if b.strip()]
-
-
-def _link_name(bandwidth: str | None) -> str:
-    return "unshaped" if bandwidth is None else bandwidth
-
-
 def _speed(args: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
     """The speed mode on every link of ``--bandwidth``: ``(summary, tables, figures)``."""
     steps, warmup = args.steps or 10, args.warmup or 5
@@ -815,7 +803,7 @@ def _speed(args: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
         # Frozen after one or two exact steps, the variance is still zero where a gradient was: 1-bit Adam
         # then diverges (and a diverged model's step time is not the optimizer's).
         raise SystemExit(f"optimizers.py speed: --warmup {warmup}: needs >= 5 (3 exact steps, then 2 untimed)")
-    links = _links(args.bandwidth)
+    links = netns.parse_links(args.bandwidth)
     for link in links:  # a bad rate fails here, before any rank starts
         if link is not None:
             try:
@@ -825,12 +813,12 @@ def _speed(args: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
     configs = get_configs("speed", max(warmup - 2, 1))  # the first two compressed steps allocate: untimed
     reports, series = [], []
     for link in links:
-        slow = link is not None and netns.rate_bits(link) < SLOW_LINK_BITS
+        slow = link is not None and netns.rate_bits(link) < netns.SLOW_LINK_BITS
         keep = [c for c in configs if c.method != "adamw" or (not slow if args.dense is None else args.dense)]
         results, facts = run_experiment(keep, warmup, steps, bandwidth=link)
         table = format_speed(results)
-        print(f"\n{_link_name(link)}\n\n{table}")
-        reports.append(f"## {_link_name(link)}\n\n{table}" if len(links) > 1 else table)
+        print(f"\n{netns.link_name(link)}\n\n{table}")
+        reports.append(f"## {netns.link_name(link)}\n\n{table}" if len(links) > 1 else table)
         series.append({"facts": facts, "results": [asdict(r) for r in results]})
     summary = (
         f"{series[0]['facts']['numel'] / 1e6:.1f}M-parameter GPT, {WORLD_SIZE} ranks on gloo "
@@ -848,18 +836,15 @@ def _describe_link(bandwidth: str | None) -> str:
 
 def format_speed_overview(series: Sequence[dict[str, Any]]) -> str:
     """Each method's step over the bound of its own series, one column per link, and its bytes."""
-    links = [_link_name(s["facts"]["bandwidth"]) for s in series]
-    cells: dict[str, dict[str, str]] = {}
-    sent: dict[str, str] = {}
-    for link, s in zip(links, series, strict=True):
-        for r in s["results"]:
-            label = ExperimentConfig(**{**r["config"], "options": ()}).label
-            cells.setdefault(label, {})[link] = "failed" if r["failure"] else common.fmt(r["x_bound"], ".2f")
-            if r["sent_mb"] is not None:
-                sent[label] = f"{r['sent_mb']:.2f}"
-    rows = [[label, *(c.get(link, "-") for link in links), sent.get(label, "-")] for label, c in cells.items()]
-    table = common.markdown_table(["method", *(f"x bound, {link}" for link in links), "MB sent/step"], rows)
+    links = [netns.link_name(s["facts"]["bandwidth"]) for s in series]
+    table = common.across_links(("method",), links, [map(_overview_row, s["results"]) for s in series])
     return f"All links: median step over the no-communication bound of the same series (- : not measured)\n\n{table}"
+
+
+def _overview_row(r: dict[str, Any]) -> tuple[tuple[str], str, str | None]:
+    label = ExperimentConfig(**{**r["config"], "options": ()}).label
+    cell = "failed" if r["failure"] else common.fmt(r["x_bound"], ".2f")
+    return (label,), cell, None if r["sent_mb"] is None else f"{r['sent_mb']:.2f}"
 
 
 def _fsdp_summary(facts: dict[str, Any]) -> str:
