@@ -270,8 +270,8 @@ class CompressedOptimizer(torch.optim.Optimizer):
 
     def _another_ranks(self, state_dict: dict[str, Any], world: int, rank: int) -> bool:
         """Whether to restart the errors because another rank of this world size wrote the state (opted in)."""
-        section = state_dict.get("distcomp") if isinstance(state_dict, dict) else None
-        if not self.reset_errors_from_other_ranks or not isinstance(section, dict):
+        section = _section(state_dict)
+        if not self.reset_errors_from_other_ranks or not section:
             return False
         if section.get("rank") == rank or section.get("world_size") != world:
             return False
@@ -293,26 +293,26 @@ class CompressedOptimizer(torch.optim.Optimizer):
         backward too); a checkpoint written with the old default then loads
         with the bucket layout it was written with instead of being refused.
         """
-        section = state_dict.get("distcomp") if isinstance(state_dict, dict) else None
-        saved = section.get("config", {}).get("bucket_cap_mb") if isinstance(section, dict) else None
-        if saved is None or saved == self.config.bucket_cap_mb or self._bucket_cap_chosen or self.flat.started:
-            return  # nothing to adopt, or a choice the check below holds the checkpoint to
-        logger.info("%s: bucket_cap_mb=%g from the checkpoint (its bucket layout)", self.algorithm, saved)
-        self.set_default_bucket_cap(float(saved))
+        saved = _section(state_dict).get("config", {}).get("bucket_cap_mb")
+        # A chosen cap stays: FlatState.check then refuses a checkpoint written with another.
+        if saved is not None and self.set_default_bucket_cap(float(saved)):
+            logger.info("%s: bucket_cap_mb=%g from the checkpoint (its bucket layout)", self.algorithm, saved)
 
-    def set_default_bucket_cap(self, mb: float) -> None:
-        """Rebuild the fused buckets at most ``mb`` MB each, unless the user chose ``bucket_cap_mb``.
+    def set_default_bucket_cap(self, mb: float) -> bool:
+        """Rebuild the fused buckets at most ``mb`` MB each, unless the user chose ``bucket_cap_mb``;
+        whether they changed.
 
         Only before any bucket holds state (package-internal: ``distcomp.optim.register``
         makes them follow DDP's buckets, a checkpoint brings the layout it was written with).
         """
         if self._bucket_cap_chosen or self.flat.started or mb == self.config.bucket_cap_mb:
-            return
+            return False
         self.config = dataclasses.replace(self.config, bucket_cap_mb=mb)
         self.flat.cap_numel = self.config.bucket_cap_numel
         self.flat.regroup()
         if self.comm.overlap is not None:
             self.comm.overlap.forget_layout()
+        return True
 
     def _load_fsdp(self, saved: dict[str, Any] | None, reset_errors: bool) -> None:
         """The FSDP reduce-scatters' worker errors, saved with an FSDP run, restored into this one's."""
@@ -378,3 +378,9 @@ class CompressedOptimizer(torch.optim.Optimizer):
     def _scratch(self, name: str, layout: FlatLayout) -> torch.Tensor:
         """A bucket-sized fp32 scratch buffer, reused from step to step."""
         return self._ws.get(name, layout.numel, torch.float32, layout.device)
+
+
+def _section(state_dict: Any) -> dict[str, Any]:
+    """A checkpoint's ``distcomp`` section, or an empty one (``FlatState.check`` says what is wrong with it)."""
+    section = state_dict.get("distcomp") if isinstance(state_dict, dict) else None
+    return section if isinstance(section, dict) else {}
