@@ -3,6 +3,7 @@
 state = distcomp.register(ddp_model, "powersgd", rank=4)    # DDP
 state = distcomp.fsdp.register(fsdp_model, "int8")          # FSDP2; HSDP: replicate_group=...
 opt = distcomp.optim.OneBitAdam(model.parameters(), lr=1e-3, freeze_step=400)   # 1-bit Adam, 0/1 Adam, 1-bit LAMB
+ckpt["compression"] = distcomp.state_dict(ddp_model)        # every rank, for the single file rank 0 saves
 """
 
 from distcomp import compressors as _compressors  # noqa: F401 - registers the built-in compressors
@@ -10,6 +11,7 @@ from distcomp import compressors as _compressors  # noqa: F401 - registers the b
 # distcomp.optim.OneBitAdam right after `import distcomp`, as torch.optim.AdamW after `import torch`.
 from distcomp import fsdp, optim
 from distcomp.bucket import Bucket
+from distcomp.checkpoint import load_state_dict, state_dict
 from distcomp.compressor import Compressor, CompressorConfig
 from distcomp.config import config_from_dict, config_to_dict, load_config
 from distcomp.errors import CheckpointError, ConfigError, DistcompError, RankMismatchError
@@ -37,6 +39,8 @@ __all__ = [
     "ddp_comm_hook",
     "get_compressor",
     "load_config",
+    "load_state_dict",
     "register",
     "register_compressor",
+    "state_dict",
 ]

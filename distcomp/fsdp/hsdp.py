@@ -128,6 +128,8 @@ class HSDPState:
         self.group = replicate_group
         self.shard_size = shard_size
         self.step = 0
+        self.restored = False
+        """Whether a checkpoint's state was loaded (a resumed run that did not is warned, see distcomp.checkpoint)."""
         self.telemetry = Telemetry(log_every=log_every)
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
@@ -203,6 +205,7 @@ class HSDPState:
         self.compressor.load_state_dict(state["compressor"])
         self.step = int(state["step"])
         self._seen.clear()
+        self.restored = True
 
     def close(self) -> None:
         """Nothing to stop: the hooks run inline, in FSDP's backward.

@@ -10,6 +10,7 @@ from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from distcomp.agreement import check_agreement
+from distcomp.checkpoint import attach
 from distcomp.compressor import Compressor
 from distcomp.config import config_to_dict
 from distcomp.errors import ConfigError
@@ -58,9 +59,9 @@ def register(
     :class:`~distcomp.errors.RankMismatchError` on every rank if ranks disagree.
     """
     if contains_fsdp1(model):
-        return _register_fsdp1(model, compressor, replicate_group, error_feedback or "fp32", log_every, config)
-    if replicate_group is not None:
-        return register_hsdp(
+        state = _register_fsdp1(model, compressor, replicate_group, error_feedback or "fp32", log_every, config)
+    elif replicate_group is not None:
+        state = register_hsdp(
             model,
             compressor,
             replicate_group=replicate_group,
@@ -68,6 +69,15 @@ def register(
             log_every=log_every,
             **config,
         )
+    else:
+        state = _register_fsdp2(model, compressor, error_feedback, log_every, config)
+    attach(model, state)  # for distcomp.state_dict(model) and the resumed-without-state warning
+    return state
+
+
+def _register_fsdp2(
+    model: nn.Module, compressor: str | Any, error_feedback: str | None, log_every: int, config: dict[str, Any]
+) -> FSDPCompressionState:
     modules = fsdp_modules(model)
     comp = _make_compressor(compressor, config)
     error_feedback = error_feedback or DEFAULT_ERROR_FEEDBACK

@@ -91,6 +91,8 @@ class FSDPCompressionState:
         self.world_size = world_size
         self.rank = rank
         self.step = 0
+        self.restored = False
+        """Whether a checkpoint's state was loaded (a resumed run that did not is warned, see distcomp.checkpoint)."""
         self.telemetry = Telemetry(log_every=log_every)
         self._residuals: dict[str, Held] = {}
         self._staged: dict[str, Held] = {}
@@ -241,6 +243,7 @@ class FSDPCompressionState:
             self.residual_generator.set_state(state["residual_generator"])
         self._residuals, self._staged, self._called, self._nonfinite = restored, {}, set(), False
         self.step = int(state["step"])
+        self.restored = True
 
     def _generator_state(self) -> dict[str, torch.Tensor]:
         """The residual generator's state, in int8 mode only (the fp32 and bf16 formats stay as they were)."""

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distcomp.agreement import check_agreement
 from distcomp.bucket import Bucket
+from distcomp.checkpoint import attach
 from distcomp.collectives import exact_mean_async
 from distcomp.comm import BucketRecord, Comm
 from distcomp.compressor import Compressor
@@ -59,6 +60,8 @@ class CompressionState:
         self.group = group
         self.overlap = overlap
         self.step = 0
+        self.restored = False
+        """Whether a checkpoint's state was loaded (a resumed run that did not is warned, see distcomp.checkpoint)."""
         self.telemetry = Telemetry(log_every=log_every)
         self._names = dict(param_names or {})
         self._name_from_order = param_names is None
@@ -234,6 +237,7 @@ class CompressionState:
         self.step = int(state["step"])
         self._layouts = [tuple(layout) for layout in state.get("layouts", [])]
         self._restored = dict.fromkeys(self._layouts)
+        self.restored = True
 
     def close(self) -> None:
         """Stop the communication worker (pending buckets finish first), then destroy its process group.
@@ -356,4 +360,5 @@ def register(
         **config,
     )
     model.register_comm_hook(state, hook)
+    attach(model, state)  # for distcomp.state_dict(model) and the resumed-without-state warning
     return state

@@ -16,12 +16,15 @@ and are ignored with one warning. Unknown keys fail, naming the allowed ones.
 The config is read as DeepSpeed reads it: files and strings with hjson (so
 comments and trailing commas are fine), and an absent ``bias_correction`` means
 no bias correction, which is what DeepSpeed's 1-bit optimizers did whatever the
-key said (they stored it and never applied it); one warning says so. The
-sections DeepSpeed applied around the optimizer (``gradient_clipping``, at 1.0
-even when absent, ``fp16``, ``scheduler``, ``zero_optimization``, ...) are not
-applied here; one warning lists those of the config with what to do instead.
-Values must have their types: DeepSpeed handed them to torch unchanged, so a
-string such as ``"1e-4"`` or ``"auto"`` fails here, naming the key.
+key said (they stored it and never applied it); one warning says so, and an
+explicit ``true`` (applied here, ignored by DeepSpeed) is warned too. The
+sections DeepSpeed applied around the optimizer (``gradient_clipping``,
+``fp16``, ``scheduler``, ``zero_optimization``, ...) are not applied here; one
+warning lists those the config switches on, with what to do instead. An
+absent ``gradient_clipping`` is no clipping: DeepSpeed's code defaults it to 0
+(its config page says 1.0). Values must have their types: DeepSpeed handed them
+to torch unchanged, so a string such as ``"1e-4"`` or ``"auto"`` fails here,
+naming the key; a key given twice fails, as DeepSpeed refused it.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ TRANSPORT_NOTE = (
     "distcomp communicates through torch.distributed on the backend init_process_group chose (gloo, NCCL, ...), "
     "so there is no MPI/NCCL/HCCL/compressed transport to select and no CUDA-aware MPI to configure"
 )
+IGNORED_KEYS = ("legacy_fusion",)
+"""Keys of ``optimizer`` (beside ``type`` and ``params``) that DeepSpeed accepted and that change nothing here."""
 
 
 def from_deepspeed_config(
@@ -74,7 +79,7 @@ def from_deepspeed_config(
     if not isinstance(section, dict):
         raise ConfigError("DeepSpeed config: no 'optimizer' section (expected {'type': ..., 'params': {...}})")
     try:
-        check_keys(section, ("type", "params"), "", "in 'optimizer'")
+        check_keys(section, ("type", "params", *IGNORED_KEYS), "", "in 'optimizer'")
     except ConfigError as exc:
         raise ConfigError(f"DeepSpeed config: {exc}") from None
     name = section.get("type")
@@ -100,6 +105,9 @@ def from_deepspeed_config(
     if "bias_correction" not in options:
         options["bias_correction"] = False
         logger.warning("%s: %s", cls.algorithm, BIAS_CORRECTION_NOTE)
+    for key in ("bias_correction", "eps_inside_sqrt"):
+        if options.get(key) is True:
+            logger.warning("%s: %s", cls.algorithm, APPLIED_NOTE.format(key=key))
     unapplied = _unapplied(raw)
     if unapplied:
         logger.warning(
@@ -118,11 +126,13 @@ BIAS_CORRECTION_NOTE = (
     "(they stored the key and never applied it, so a DeepSpeed run trained without it); add "
     '"bias_correction": true to the optimizer\'s params to apply it'
 )
+APPLIED_NOTE = (
+    '"{key}": true is applied here, but DeepSpeed\'s 1-bit optimizers ignored it (a DeepSpeed run trained '
+    "without it): set it to false to reproduce such a run"
+)
 STRING_KEYS = ("state_dtype",)
 """Options whose values are strings; any other string value is an error."""
 
-DEEPSPEED_DEFAULT_CLIP = 1.0
-"""DeepSpeed's ``gradient_clipping`` when the key is absent."""
 SECTIONS = {
     "fp16": "use torch.autocast and torch.amp.GradScaler (a step with inf/NaN gradients is skipped on every rank)",
     "bf16": "use torch.autocast(dtype=torch.bfloat16)",
@@ -133,8 +143,18 @@ SECTIONS = {
     "train_batch_size": "set the batch size in your data loader",
     "train_micro_batch_size_per_gpu": "set the batch size in your data loader",
     "gradient_accumulation_steps": "accumulate with DDP's no_sync() before the step",
+    "pipeline": "DeepSpeed applied it to a PipelineModule only; distcomp trains data-parallel models",
 }
 """Sections DeepSpeed applied around the optimizer, and what to do instead."""
+INACTIVE = {
+    "fp16": lambda v: isinstance(v, dict) and not v.get("enabled", False),
+    "bf16": lambda v: isinstance(v, dict) and not v.get("enabled", False),
+    "zero_optimization": lambda v: isinstance(v, dict) and not v.get("stage", 0),
+    "prescale_gradients": lambda v: v is False,
+    "gradient_predivide_factor": lambda v: v == 1.0,
+    "gradient_accumulation_steps": lambda v: v == 1,
+}
+"""Values with which a section changes nothing in DeepSpeed (``enabled: false``, ZeRO stage 0, ...): not reported."""
 
 
 def _check_strings(options: dict[str, Any], algorithm: str) -> None:
@@ -154,16 +174,26 @@ def _check_strings(options: dict[str, Any], algorithm: str) -> None:
 
 def _unapplied(raw: dict[str, Any]) -> list[str]:
     """One line per section of ``raw`` that DeepSpeed would have applied and distcomp does not."""
-    clip = raw.get("gradient_clipping", DEEPSPEED_DEFAULT_CLIP)
+    # Absent means 0, no clipping: DeepSpeed's GRADIENT_CLIPPING_DEFAULT (its config page's 1.0 was never the code's).
+    clip = raw.get("gradient_clipping", 0)
     lines = []
     if clip:
-        where = "set" if "gradient_clipping" in raw else "absent, so DeepSpeed's default"
         lines.append(
-            f"gradient_clipping ({where}: {clip}): call torch.nn.utils.clip_grad_norm_(model.parameters(), {clip}) "
+            f"gradient_clipping ({clip}): call torch.nn.utils.clip_grad_norm_(model.parameters(), {clip}) "
             "before optimizer.step() to match DeepSpeed"
         )
-    lines += [f"{key}: {advice}" for key, advice in SECTIONS.items() if key in raw]
-    return lines
+    active = [key for key in SECTIONS if key in raw and not INACTIVE.get(key, lambda v: False)(raw[key])]
+    return lines + [f"{key}: {SECTIONS[key]}" for key in active]
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object's keys, refusing one given twice (DeepSpeed's reader refused it; JSON would keep the last)."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ConfigError(f"DeepSpeed config: key {key!r} is given twice in one object; keep one")
+        seen[key] = value
+    return seen
 
 
 def _read(config: dict[str, Any] | str | Path) -> dict[str, Any]:
@@ -176,7 +206,9 @@ def _read(config: dict[str, Any] | str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read DeepSpeed config {text}: {exc.strerror}") from None
     try:
         # hjson, as DeepSpeed reads its configs: JSON plus comments and trailing commas.
-        raw = json.loads(json.dumps(hjson.loads(source)))
+        raw = json.loads(json.dumps(hjson.loads(source, object_pairs_hook=_no_duplicates)))
+    except ConfigError:
+        raise
     except (ValueError, hjson.HjsonDecodeError) as exc:
         raise ConfigError(f"DeepSpeed config {text[:60]!r}: not valid JSON (or hjson): {exc}") from None
     if not isinstance(raw, dict):

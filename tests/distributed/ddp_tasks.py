@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,10 @@ class Run:
     resume: bool = False
     """Start from the checkpoint in ``ckpt_dir`` instead of step 0."""
     ckpt_dir: str = ""
+    single_file: bool = False
+    """Checkpoint as frameworks do: rank 0 writes one file (compression gathered by distcomp.state_dict)."""
+    restore_compression: bool = True
+    """On resume, restore the compression state too (False: the resumed-without-state case)."""
     inf_at: int | None = None
     """Put an inf into rank 1's gradient at this step."""
 
@@ -83,12 +88,11 @@ def train(rank: int, world_size: int, run: Run) -> dict[str, Any]:
     scaler = torch.amp.GradScaler("cpu", init_scale=1.0, growth_interval=10**6)
     start = 0
     if run.resume:
-        ckpt = torch.load(os.path.join(run.ckpt_dir, f"rank{rank}.pt"), weights_only=True)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        state.load_state_dict(ckpt["compression"])
-        start = ckpt["step"]
+        start = _resume(run, rank, model, ddp, opt, state)
     losses, digests, skipped = [], [], []
+    caught = warnings.catch_warnings(record=True)
+    seen = caught.__enter__()
+    warnings.simplefilter("always")
     for step in range(start, run.steps):
         opt.zero_grad(set_to_none=True)
         for micro in range(run.accumulate):
@@ -106,17 +110,37 @@ def train(rank: int, world_size: int, run: Run) -> dict[str, Any]:
         losses.append(loss.item())
         digests.append(digest(model))
         if run.save_at == step + 1:
-            torch.save(
-                {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                 "compression": state.state_dict(), "step": step + 1},
-                os.path.join(run.ckpt_dir, f"rank{rank}.pt"),
-            )
-    out = {"losses": losses, "digests": digests, "skipped": skipped}
+            _save(run, rank, model, ddp, opt, state, step + 1)
+    caught.__exit__(None, None, None)
+    out = {"losses": losses, "digests": digests, "skipped": skipped, "warnings": [str(w.message) for w in seen]}
     if state is not None:
         out["stats"] = state.stats()
         out["compression_state"] = state.state_dict()
         state.close()
     return out
+
+
+def _save(run: Run, rank: int, model: nn.Module, ddp: DDP, opt: Any, state: Any, step: int) -> None:
+    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}
+    if not run.single_file:
+        torch.save({**ckpt, "compression": state.state_dict()}, os.path.join(run.ckpt_dir, f"rank{rank}.pt"))
+        return
+    ckpt["compression"] = distcomp.state_dict(ddp)  # on every rank: it gathers to rank 0
+    if rank == 0:
+        torch.save(ckpt, os.path.join(run.ckpt_dir, "single.pt"))
+    dist.barrier()
+
+
+def _resume(run: Run, rank: int, model: nn.Module, ddp: DDP, opt: Any, state: Any) -> int:
+    name = "single.pt" if run.single_file else f"rank{rank}.pt"
+    ckpt = torch.load(os.path.join(run.ckpt_dir, name), weights_only=True)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    if run.restore_compression and run.single_file:
+        distcomp.load_state_dict(ddp, ckpt["compression"])
+    elif run.restore_compression:
+        state.load_state_dict(ckpt["compression"])
+    return ckpt["step"]
 
 
 class _nullcontext:

@@ -109,9 +109,16 @@ def test_four_ranks_none_bit_identical(four_ranks: dict) -> None:
     assert four_ranks["none"][0]["digests"] == four_ranks["ddp"][0]["digests"]
 
 
+LOST = "the optimizer was resumed from a checkpoint but the powersgd compression state was not"
+
+
 @pytest.mark.parametrize("overlap", [True, False], ids=["worker", "inline"])
 def test_resume_continues_bit_identically(tmp_path, overlap: bool) -> None:
-    """Save at step 6, resume in new processes with a new DDP: the next steps equal the uninterrupted run."""
+    """Save at step 6, resume in new processes with a new DDP: the next steps equal the uninterrupted run.
+
+    With the worker, two more runs checkpoint as frameworks do (one file from rank 0, the
+    compression gathered by distcomp.state_dict) and resume with and without the compression state.
+    """
     names = EF_COMPRESSORS if overlap else ["powersgd", "sign", "topk"]
     full, resumed = [], []
     for name in names:
@@ -120,13 +127,24 @@ def test_resume_continues_bit_identically(tmp_path, overlap: bool) -> None:
         kw = dict(compressor=name, options=OPTIONS.get(name, {}), steps=10, overlap=overlap, ckpt_dir=str(ckpt))
         full.append(Run(save_at=6, **kw))
         resumed.append(Run(resume=True, **kw))
+    if overlap:
+        (tmp_path / "single").mkdir()
+        kw = dict(compressor="powersgd", steps=10, ckpt_dir=str(tmp_path / "single"), single_file=True)
+        full.append(Run(save_at=6, **kw))
+        resumed += [Run(resume=True, **kw), Run(resume=True, restore_compression=False, **kw)]
     first = run_ranks(train_many, 2, args=(full,), timeout=300)
     second = run_ranks(train_many, 2, args=(resumed,), timeout=300)
-    for i, name in enumerate(names):
+    for i, name in enumerate(names + ["single-file powersgd"] * overlap):
         for rank in range(2):
             a, b = first[rank][i], second[rank][i]
             assert b["digests"] == a["digests"][6:], f"{name} rank {rank} diverged after resume"
             assert b["losses"] == a["losses"][6:]
+            assert not any(LOST in w for w in a["warnings"] + b["warnings"]), name
+    if overlap:  # the same single file, resumed without its compression state: warned, and it diverges
+        for rank in range(2):
+            lost = second[rank][-1]
+            assert sum(LOST in w for w in lost["warnings"]) == 1, lost["warnings"]
+            assert lost["digests"] != first[rank][-1]["digests"][6:]
 
 
 def test_find_unused_parameters_and_no_sync() -> None:

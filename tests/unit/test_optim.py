@@ -170,8 +170,8 @@ def test_deepspeed_config_maps_options_and_warns_once(caplog: pytest.LogCaptureF
         assert len(warnings) == 2 and "cuda_aware, comm_backend_name" in warnings[0]
         assert "torch.distributed" in warnings[0]
         # The sections DeepSpeed applied around the optimizer, each with what to do instead.
-        assert "gradient_clipping (absent, so DeepSpeed's default: 1.0)" in warnings[1]
-        assert "clip_grad_norm_" in warnings[1] and "fp16: use torch.autocast" in warnings[1]
+        # No gradient_clipping key: DeepSpeed's code default is 0 (no clipping), whatever its config page says.
+        assert "gradient_clipping" not in warnings[1] and "fp16: use torch.autocast" in warnings[1]
         assert "train_batch_size" in warnings[1] and "scheduler" not in warnings[1]
         assert opt.config.freeze_step == 23000 and opt.param_groups[0]["lr"] == 2e-4
         assert opt.param_groups[0]["bias_correction"] is False and opt.param_groups[0]["weight_decay"] == 0.01
@@ -190,13 +190,32 @@ def test_deepspeed_config_is_read_as_deepspeed_reads_it(caplog: pytest.LogCaptur
     # No bias_correction key: DeepSpeed never applied it, so neither does distcomp, and it says so once.
     assert opt.param_groups[0]["bias_correction"] is False and opt.config.freeze_step == 23000
     assert sum("no 'bias_correction'" in w and '"bias_correction": true' in w for w in warnings) == 1
-    assert any("gradient_clipping (set: 0.5)" in w and "clip_grad_norm_(model.parameters(), 0.5)" in w
+    assert any("gradient_clipping (0.5)" in w and "clip_grad_norm_(model.parameters(), 0.5)" in w
                for w in warnings)
-    given = {"optimizer": {"type": "OneBitAdam", "params": {"bias_correction": True}}, "gradient_clipping": 0}
+    # Sections switched off change nothing in DeepSpeed, so nothing is reported for them.
+    given = {"optimizer": {"type": "OneBitAdam", "params": {"bias_correction": False}, "legacy_fusion": False},
+             "gradient_clipping": 0, "fp16": {"enabled": False}, "zero_optimization": {"stage": 0},
+             "prescale_gradients": False}
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="distcomp.optim"):
-        assert optim.from_deepspeed_config(given, make_model().parameters()).param_groups[0]["bias_correction"]
+        assert not optim.from_deepspeed_config(given, make_model().parameters()).param_groups[0]["bias_correction"]
     assert not [r for r in caplog.records if r.levelno == logging.WARNING], "nothing left unapplied"
+
+
+def test_deepspeed_keys_deepspeed_ignored_are_applied_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    given = {"optimizer": {"type": "OneBitAdam", "params": {"bias_correction": True, "eps_inside_sqrt": True}}}
+    with caplog.at_level(logging.WARNING, logger="distcomp.optim"):
+        opt = optim.from_deepspeed_config(given, make_model().parameters())
+    assert opt.param_groups[0]["bias_correction"] and opt.config.eps_inside_sqrt
+    warnings = [r.getMessage() for r in caplog.records]
+    for key in ("bias_correction", "eps_inside_sqrt"):
+        assert sum(f'"{key}": true is applied here' in w and "set it to false" in w for w in warnings) == 1
+
+
+def test_deepspeed_key_given_twice_is_refused() -> None:
+    with pytest.raises(ConfigError, match="key 'lr' is given twice in one object; keep one"):
+        optim.from_deepspeed_config('{"optimizer": {"type": "OneBitAdam", "params": {"lr": 1e-3, "lr": 2e-3}}}',
+                                    make_model().parameters())
 
 
 @pytest.mark.parametrize("params,match", [
