@@ -2,6 +2,7 @@
 
     torchrun --nproc-per-node 2 examples/hf_trainer.py --steps 12 --out-dir hf_out
     torchrun --nproc-per-node 2 examples/hf_trainer.py --steps 24 --out-dir hf_out --resume
+    torchrun --nproc-per-node 2 examples/hf_trainer.py --optimizer onebitadam   # 1-bit Adam as the Trainer's optimizer
 
 The callback registers on the DDP model the Trainer builds and saves each
 rank's compression state beside the Trainer's per-rank files in every
@@ -19,6 +20,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
+import distcomp
 from distcomp.integrations.hf import Compression
 
 
@@ -49,6 +51,7 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=6)
     parser.add_argument("--out-dir", default="hf_out")
     parser.add_argument("--resume", action="store_true", help="resume from the last checkpoint in OUT_DIR")
+    parser.add_argument("--optimizer", choices=["adamw", "onebitadam"], default="adamw")
     parser.add_argument("--report", help="write a digest of the final parameters here (JSON, per process)")
     args = parser.parse_args()
 
@@ -65,11 +68,13 @@ def main() -> None:
         ddp_find_unused_parameters=False,
     )
     model = Regression()
+    # The one line: a compressor for the Trainer's AdamW; with 1-bit Adam the optimizer compresses its own exchange.
+    compression, optimizers = Compression("powersgd", rank=2), (None, None)
+    if args.optimizer == "onebitadam":
+        compression = Compression()
+        optimizers = (distcomp.optim.OneBitAdam(model.parameters(), lr=1e-3, freeze_step=4), None)
     trainer = Trainer(
-        model=model,
-        args=training,
-        train_dataset=Points(1024),
-        callbacks=[Compression("powersgd", rank=2)],  # the one line
+        model=model, args=training, train_dataset=Points(1024), callbacks=[compression], optimizers=optimizers
     )
     trainer.train(resume_from_checkpoint=args.resume or None)
     if args.report:

@@ -42,14 +42,24 @@ def compressed_optimizers(optimizers: Iterable[Any]) -> list[CompressedOptimizer
     return [o for o in map(unwrap_optimizer, optimizers) if isinstance(o, CompressedOptimizer)]
 
 
-def compress(model: nn.Module, compressor: str | Any | None, optimizers: Iterable[Any] = (), **options: Any) -> Any:
+def compress(
+    model: nn.Module,
+    compressor: str | Any | None,
+    optimizers: Iterable[Any] = (),
+    *,
+    clips: bool = False,
+    **options: Any,
+) -> Any:
     """Register on ``model`` (DDP, FSDP2 or FSDP1, as the framework wrapped it); returns the state(s) registered.
 
     With a :mod:`distcomp.optim` optimizer among ``optimizers`` the optimizer
     decides the gradient exchange (``distcomp.optim.register``), and
     ``compressor`` must be None. Such an optimizer is told to accept the single
     checkpoint file rank 0 writes (``reset_errors_from_other_ranks``), as these
-    frameworks save one. A model that no framework wrapped (one process) has no
+    frameworks save one. ``clips`` says the framework clips gradients between
+    backward and step: such an optimizer on DDP then exchanges in ``step()``
+    (``overlap=False``), as it would anyway after finding the gradients changed,
+    without that warning. A model that no framework wrapped (one process) has no
     exchange to compress: None, with a log line.
     """
     mine = compressed_optimizers(optimizers)
@@ -66,6 +76,8 @@ def compress(model: nn.Module, compressor: str | Any | None, optimizers: Iterabl
     if mine:
         for opt in mine:
             opt.reset_errors_from_other_ranks = True
+        if clips and isinstance(model, DistributedDataParallel):
+            options.setdefault("overlap", False)
         return [optim.register(model, opt, **options) for opt in mine]
     if isinstance(model, DistributedDataParallel):
         return register(model, compressor, **options)

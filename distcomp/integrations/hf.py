@@ -34,7 +34,7 @@ except ImportError as err:
     raise ImportError("distcomp.integrations.hf needs transformers: pip install transformers accelerate") from err
 
 from distcomp.checkpoint import load_state_dict
-from distcomp.integrations import compress
+from distcomp.integrations import compress, compressed_optimizers
 
 STATE_FILE = "distcomp_rank{rank}.pt"
 
@@ -54,12 +54,19 @@ class Compression(TrainerCallback):
         self.state: Any = None
         self._hook: RemovableHandle | None = None
         self._restore: dict[str, Any] | None = None
+        self._clips = False
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        # The Trainer loads a resumed optimizer state (rank 0's single file) before on_train_begin.
+        for opt in compressed_optimizers([kwargs.get("optimizer")]):
+            opt.reset_errors_from_other_ranks = True
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         model, optimizer = kwargs["model"], kwargs.get("optimizer")
         self._restore = self._saved_state(args, state)
+        self._clips = bool(args.max_grad_norm)
         optimizers = [] if optimizer is None else [optimizer]
         if isinstance(model, (DistributedDataParallel, FSDPModule, FullyShardedDataParallel)):
             self._register(cast(nn.Module, model), optimizers)
@@ -89,7 +96,7 @@ class Compression(TrainerCallback):
         self._hook = nn.modules.module.register_module_forward_pre_hook(pre_hook)
 
     def _register(self, model: nn.Module, optimizers: list[Any]) -> None:
-        self.state = compress(model, self.compressor, optimizers, **self.options)
+        self.state = compress(model, self.compressor, optimizers, clips=self._clips, **self.options)
         if self._restore is not None and self.compressor is not None and self.state is not None:
             load_state_dict(self.state, self._restore, strict=False)
         self._restore = None

@@ -49,7 +49,8 @@ class Compression(Callback):
         model = trainer.strategy.model
         if model is None:  # Lightning sets it before on_fit_start; None would be a Lightning bug
             raise RuntimeError("distcomp: Lightning's strategy holds no model at on_fit_start")
-        self.state = compress(model, self.compressor, trainer.optimizers, **self.options)
+        clips = bool(trainer.gradient_clip_val)
+        self.state = compress(model, self.compressor, trainer.optimizers, clips=clips, **self.options)
         if self._restore is not None and self.compressor is not None and self.state is not None:
             # Another world size or compressor than the checkpoint's: warn and restart, as the run itself may resume.
             load_state_dict(self.state, self._restore, strict=False)
