@@ -78,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="what this machine offers: torch, backends, GPUs, Triton, MPI, kernels")
     info.set_defaults(func=_info)
+
+    check = sub.add_parser(
+        "check",
+        help="prove the GPU path: kernels against their references, hooks, optimizers and FSDP on CUDA/NCCL",
+        description="distcomp check gpu: a pass/fail table and a JSON report (docs/gpu.md).",
+    )
+    from distcomp.check import add_arguments
+
+    add_arguments(check)
+    check.set_defaults(func=_check)
     return parser
 
 
@@ -105,6 +115,12 @@ def _train(args: argparse.Namespace) -> int:
     except (ConfigError, CheckpointError) as exc:
         sys.stderr.write(f"distcomp train: error: {exc}\n")
         return EXIT_USAGE
+
+
+def _check(args: argparse.Namespace) -> int:
+    from distcomp.check import check
+
+    return check(args)
 
 
 # -- info --------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from distcomp.config import config_to_dict
 from distcomp.hooks.executor import InlineExecutor, PipelinedExecutor, Turn, WorkerExecutor
 from distcomp.rankstate import check_rank_state
 from distcomp.registry import make_compressor
+from distcomp.streams import new_future
 from distcomp.telemetry import Telemetry
 
 STATE_FORMAT = "distcomp.compression/1"
@@ -126,7 +127,7 @@ class CompressionState:
 
         # Only a bucket that ends in one compressed two-phase exchange has a last collective to overlap.
         pipelined = len(units) == 1 and step >= self.compressor.config.start_step and bucket.numel > 0
-        return self._executor.submit(job, pipelined=pipelined)
+        return self._executor.submit(job, pipelined=pipelined, data=bucket.buffer)
 
     def _exact_async(self, bucket: Bucket, step: int, last: bool, called: float) -> torch.futures.Future:
         """``none``: DDP's all-reduce issued from the hook on the worker's group, without the worker thread.
@@ -150,19 +151,28 @@ class CompressionState:
         if not last:
             return fut
         pending, self._step_futures = self._step_futures, []
+        # collect_all's future carries no device, nor would a .then() of it: the last bucket's result goes
+        # through a future of its own that does, completed after this thread's stream waited for every bucket.
+        out = new_future(bucket.buffer)
 
-        def close(done: torch.futures.Future) -> torch.Tensor:
+        def close(done: torch.futures.Future) -> None:
             rec.exposed_comm_s = time.perf_counter() - called
+            error: BaseException | None = None
             try:
                 for f in done.value():
-                    f.value()  # re-raises a bucket's error
-            finally:
-                for _, r in pending:
-                    self.telemetry.add(step, r)
-                self.telemetry.end_step()
-            return fut.value()
+                    f.wait()  # re-raises a bucket's error; on CUDA, the current stream waits for the bucket's
+            except BaseException as exc:  # noqa: BLE001 - DDP re-raises it from backward()
+                error = exc
+            for _, r in pending:  # the step's statistics are complete before backward returns
+                self.telemetry.add(step, r)
+            self.telemetry.end_step()
+            if error is None:
+                out.set_result(fut.value())
+            else:
+                out.set_exception(error)
 
-        return torch.futures.collect_all([f for f, _ in pending]).then(close)
+        torch.futures.collect_all([f for f, _ in pending]).then(close)
+        return out
 
     def _units(self, bucket: Bucket, step: int) -> list[Bucket]:
         """The pieces to compress: the bucket itself, or the layouts a resumed checkpoint recorded.

@@ -30,6 +30,10 @@ process group must therefore be destroyed, and its gloo threads joined, while
 the interpreter is still whole. :meth:`WorkerExecutor.shutdown` stops the thread,
 then destroys the group; every worker not shut down by then is shut down by an
 exit handler, whether its owner was closed, dropped, or is still alive.
+
+On CUDA a worker runs its jobs on a stream of its own, after the work the
+submitting thread had queued, and completes futures that carry the device, so
+that DDP's reducer waits for the worker's stream (:mod:`distcomp.streams`).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from distcomp.streams import Handoff, WorkerStreams, new_future
 from distcomp.workspace import Workspace
 
 logger = logging.getLogger("distcomp")
@@ -58,9 +63,9 @@ class InlineExecutor:
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         self.group = group
 
-    def submit(self, job: Job, *, pipelined: bool = False) -> torch.futures.Future:
-        """Run ``job`` now (``pipelined`` is ignored: there is nothing to overlap with)."""
-        fut: torch.futures.Future = torch.futures.Future()
+    def submit(self, job: Job, *, pipelined: bool = False, data: torch.Tensor | None = None) -> torch.futures.Future:
+        """Run ``job`` now, on the caller's stream (``pipelined`` is ignored: there is nothing to overlap with)."""
+        fut = new_future(data)
         try:
             fut.set_result(job(None))
         except BaseException as exc:  # noqa: BLE001 - DDP re-raises it from backward()
@@ -87,17 +92,24 @@ class WorkerExecutor:
             initializer=torch.set_num_threads,
             initargs=(torch.get_num_threads(),),
         )
+        self._streams = WorkerStreams()
         _OPEN.add(self)
 
-    def submit(self, job: Job, *, pipelined: bool = False) -> torch.futures.Future:
-        """Queue ``job`` behind the earlier ones (``pipelined`` is ignored: one thread runs them one by one)."""
-        fut: torch.futures.Future = torch.futures.Future()
+    def submit(self, job: Job, *, pipelined: bool = False, data: torch.Tensor | None = None) -> torch.futures.Future:
+        """Queue ``job`` behind the earlier ones (``pipelined`` is ignored: one thread runs them one by one).
+
+        ``data`` is the tensor the job reads (a bucket's buffer): on CUDA the job
+        runs on the worker's stream after the work queued on the caller's
+        stream, and the future carries the device.
+        """
+        fut, handoff = new_future(data), Handoff(data)
 
         def run() -> None:
-            try:
-                fut.set_result(job(None))
-            except BaseException as exc:  # noqa: BLE001 - DDP re-raises it from backward()
-                fut.set_exception(exc)
+            with handoff.on_worker(self._streams):
+                try:
+                    fut.set_result(job(None))
+                except BaseException as exc:  # noqa: BLE001 - DDP re-raises it from backward()
+                    fut.set_exception(exc)
 
         self._pool.submit(run)
         return fut
@@ -136,23 +148,25 @@ class PipelinedExecutor(WorkerExecutor):
         self.overlapped = 0
         """Jobs that started while the previous one was still waiting for its last collective."""
 
-    def submit(self, job: Job, *, pipelined: bool = False) -> torch.futures.Future:
+    def submit(self, job: Job, *, pipelined: bool = False, data: torch.Tensor | None = None) -> torch.futures.Future:
         """Queue ``job``; with ``pipelined`` it may start while the previous job waits for its last collective."""
-        fut: torch.futures.Future = torch.futures.Future()
+        fut, handoff = new_future(data), Handoff(data)
         with self._cond:
             seq, self._submitted = self._submitted, self._submitted + 1
             self._unfinished.add(seq)
 
         def run() -> None:
             self._start(seq, pipelined)
-            try:
-                result = job(Turn(self, seq) if pipelined else None)
-            except BaseException as exc:  # noqa: BLE001 - DDP re-raises it from backward()
+            # Both threads use the same stream per device: the baton already orders the jobs.
+            with handoff.on_worker(self._streams):
+                try:
+                    result = job(Turn(self, seq) if pipelined else None)
+                except BaseException as exc:  # noqa: BLE001 - DDP re-raises it from backward()
+                    self._finish(seq)
+                    fut.set_exception(exc)
+                    return
                 self._finish(seq)
-                fut.set_exception(exc)
-                return
-            self._finish(seq)
-            fut.set_result(result)
+                fut.set_result(result)
 
         self._pool.submit(run)
         return fut

@@ -43,6 +43,7 @@ from distcomp.hooks.executor import WorkerExecutor
 from distcomp.numerics import local_health
 from distcomp.optim.base import CompressedOptimizer
 from distcomp.optim.overlap import BackwardExchange
+from distcomp.streams import new_future
 
 logger = logging.getLogger("distcomp.optim")
 
@@ -115,7 +116,7 @@ class OptimizerHookState:
             if not bool(torch.isfinite(word).all()):
                 buffer.fill_(float("nan"))
         self.optimizer.comm.record(rec)
-        fut: torch.futures.Future = torch.futures.Future()
+        fut = new_future(buffer)  # completed on the caller's stream, which produced the buffer
         fut.set_result(buffer)
         return fut
 

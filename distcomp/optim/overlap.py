@@ -172,7 +172,7 @@ class BackwardExchange:
                 self.optimizer.comm.record(rec)
             return buffer
 
-        return self.executor.submit(job)
+        return self.executor.submit(job, data=buffer)
 
     def _begin(self, step: int) -> None:
         """The first bucket of a backward pass (a second backward before ``step()`` starts over)."""
