@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from distcomp.check.gpu import Case, Row, _agreement, _bench_row, _junit_rows, table
+from distcomp.check import main
+from distcomp.cli import main as cli_main
+from distcomp.check.gpu import Case, Row, _agreement, _bench_row, _junit_rows, table, write_report
 from distcomp.streams import Handoff, WorkerStreams, new_future
 
 
@@ -40,19 +42,26 @@ def test_cpu_plan_runs_every_section_and_writes_the_report(tmp_path: Path) -> No
     assert checks["none/overlap: equals DDP's exact mean"]["detail"] == "bit-identical"
     assert checks["kernel tests on cpu"]["status"] == "pass"
     assert "| training | fsdp/int8: runs on cpu | pass |" in proc.stdout
-    # A second run keeps the first one's files.
-    assert check("--device", "cpu", "--quick", "--sections", "training", "--out", str(tmp_path)).returncode == 0
-    assert len(list(tmp_path.glob("*-gpu-check-cpu-quick*.json"))) == 2
 
 
-def test_plan_and_refusals() -> None:
-    plan = check("--plan", "--quick")
-    assert plan.returncode == 0 and "powersgd/overlap" in plan.stdout and "training" in plan.stdout
-    bad = check("--device", "cpu", "--sections", "kernels,speed")
-    assert bad.returncode == 2 and "unknown sections ['speed']" in bad.stderr
+def test_a_second_report_keeps_the_first(tmp_path: Path) -> None:
+    rows = [Row("training", "a", "pass")]
+    first = write_report(rows, "cpu", True, tmp_path)
+    second = write_report(rows + [Row("training", "b", "fail", "broken")], "cpu", True, tmp_path)
+    assert first[0] != second[0] and second[0].name.endswith("-2.json")
+    assert json.loads(first[0].read_text())["passed"] and not json.loads(second[0].read_text())["passed"]
+
+
+def test_plan_and_refusals(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["gpu", "--plan", "--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "powersgd/overlap" in out and "training" in out
+    assert main(["gpu", "--device", "cpu", "--sections", "kernels,speed"]) == 2
+    assert "unknown sections ['speed']" in capsys.readouterr().err
+    assert cli_main(["check", "gpu", "--plan"]) == 0 and "fsdp/topk" in capsys.readouterr().out  # distcomp check
     if not torch.cuda.is_available():
-        gpu = check()
-        assert gpu.returncode == 2 and "no CUDA device here; pass --device cpu" in gpu.stderr
+        assert main(["gpu"]) == 2
+        assert "no CUDA device here; pass --device cpu" in capsys.readouterr().err
 
 
 def test_a_stream_race_or_a_cpu_mismatch_fails() -> None:
