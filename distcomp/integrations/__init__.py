@@ -21,6 +21,7 @@ from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.nn.parallel import DistributedDataParallel
 
 from distcomp import fsdp, optim
+from distcomp.checkpoint import load_state_dict
 from distcomp.errors import ConfigError
 from distcomp.hooks.ddp import register
 from distcomp.optim.base import CompressedOptimizer
@@ -48,6 +49,7 @@ def compress(
     optimizers: Iterable[Any] = (),
     *,
     clips: bool = False,
+    restore: dict[str, Any] | None = None,
     **options: Any,
 ) -> Any:
     """Register on ``model`` (DDP, FSDP2 or FSDP1, as the framework wrapped it); returns the state(s) registered.
@@ -59,7 +61,10 @@ def compress(
     frameworks save one. ``clips`` says the framework clips gradients between
     backward and step: such an optimizer on DDP then exchanges in ``step()``
     (``overlap=False``), as it would anyway after finding the gradients changed,
-    without that warning. A model that no framework wrapped (one process) has no
+    without that warning. ``restore`` is the compression state of the checkpoint
+    being resumed (:func:`distcomp.state_dict`'s): loaded once registered, or,
+    where it cannot resume this job (another world size or compressor),
+    skipped with a warning. A model that no framework wrapped (one process) has no
     exchange to compress: None, with a log line.
     """
     mine = compressed_optimizers(optimizers)
@@ -80,5 +85,9 @@ def compress(
             options.setdefault("overlap", False)
         return [optim.register(model, opt, **options) for opt in mine]
     if isinstance(model, DistributedDataParallel):
-        return register(model, compressor, **options)
-    return fsdp.register(model, compressor, **options)
+        state = register(model, compressor, **options)
+    else:
+        state = fsdp.register(model, compressor, **options)
+    if restore is not None:
+        load_state_dict(state, restore, strict=False)
+    return state

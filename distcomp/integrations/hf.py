@@ -33,7 +33,6 @@ try:
 except ImportError as err:
     raise ImportError("distcomp.integrations.hf needs transformers: pip install transformers accelerate") from err
 
-from distcomp.checkpoint import load_state_dict
 from distcomp.integrations import compress, compressed_optimizers
 
 STATE_FILE = "distcomp_rank{rank}.pt"
@@ -76,8 +75,7 @@ class Compression(TrainerCallback):
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.compressor is None or self.state is None:
             return
-        folder = os.path.join(str(args.output_dir), f"checkpoint-{state.global_step}")
-        torch.save(self.state.state_dict(), os.path.join(folder, STATE_FILE.format(rank=args.process_index)))
+        torch.save(self.state.state_dict(), os.path.join(_checkpoint_folder(args, state), _state_file(args)))
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -96,9 +94,9 @@ class Compression(TrainerCallback):
         self._hook = nn.modules.module.register_module_forward_pre_hook(pre_hook)
 
     def _register(self, model: nn.Module, optimizers: list[Any]) -> None:
-        self.state = compress(model, self.compressor, optimizers, clips=self._clips, **self.options)
-        if self._restore is not None and self.compressor is not None and self.state is not None:
-            load_state_dict(self.state, self._restore, strict=False)
+        self.state = compress(
+            model, self.compressor, optimizers, clips=self._clips, restore=self._restore, **self.options
+        )
         self._restore = None
 
     def _remove_hook(self) -> None:
@@ -110,11 +108,21 @@ class Compression(TrainerCallback):
         """This rank's compression state in the checkpoint being resumed, if the run resumes from one."""
         if self.compressor is None or state.global_step == 0:
             return None
-        folders = [os.path.join(str(args.output_dir), f"checkpoint-{state.global_step}")]
+        folders = [_checkpoint_folder(args, state)]
         if isinstance(args.resume_from_checkpoint, str):
             folders.insert(0, args.resume_from_checkpoint)
         for folder in folders:
-            path = os.path.join(folder, STATE_FILE.format(rank=args.process_index))
+            path = os.path.join(folder, _state_file(args))
             if os.path.exists(path):
                 return torch.load(path, weights_only=True)
         return None  # the resumed-without-state warning of distcomp.checkpoint speaks at the first step
+
+
+def _checkpoint_folder(args: TrainingArguments, state: TrainerState) -> str:
+    """The folder the Trainer saves the checkpoint of ``state.global_step`` in."""
+    return os.path.join(str(args.output_dir), f"checkpoint-{state.global_step}")
+
+
+def _state_file(args: TrainingArguments) -> str:
+    """This rank's compression-state file in a checkpoint folder."""
+    return STATE_FILE.format(rank=args.process_index)

@@ -26,7 +26,7 @@ except ImportError as err:
         "distcomp.integrations.lightning needs Lightning 2 (the lightning package): pip install lightning"
     ) from err
 
-from distcomp.checkpoint import load_state_dict, state_dict
+from distcomp.checkpoint import state_dict
 from distcomp.integrations import compress
 
 
@@ -50,10 +50,9 @@ class Compression(Callback):
         if model is None:  # Lightning sets it before on_fit_start; None would be a Lightning bug
             raise RuntimeError("distcomp: Lightning's strategy holds no model at on_fit_start")
         clips = bool(trainer.gradient_clip_val)
-        self.state = compress(model, self.compressor, trainer.optimizers, clips=clips, **self.options)
-        if self._restore is not None and self.compressor is not None and self.state is not None:
-            # Another world size or compressor than the checkpoint's: warn and restart, as the run itself may resume.
-            load_state_dict(self.state, self._restore, strict=False)
+        self.state = compress(
+            model, self.compressor, trainer.optimizers, clips=clips, restore=self._restore, **self.options
+        )
         self._restore = None
 
     def state_dict(self) -> dict[str, Any]:
