@@ -2,15 +2,14 @@
 
 Every benchmark writes each run to ``benchmarks/results/<YYYY-MM-DD>-<name>.json`` (the machine, torch,
 the command line, the commit and every figure) and ``<YYYY-MM-DD>-<name>.md`` (the tables it printed),
-unless ``--no-save``; ``--out DIR`` writes them elsewhere. Only torch and the standard library are used
-here, so that the benchmarks run unchanged against older checkouts of the library.
+unless ``--no-save``; ``--out DIR`` writes them elsewhere. The data and digests are
+:mod:`distcomp.bench.data`, shared with ``distcomp bench``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -25,6 +24,8 @@ from typing import Any
 
 import torch
 
+from distcomp.bench import data
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 """Where the dated results files go by default."""
 ROOT = RESULTS_DIR.parents[1]
@@ -35,29 +36,9 @@ Figures = Sequence[tuple[str, str, str]]
 """Columns of a results table: ``(column, field of the result, format spec)``."""
 
 
-# -- training data -------------------------------------------------------------------------
+# -- training data (shared with distcomp bench) ----------------------------------------------
 
-
-def corpus() -> torch.Tensor:
-    """Bytes of the help text that ships with Python: real text, no download."""
-    from pydoc_data.topics import topics
-
-    text = "".join(topics.values()).encode("utf-8")
-    return torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
-
-
-def batch(data: torch.Tensor, rank: int, step: int, size: int, context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch that depends only on (rank, step): every method sees the same data."""
-    g = torch.Generator().manual_seed(1_000 * step + rank)
-    starts = torch.randint(0, data.numel() - context - 1, (size,), generator=g)
-    idx = torch.stack([data[s : s + context + 1] for s in starts.tolist()])
-    return idx[:, :-1], idx[:, 1:]
-
-
-def param_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of every parameter's bytes: equal on every rank exactly when the replicas agree bit for bit."""
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    return hashlib.sha256(flat.numpy().tobytes()).hexdigest()
+corpus, batch, param_digest = data.corpus, data.batch, data.param_digest
 
 
 # -- command line and progress -------------------------------------------------------------

@@ -29,7 +29,7 @@ on a 2x2 mesh) with a 1-D ``fully_shard`` on the shard sub-mesh whose replica
 all-reduce is compressed (``register(..., replicate_group=...)``).
 
 With ``--bandwidth RATE`` the ranks run on two "hosts": network namespaces
-joined by a veth pair capped at RATE each way (``benchmarks/netns.py``). FSDP2
+on a bridge, capped at RATE each way (``distcomp/bench/netns.py``). FSDP2
 puts one rank on each host, so every collective (parameter all-gathers too)
 crosses the link. HSDP puts two ranks on each host, ranks 0, 1 on the first and
 2, 3 on the second, so each shard group (a row of the (replicate, shard) mesh)
@@ -66,14 +66,14 @@ from torch.distributed.fsdp import fully_shard
 
 import distcomp
 import distcomp.fsdp
+from distcomp.bench import netns
 from distcomp.models.gpt import GPT, GPTConfig
 from distcomp.testing import run_ranks
 
 try:
-    from benchmarks import common, netns
+    from benchmarks import common
 except ImportError:  # run as a script: the script's own folder is on sys.path
     import common
-    import netns
 
 logger = logging.getLogger("distcomp.bench")
 

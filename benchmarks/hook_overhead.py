@@ -63,14 +63,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import distcomp
 import distcomp.optim
+from distcomp.bench import netns
+from distcomp.bench.worker import probe_all_reduce
 from distcomp.models.gpt import GPT, GPTConfig
 from distcomp.testing import run_ranks
 
 try:
-    from benchmarks import common, netns
+    from benchmarks import common
 except ImportError:  # run as a script: the script's own folder is on sys.path
     import common
-    import netns
+
 
 logger = logging.getLogger("distcomp.bench")
 
@@ -356,14 +358,7 @@ def _build(config: ExperimentConfig, bench: BenchConfig) -> _Replica:
 
 def _probe_link(reps: int = 3) -> float:
     """Median seconds of an all-reduce of :data:`PROBE_BYTES`: how fast the link really is."""
-    x = torch.ones(PROBE_BYTES // 4)
-    times = []
-    for _ in range(reps):
-        dist.barrier()
-        start = time.perf_counter()
-        dist.all_reduce(x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return probe_all_reduce(PROBE_BYTES, reps)
 
 
 def _gather_health(replicas: list[_Replica], records: list[_Record]) -> list[dict[str, tuple[str, bool]]]:

@@ -69,14 +69,14 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import distcomp.optim as optim
+from distcomp.bench import netns
 from distcomp.models.gpt import GPT, GPTConfig
 from distcomp.testing import run_ranks
 
 try:
-    from benchmarks import common, netns
+    from benchmarks import common
 except ImportError:  # run as a script: the script's own folder is on sys.path
     import common
-    import netns
 
 logger = logging.getLogger("distcomp.bench")
 

@@ -2,6 +2,7 @@
 
     distcomp train configs/quickstart.yaml [--set KEY=VALUE ...] [--resume PATH | --overwrite] [--device cpu] [--quiet]
     distcomp launch [--hostfile H | --nproc-per-node N | --launcher mpich|openmpi|slurm] [--dry-run] SCRIPT [ARGS...]
+    distcomp bench [--quick] | distcomp bench predict [--bandwidth 1gbit] [--world 8,64]
     distcomp info
 
 Configuration errors stop the command before any rank starts, with exit code 2.
@@ -79,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="what this machine offers: torch, backends, GPUs, Triton, MPI, kernels")
     info.set_defaults(func=_info)
 
+    bench = sub.add_parser(
+        "bench",
+        help="scaling benchmark: hosts as network namespaces at 10 Mbit/s to unshaped; 'bench predict' for others",
+        description="Step time, bytes, tokens/s and time-to-loss of every method on 2 and 4 hosts at several "
+        "link rates (needs root); 'distcomp bench predict' predicts them for a network you do not have.",
+    )
+    from distcomp.bench.cli import add_arguments as add_bench
+
+    add_bench(bench)
     check = sub.add_parser(
         "check",
         help="prove the GPU path: kernels against their references, hooks, optimizers and FSDP on CUDA/NCCL",

@@ -26,6 +26,7 @@ def test_wheel_maps_kernels_and_launch_under_distcomp(tmp_path: Path) -> None:
     assert "distcomp/kernels/sign.py" in names
     assert "distcomp/launch/__init__.py" in names
     assert "distcomp/compressors/powersgd.py" in names
+    assert "distcomp/bench/worker.py" in names and "distcomp/bench/reference.json" in names
     assert not [n for n in names if n.startswith(("kernels/", "launch/"))], "generic top-level names must not ship"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from distcomp.train import forecast
 from distcomp.train.config import TrainConfig, config_to_raw
 from distcomp.train.data import load_corpus
 from distcomp.train.loop import RankContext, train_run
@@ -42,7 +43,8 @@ def rank_job(cfg: TrainConfig, ctx: RankContext, resume: Path | None) -> int:
             f"GPT {results[0].params / 1e6:.1f}M parameters, batch {cfg.data.batch_size} x "
             f"{cfg.model.context} bytes per rank, {corpus.source}"
         )
-        table = format_table(results, header)
+        predicted = forecast.safe_rows(cfg, results, ctx.world_size, ctx.device.type)
+        table = format_table(results, header, predicted, forecast.footnote(ctx.world_size))
         # The file first: after SIGHUP the terminal may be gone and printing fail.
         summary = {"runs": [r.as_dict() for r in results], "table": table, "config": config_to_raw(cfg)}
         write_summary(root / "summary.json", summary)

@@ -16,6 +16,8 @@ import logging
 import math
 import os
 import sys
+import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,8 +283,14 @@ def fmt_ratio(r: float) -> str:
     return f"{r:.1f}x" if math.isfinite(r) else "n/a"
 
 
-def format_table(results: list[RunResult], header: str) -> str:
-    """The side-by-side summary printed at the end of ``distcomp train``."""
+def format_table(
+    results: list[RunResult],
+    header: str,
+    predicted: Sequence[tuple[str, Sequence[str]]] = (),
+    predicted_note: str = "",
+) -> str:
+    """The side-by-side summary printed at the end of ``distcomp train``; ``predicted``: extra rows
+    ``(label, one cell per run)`` below the measured ones, explained by ``predicted_note``."""
     base = next((r for r in results if r.compressor == "none"), None)
 
     def val(r: RunResult) -> str:
@@ -304,6 +312,7 @@ def format_table(results: list[RunResult], header: str) -> str:
         ("wall time", lambda r: f"{r.wall_s:.1f} s" if r.wall_s < 10 else f"{r.wall_s:.0f} s"),
     ]
     cells = [[label, *(fn(r) for r in results)] for label, fn in rows]
+    cells += [[label, *values] for label, values in predicted]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     lines = [header, ""]
     for i, row in enumerate(cells):
@@ -315,4 +324,6 @@ def format_table(results: list[RunResult], header: str) -> str:
         "sent per step, ratio and encode/comm time: per rank, after the compressor's warm-up steps;",
         "ratio = bytes of an fp32 ring all-reduce / bytes sent. Train loss: mean of the last 10 steps.",
     ]
+    if predicted:
+        lines += textwrap.wrap(predicted_note, 100)
     return "\n".join(lines)

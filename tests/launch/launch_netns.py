@@ -18,21 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from distcomp.bench.netns import install_ssh_standin
+
 PREFIX = "dclaunch"
 SUBNET = "10.78.0"
-SSH_STANDIN = """\
-#!/bin/sh
-# ssh stand-in for tests: ssh [-o OPT | -p PORT]... HOST COMMAND... runs COMMAND inside network namespace HOST.
-while [ $# -gt 0 ]; do
-  case "$1" in
-    -o|-p|-i|-l) shift 2 ;;
-    -*) shift ;;
-    *) break ;;
-  esac
-done
-host=$1; shift
-exec ip netns exec "$host" sh -c "$*"
-"""
 
 
 @dataclass(frozen=True)
@@ -91,15 +80,6 @@ def two_hosts() -> Iterator[tuple[NetHost, NetHost]]:
     finally:
         for h in hosts:
             subprocess.run(["ip", "netns", "del", h.name], capture_output=True, timeout=30)
-
-
-def install_ssh_standin(folder: Path) -> Path:
-    """Write the ``ssh`` stand-in into ``folder`` (put it first on PATH); its path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "ssh"
-    path.write_text(SSH_STANDIN)
-    path.chmod(0o755)
-    return path
 
 
 def write_hostfile(path: Path, hosts: tuple[NetHost, ...], slots: int = 1) -> Path:

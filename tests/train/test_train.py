@@ -66,6 +66,13 @@ def test_quickstart_shortened_prints_the_summary_and_writes_tensorboard(tmp_path
     header = next(line for line in table.splitlines() if line.strip().startswith("none"))
     assert header.split() == ["none", "powersgd"]
     assert "2 ranks (gloo, cpu)" in table
+    # Loopback cannot show what compression buys: the predictor's rows do, labelled as predicted.
+    rows = {line.split("  ")[0]: line.split() for line in table.splitlines() if line.startswith("predicted at")}
+    assert list(rows) == ["predicted at 100 Mbit/s", "predicted at 1 Gbit/s", "predicted at 10 Gbit/s"]
+    none_ms = {link: float(cells[4]) for link, cells in rows.items()}  # "predicted at L  N ms (1.0x)  ..."
+    assert all(cells[6] == "(1.0x)" for cells in rows.values())  # the speedup is over the none run
+    assert none_ms["predicted at 100 Mbit/s"] > none_ms["predicted at 1 Gbit/s"] >= none_ms["predicted at 10 Gbit/s"]
+    assert "predicted: not measured here" in table
     runs = {r["compressor"]: r for r in summary(tmp_path, "quickstart")["runs"]}
     assert runs["none"]["ratio"] == pytest.approx(1.0)
     assert runs["powersgd"]["ratio"] > 2.0 and runs["powersgd"]["sent_bytes"] < runs["none"]["sent_bytes"]
