@@ -210,7 +210,6 @@ def write_report(folder: Path, meta: dict[str, Any], cells: Sequence[CellResult]
     ttl_md, ttl = {}, {}
     for h in sorted({c.hosts for c in cells}):
         ttl_md[h], ttl[h] = report.ttl_table(cells, h, n)
-    recommended = _recommended(ttl)
     sections = [
         f"# distcomp bench ({meta['date']})",
         f"`{meta['command']}`",
@@ -222,7 +221,7 @@ def write_report(folder: Path, meta: dict[str, Any], cells: Sequence[CellResult]
             f"## {h} hosts: median step (ms) and ratio to the no-communication bound",
             report.step_table(cells, h, names),
         ]
-    sections += ["## Targets", "\n".join(report.targets(cells, ttl, recommended)) or "- (no cell for any target)"]
+    sections += ["## Targets", "\n".join(report.targets(cells, ttl)) or "- (no cell for any target)"]
     for h, md in ttl_md.items():
         target = report.loss_target(cells, h, n)
         sections += [
@@ -260,15 +259,6 @@ def _setup(cells: Sequence[CellResult], cfg: CellConfig) -> str:
         "own: for ddp a ring all-reduce of the fp32 gradients, for the fsdp rows two fp32 all-gathers of the "
         "parameters (and plain fsdp's reduce-scatter)."
     )
-
-
-def _recommended(ttl: report.TTLSeconds) -> str:
-    """The method with the shortest time-to-loss at 1 Gbit/s on the most hosts (DDP when nothing beats it)."""
-    for h in sorted(ttl, reverse=True):
-        seconds = {k: v for k, v in ttl[h].get("1gbit", {}).items() if v is not None}
-        if seconds:
-            return min(seconds, key=lambda k: seconds[k])
-    return "ddp"
 
 
 def _draw(folder: Path, cells: Sequence[CellResult], pts: Sequence[validate.Point], names: list[str]) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -245,6 +246,7 @@ def run_cell(cell: Cell, cfg: CellConfig, folder: Path, on_round: Callable[[int]
                 _wait(proc, folder, start + cfg.timeout_s, on_round)
             finally:
                 _stop(proc)
+                shutil.rmtree(shim, ignore_errors=True)
     ranks = [json.loads((folder / f"rank{r}.json").read_text()) for r in range(cell.hosts)]
     return CellResult(
         cell.hosts,

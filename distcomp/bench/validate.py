@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from distcomp.bench import netns
 from distcomp.bench.methods import Method
 from distcomp.bench.predict import Network, Workload, method_traffic, step_time
 from distcomp.bench.report import fmt, probed_bits, table
@@ -34,10 +35,17 @@ class Point:
     measured_s: float
     predicted_s: float
     spread: float
+    nominal_s: float | None = None
+    """Predicted from the link's nominal rate at :data:`~distcomp.bench.predict.GOODPUT` (what a user types)
+    instead of the probe; None for an unshaped link, which has no nominal rate."""
 
     @property
     def error(self) -> float:
         return self.predicted_s / self.measured_s - 1
+
+    @property
+    def nominal_error(self) -> float | None:
+        return None if self.nominal_s is None else self.nominal_s / self.measured_s - 1
 
 
 def cell_network(cell: CellResult) -> Network:
@@ -72,7 +80,11 @@ def points(
                 if key not in traffic:
                     traffic[key] = method_traffic(m, wl, cell.hosts)
                 pred = step_time(m.name, traffic[key], wl, net, cell.hosts)
-                out.append(Point(cell.hosts, cell.link, m.name, f.step_s, pred.step_s, f.spread or 0.0))
+                nominal = None
+                if cell.rate is not None:
+                    typed = Network(bandwidth_bits=netns.rate_bits(cell.rate), latency_s=net.latency_s)
+                    nominal = step_time(m.name, traffic[key], wl, typed, cell.hosts).step_s
+                out.append(Point(cell.hosts, cell.link, m.name, f.step_s, pred.step_s, f.spread or 0.0, nominal))
     finally:
         torch.set_num_threads(threads)
     return out
@@ -103,10 +115,18 @@ def error_table(pts: Sequence[Point]) -> str:
             f"{p.measured_s * 1e3:.0f}",
             f"{p.predicted_s * 1e3:.0f}",
             f"{p.error * 100:+.0f}%",
+            fmt(p.nominal_s * 1e3 if p.nominal_s else None, ".0f"),
+            fmt(p.nominal_error * 100 if p.nominal_error is not None else None, "+.0f")
+            + "%" * (p.nominal_s is not None),
         ]
         for p in pts
     ]
-    return table(["hosts", "link", "method", "measured ms", "predicted ms", "error"], rows)
+    cols = ["hosts", "link", "method", "measured ms", "predicted ms", "error", "from nominal rate ms", "error"]
+    return table(cols, rows)
+
+
+def _percent(x: float | None) -> str:
+    return "-" if x is None else f"{x * 100:+.0f}%"
 
 
 def summary(pts: Sequence[Point], limit: float = 0.25) -> list[str]:
@@ -116,9 +136,13 @@ def summary(pts: Sequence[Point], limit: float = 0.25) -> list[str]:
     errs = sorted(abs(p.error) for p in pts)
     outside = [p for p in pts if abs(p.error) > limit]
     wrong = misranked(pts)
+    typed = sorted(abs(e) for p in pts if (e := p.nominal_error) is not None)
     lines = [
         f"- {len(pts)} points; median |error| {fmt(errs[len(errs) // 2] * 100, '.0f')}%, "
         f"largest {errs[-1] * 100:.0f}%; within {limit:.0%}: {len(pts) - len(outside)} of {len(pts)}",
+        f"- from the nominal rate (shaped links, {len(typed)} points): median |error| "
+        f"{fmt(typed[len(typed) // 2] * 100 if typed else None, '.0f')}%, largest "
+        f"{fmt(typed[-1] * 100 if typed else None, '.0f')}%; within {limit:.0%}: {sum(e <= limit for e in typed)}",
         f"- ranking: {len(wrong)} clearly ordered pair(s) predicted the other way",
     ]
     lines += [f"  - outside {limit:.0%}: {p.hosts} hosts, {p.link}, {p.method}: {p.error * 100:+.0f}%" for p in outside]

@@ -59,12 +59,13 @@ def test_time_to_loss_counts_the_steps_to_ddps_smoothed_loss() -> None:
 
 def test_targets_report_met_and_not_met_with_their_figures() -> None:
     cells = [cell("100mbit", {"noop": 0.5, "ddp": 4.0, "powersgd": 0.52, "torch-powersgd": 0.6, "sign": 0.51})]
-    lines = report.targets(cells, {2: {"1gbit": {"ddp": 10.0, "sign": 12.0}}}, "sign")
+    lines = report.targets(cells, {2: {"1gbit": {"ddp": 10.0, "sign": 8.0, "int8": 9.0}}, 4: {"1gbit": {"ddp": 5.0, "sign": 6.0}}})
     text = "\n".join(lines)
     assert "PowerSGD rank 4 >= 4x faster per step than DDP: 7.69x -> met" in text
     assert "no slower than torch's powerSGD_hook: 0.87x -> met" in text
     assert "best compressor (sign) within 1.05x of the bound: 1.02x -> met" in text
-    assert "time-to-loss of the recommended method (sign) below DDP's: 1.20x -> NOT met" in text
+    assert "2 hosts, 1gbit: time-to-loss of the recommended method (sign) below DDP's: 0.80x -> met" in text
+    assert "4 hosts, 1gbit: the shortest time-to-loss is plain DDP's, so no compression is recommended" in text
 
 
 def point(method: str, measured: float, predicted: float, spread: float = 0.01) -> validate.Point:
