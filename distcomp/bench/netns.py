@@ -237,7 +237,7 @@ def remove_stale() -> None:
             subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
 
 
-def _tbf_args(rate: str) -> list[str]:
+def tbf_args(rate: str) -> list[str]:
     """tbf settings: a bucket of 10 ms at the rate (at least 32 KiB), a queue of at most 50 ms."""
     burst = max(int(rate_bits(rate) / 8 / 100), 32 * 1024)
     return ["tbf", "rate", rate, "burst", str(burst), "latency", "50ms"]
@@ -258,7 +258,7 @@ def _create(net: Network) -> None:
         _sh("ip", "-n", host.namespace, "addr", "add", f"{host.address}/24", "dev", host.iface)
         _sh("ip", "-n", host.namespace, "link", "set", host.iface, "up")
         if net.rate is not None:
-            _sh("tc", "-n", host.namespace, "qdisc", "add", "dev", host.iface, "root", *_tbf_args(net.rate))
+            _sh("tc", "-n", host.namespace, "qdisc", "add", "dev", host.iface, "root", *tbf_args(net.rate))
 
 
 def _kill_inside(namespace: str) -> None:

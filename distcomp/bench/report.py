@@ -209,15 +209,15 @@ def targets(cells: Sequence[CellResult], ttl: TTLSeconds) -> list[str]:
         seconds = {k: v for k, v in by_link.get("1gbit", {}).items() if v is not None}
         if "ddp" not in seconds:
             continue
-        best = min(seconds, key=lambda k: seconds[k])
-        if best == "ddp":
+        fastest = min(seconds, key=lambda k: seconds[k])
+        if fastest == "ddp":
             lines.append(
                 f"- {hosts} hosts, 1gbit: the shortest time-to-loss is plain DDP's, so no compression is "
                 "recommended there (the target applies to a recommended method: none)"
             )
             continue
-        what = f"{hosts} hosts, 1gbit: time-to-loss of the recommended method ({best}) below DDP's"
-        lines.append(_target(what, seconds[best] / seconds["ddp"], seconds[best] < seconds["ddp"]))
+        what = f"{hosts} hosts, 1gbit: time-to-loss of the recommended method ({fastest}) below DDP's"
+        lines.append(_target(what, seconds[fastest] / seconds["ddp"], seconds[fastest] < seconds["ddp"]))
     return lines
 
 

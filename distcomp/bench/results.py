@@ -19,7 +19,7 @@ from typing import Any
 
 from distcomp.bench import netns, plots, report, validate
 from distcomp.bench.methods import Method, model_config
-from distcomp.bench.run import Cell, CellConfig, CellResult, MethodFigures, run_cell
+from distcomp.bench.run import Cell, CellConfig, CellResult, MethodFigures, read_cell, run_cell
 
 logger = logging.getLogger("distcomp.bench")
 
@@ -41,9 +41,9 @@ def free_folder(parent: Path, stem: str) -> Path:
     return candidate
 
 
-BYTES_PER_PARAMETER = 32
+BYTES_PER_PARAMETER = 40
 """Resident bytes per parameter of one replica in a rank (weights, gradients, DDP's buckets, AdamW's moments,
-residuals, workspaces), as measured on the benchmark's GPT."""
+residuals, workspaces): 17 replicas of the 10.9M GPT held 6.8 GB per rank (37 bytes per parameter)."""
 RANK_BASE_BYTES = 500e6
 """Resident bytes of a rank before its replicas (torch, gloo, the corpus)."""
 BASELINES = ("ddp", "noop")
@@ -72,16 +72,13 @@ def _weight(m: Method) -> float:
 
 
 def _groups(methods: Sequence[Method], size: int) -> list[tuple[Method, ...]]:
-    """The methods in jobs of at most ``size`` replicas' memory, each job with the baselines (its ratios'
-    reference); as few jobs as fit, filled evenly in table order."""
+    """The methods in jobs of at most ``size`` replicas' memory, filled in table order, each job with the
+    baselines (its ratios' reference)."""
     base = [m for m in methods if m.name in BASELINES]
-    rest = [m for m in methods if m.name not in BASELINES]
     room = max(size - len(base), 1)
-    count = max(1, math.ceil(sum(map(_weight, rest)) / room))
-    share = sum(map(_weight, rest)) / count
     groups: list[list[Method]] = [[]]
-    for m in rest:
-        if groups[-1] and sum(map(_weight, groups[-1])) + _weight(m) > share + 1e-9 and len(groups) < count:
+    for m in (m for m in methods if m.name not in BASELINES):
+        if groups[-1] and sum(map(_weight, groups[-1])) + _weight(m) > room:
             groups.append([])
         groups[-1].append(m)
     return [tuple(base + g) for g in groups]
@@ -276,11 +273,34 @@ def _draw(folder: Path, cells: Sequence[CellResult], pts: Sequence[validate.Poin
 
 
 def rewrite(folder: Path) -> None:
-    """The report and plots again from ``folder/results.json`` (e.g. after a change to the predictor)."""
-    meta, cells = load(folder)
+    """The figures, report and plots again from the ranks' records in ``folder/cells`` (e.g. after a change
+    to the predictor or to how figures are derived); ``results.json`` is rewritten with them."""
     from distcomp.bench.methods import select
 
-    write_report(folder, meta, cells, select(meta["methods"], CellConfig(**meta["config"]).warmup))
+    meta, old = load(folder)
+    cfg = CellConfig(**meta["config"])
+    seconds = {(c.hosts, c.rate): c.seconds for c in old}
+    parts: dict[tuple[int, str | None], list[CellResult]] = {}
+    for cell_dir in sorted((folder / "cells").iterdir(), key=lambda p: (len(p.name), p.name)):
+        hosts, rate = _cell_key(cell_dir.name)
+        if (cell_dir / "rank0.json").exists():
+            parts.setdefault((hosts, rate), []).append(read_cell(cell_dir, hosts, rate, cfg, 0.0))
+    cells = []
+    for key, found in parts.items():
+        merged = merge(found)
+        merged.seconds = seconds.get(key, 0.0)
+        cells.append(merged)
+    order = {(c.hosts, c.rate): i for i, c in enumerate(old)}
+    cells.sort(key=lambda c: order.get((c.hosts, c.rate), len(order)))
+    save(folder, meta, cells)
+    write_report(folder, meta, cells, select(meta["methods"], cfg.warmup))
+
+
+def _cell_key(name: str) -> tuple[int, str | None]:
+    """``(hosts, rate)`` of a cell folder named ``<hosts>h-<link>`` or ``<hosts>h-<link>-<job>``."""
+    hosts, _, link = name.partition("h-")
+    link = link.rsplit("-", 1)[0] if link.rsplit("-", 1)[-1].isdigit() and "-" in link else link
+    return int(hosts), None if link == "unshaped" else link
 
 
 def set_reference(folder: Path) -> None:

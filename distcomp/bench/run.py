@@ -134,7 +134,7 @@ def summarise(ranks: Sequence[dict[str, Any]], cfg: CellConfig, context: int) ->
         fig.losses = [statistics.fmean(s) for s in zip(*(r["losses"] for r in recs))]
         if not fig.failure:
             _fill(fig, recs, cfg, context)
-        _add_untracked_bytes(fig, len(ranks), ranks[0]["numel"], ranks[0]["root_numel"])
+        _add_untracked_bytes(fig, len(ranks), ranks[0]["numel"], ranks[0].get("root_numel", 0))
         out[name] = fig
     for fig in out.values():
         fig.bound_s = out["noop"].step_s if "noop" in out else None
@@ -145,7 +145,8 @@ def summarise(ranks: Sequence[dict[str, Any]], cfg: CellConfig, context: int) ->
 def _add_untracked_bytes(fig: MethodFigures, world: int, numel: int, root: int) -> None:
     """What the counter should also see that no telemetry counts: DDP's ring all-reduce of the fp32 gradients,
     FSDP's fp32 all-gathers of the parameters (twice a step for the blocks, which reshard after forward; once
-    for the root's own) and plain FSDP's reduce-scatter."""
+    for the root's own) and plain FSDP's reduce-scatter, which gloo runs as an all-reduce (its bytes: twice a
+    reduce-scatter's)."""
     if fig.failure:
         return
     share = (world - 1) / world * 4 / 1e6
@@ -153,7 +154,7 @@ def _add_untracked_bytes(fig: MethodFigures, world: int, numel: int, root: int) 
     if fig.name == "ddp":
         fig.stats_mb = 2 * numel * share
     elif fig.name == "fsdp":
-        fig.stats_mb = gathers + numel * share
+        fig.stats_mb = gathers + 2 * numel * share  # gloo runs FSDP's reduce-scatter as an all-reduce
     elif fig.name.startswith("fsdp-"):
         fig.stats_mb = (fig.stats_mb or 0.0) + gathers
 
@@ -187,6 +188,7 @@ def _job(cell: Cell, cfg: CellConfig, folder: Path) -> dict[str, Any]:
         "loss_steps": cell.loss_steps,
         "methods": [asdict(m) for m in cell.methods],
         "progress": str(folder / "progress"),
+        "rate": cell.rate,
         "collective_timeout_s": cfg.timeout_s,
     }
 
@@ -237,7 +239,8 @@ def run_cell(cell: Cell, cfg: CellConfig, folder: Path, on_round: Callable[[int]
     (folder / "job.json").write_text(json.dumps(_job(cell, cfg, folder)))
     shim = netns.install_ssh_standin(folder / "bin").parent
     start = time.monotonic()
-    with netns.hosts_on_bridge(cell.hosts, cell.rate) as net:
+    # Created unshaped: each rank shapes its own egress after the warm-up (see worker.shape).
+    with netns.hosts_on_bridge(cell.hosts, None) as net:
         (folder / "hosts").write_text(_hostfile(net))
         env = {**os.environ, "PATH": f"{shim}{os.pathsep}{os.environ.get('PATH', '')}"}
         with (folder / "launch.log").open("w") as log:
@@ -247,11 +250,16 @@ def run_cell(cell: Cell, cfg: CellConfig, folder: Path, on_round: Callable[[int]
             finally:
                 _stop(proc)
                 shutil.rmtree(shim, ignore_errors=True)
-    ranks = [json.loads((folder / f"rank{r}.json").read_text()) for r in range(cell.hosts)]
+    return read_cell(folder, cell.hosts, cell.rate, cfg, time.monotonic() - start)
+
+
+def read_cell(folder: Path, hosts: int, rate: str | None, cfg: CellConfig, seconds: float) -> CellResult:
+    """A finished cell's result from its ranks' records (also how ``--report`` recomputes a run's figures)."""
+    ranks = [json.loads((folder / f"rank{r}.json").read_text()) for r in range(hosts)]
     return CellResult(
-        cell.hosts,
-        cell.rate,
-        time.monotonic() - start,
+        hosts,
+        rate,
+        seconds,
         max((r["probe"] for r in ranks), key=lambda p: p["large_s"]),
         ranks[0]["numel"],
         summarise(ranks, cfg, model_config(cfg.model).context),

@@ -241,7 +241,9 @@ def fsdp_traffic(
     gathers = [Collective("all_gather", 4 * -(-n // world_size)) for n in sizes]
     reductions: list[tuple[Collective, ...]]
     if compressor is None:
-        reductions = [(Collective("reduce_scatter", 4 * n),) for n in sizes]
+        # gloo has no reduce-scatter of its own: torch runs it as an all-reduce (twice the bytes).
+        op: Op = "all_reduce" if device == "cpu" else "reduce_scatter"
+        reductions = [(Collective(op, 4 * n),) for n in sizes]
         codec = [0.0] * len(sizes)
     else:
         dry = compressed_traffic(

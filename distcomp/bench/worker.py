@@ -5,7 +5,8 @@ Every method's replica lives in this process and the methods take their steps
 in turn, starting from a rotating method each round, so drift in the
 machine's speed hits every method alike. Each step of each method is timed
 with the ranks in step (a barrier first), and the bytes it put on the wire are
-read from this host's interface counter around it. Correctness comes first:
+read from this host's interface counter around it. The link is shaped to the
+cell's rate after the warm-up (:func:`shape`), then probed. Correctness comes first:
 after the warm-up and at the end every method but the bound must hold
 identical parameters on every rank and a finite loss, and ``none`` must match
 plain DDP (bit for bit on 2 and 4 ranks); a method that fails is reported as failed, without a
@@ -19,6 +20,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -29,7 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distcomp.bench import data
+from distcomp.bench import data, netns
 from distcomp.bench.methods import Method, Replica, build, model_config
 from distcomp.models.gpt import GPT
 
@@ -89,6 +91,16 @@ def probe_all_reduce(nbytes: int, reps: int) -> float:
     return statistics.median(times)
 
 
+def shape(iface: str | None, rate: str | None) -> None:
+    """Cap this host's egress at ``rate`` (tc tbf), then wait for every rank to have done the same.
+
+    The cell's link is shaped only now, after the warm-up: its untimed steps include the compressors' exact
+    fp32 steps, which would take minutes on a slow link and measure nothing."""
+    if rate is not None and iface:
+        subprocess.run(["tc", "qdisc", "replace", "dev", iface, "root", *netns.tbf_args(rate)], check=True)
+    dist.barrier()
+
+
 def _health(replicas: Sequence[Replica], records: dict[str, Record]) -> dict[str, str]:
     """``{method: why it is wrong}``, the same on every rank."""
     mine = {
@@ -139,21 +151,20 @@ def run(job: dict[str, Any]) -> dict[str, Any]:
         replicas.append(build(m, GPT(cfg), lr=job["lr"], bucket_cap_mb=job["bucket_cap_mb"]))
     records = {m.name: Record() for m in methods}
     iface = os.environ.get("GLOO_SOCKET_IFNAME")
-    probe = {
-        "small_s": probe_all_reduce(4, 20),
-        "large_s": probe_all_reduce(PROBE_BYTES, 3),
-        "large_bytes": PROBE_BYTES,
-    }
     rounds = job["warmup"] + max(job["steps"], job["loss_steps"])
     progress = Path(job["progress"]) if rank == 0 else None
+    probe: dict[str, float] = {}
     for step in range(rounds):
+        if step == job["warmup"]:
+            _mark(records, _health(replicas, records), "after warm-up")
+            shape(iface, job["rate"])
+            probe = {"small_s": probe_all_reduce(4, 20), "large_s": probe_all_reduce(PROBE_BYTES, 3)}
+            probe["large_bytes"] = PROBE_BYTES
         x, y = data.batch(corpus, rank, step, job["global_batch"] // world, cfg.context)
         for j in range(len(replicas)):
             rep = replicas[(step + j) % len(replicas)]
             if not records[rep.method.name].failure:
                 _timed_step(rep, records[rep.method.name], x, y, iface)
-        if step == job["warmup"] - 1:
-            _mark(records, _health(replicas, records), "after warm-up")
         if progress is not None:
             with progress.open("a") as f:
                 f.write(f"{step + 1} {rounds}\n")
