@@ -24,7 +24,7 @@ class Spec:
     """One training run on an FSDP2 model."""
 
     algorithm: str = "onebit_adam"
-    """A key of ALGORITHMS, or "adamw" (torch's, on the same sharded model)."""
+    """A key of ALGORITHMS."""
     wrapper: str = "fsdp"
     """``fsdp``, or ``ddp`` for the unsharded optimizer on the same model and data."""
     steps: int = 100
@@ -73,8 +73,6 @@ def build(spec: Spec, world_size: int) -> tuple[nn.Module, torch.optim.Optimizer
         net: nn.Module = DistributedDataParallel(model(getattr(torch, spec.dtype)))
     else:
         net = shard(model(getattr(torch, spec.dtype)), world_size, spec.reduce_dtype)
-    if spec.algorithm == "adamw":
-        return net, torch.optim.AdamW(net.parameters(), lr=spec.lr, weight_decay=0.0)
     options = {FREEZE[spec.algorithm]: spec.freeze, "block": spec.block, "state_dtype": spec.state_dtype}
     opt = ALGORITHMS[spec.algorithm](net.parameters(), lr=spec.lr, **options)
     optim.register(net, opt, **({"error_feedback": spec.error_feedback} if spec.wrapper == "fsdp" else {}))

@@ -20,6 +20,9 @@ from distcomp.testing import run_ranks
 pytestmark = pytest.mark.slow  # every test trains on 2 or 4 ranks
 
 STEPS = 40
+# 4 ranks on 2 cores take twice as long per step; at 30 steps every compressor's final loss stays well inside
+# its tolerance (observed: sign 1.085 and topk 1.074 of DDP's, against 1.15 and 1.12; at 40: 1.092, 1.054).
+FOUR_RANK_STEPS = 30
 # Final loss (mean of the last 5 steps) may exceed plain DDP's by at most this fraction.
 TOLERANCE = {
     "none": 0.0,
@@ -38,9 +41,9 @@ OPTIONS = {"topk": {"ratio": 0.05}, "randomk": {"ratio": 0.25}}
 EF_COMPRESSORS = ["powersgd", "topk", "randomk", "sign", "int8", "int4"]
 
 
-def _runs(names: list[str], **kw: object) -> list[Run]:
-    return [Run(compressor=None, steps=STEPS, **kw)] + [
-        Run(compressor=n, options=OPTIONS.get(n, {}), steps=STEPS, **kw) for n in names
+def _runs(names: list[str], steps: int = STEPS, **kw: object) -> list[Run]:
+    return [Run(compressor=None, steps=steps, **kw)] + [
+        Run(compressor=n, options=OPTIONS.get(n, {}), steps=steps, **kw) for n in names
     ]
 
 
@@ -58,7 +61,7 @@ def two_ranks() -> dict[str, list[dict]]:
 @pytest.fixture(scope="module")
 def four_ranks() -> dict[str, list[dict]]:
     names = ["none", "powersgd", "sign", "topk", "int4"]
-    results = run_ranks(train_many, 4, args=(_runs(names),), timeout=400)
+    results = run_ranks(train_many, 4, args=(_runs(names, FOUR_RANK_STEPS),), timeout=400)
     return {name: [r[i] for r in results] for i, name in enumerate(["ddp", *names])}
 
 

@@ -3,10 +3,14 @@
 Two ranks print thousands of lines at the same time as fast as they can, in
 block-sized writes that end mid-line, and a last line without its newline;
 several runs, because a glued or split line shows up only in some of them.
+The local runs go at once: each spends most of its time in the launcher's chain
+of interpreters (launcher, watchdog, agent) starting one after another, on one
+core at a time.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import re
 import subprocess
@@ -22,21 +26,29 @@ pytestmark = pytest.mark.slow  # every test launches a job
 
 ROOT = Path(__file__).resolve().parents[2]
 LINES = 3000
-# The barrier makes both ranks write at once; flushing every 400 lines leaves block-sized writes that end mid-line.
+RUNS = 3
+# The barriers make both ranks write at once; flushing every 400 lines leaves block-sized writes that end mid-line.
+# They are files in the folder named by the first argument (the hosts share the file system), not torch's: a rank
+# that imports torch spends longer starting than writing.
 CHATTER = f"""\
-import datetime, os, sys
-import torch.distributed as dist
-dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-dist.barrier()
-rank = os.environ["RANK"]
+import os, sys, time
+from pathlib import Path
+rank, world, marks = os.environ["RANK"], int(os.environ["WORLD_SIZE"]), Path(sys.argv[1])
+def barrier(name):
+    (marks / f"{{name}}{{rank}}").touch()
+    deadline = time.monotonic() + 60
+    while len(list(marks.glob(f"{{name}}*"))) < world:
+        if time.monotonic() > deadline:
+            sys.exit(f"rank {{rank}}: the other rank never reached barrier {{name!r}}")
+        time.sleep(0.001)
+barrier("start")
 for i in range({LINES}):
     print(f"LINE rank={{rank}} i={{i}} " + "x" * (i % 97), flush=i % 400 == 0)
     if i % 500 == 0:
         print(f"ERR rank={{rank}} i={{i}}", file=sys.stderr)
 print(f"LAST rank={{rank}}", end="")
 sys.stdout.flush()
-dist.barrier()
-dist.destroy_process_group()
+barrier("done")
 """
 WHOLE = re.compile(r"^(?:(?P<host>\S+): )?\[rank (?P<rank>\d)\] (?:LINE rank=(?P=rank) i=(?P<i>\d+) (?P<x>x*)"
                    r"|LAST rank=(?P=rank))$")
@@ -66,24 +78,37 @@ def check_whole(stdout: str, stderr: str, hosts: dict[str, str] | None = None) -
         assert sum(f"[rank {r}] ERR rank={r} i=" in line for line in stderr.splitlines()) == LINES // 500
 
 
-def test_local_ranks_lines_arrive_whole_and_tagged(tmp_path: Path) -> None:
-    script = tmp_path / "chatter.py"
+def chatter(folder: Path) -> list[str]:
+    """The chatter script in ``folder``, and a fresh folder for its barriers: its arguments to the launcher."""
+    script = folder / "chatter.py"
     script.write_text(CHATTER)
-    for _ in range(3):
-        out = subprocess.run([sys.executable, "-m", "distcomp", "launch", "--nproc-per-node", "2", str(script)],
-                             capture_output=True, text=True, timeout=70, env=env(), cwd=ROOT)
+    marks = folder / "marks"
+    marks.mkdir()
+    return [str(script), str(marks)]
+
+
+def launch_local(folder: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distcomp", "launch", "--nproc-per-node", "2", *chatter(folder)],
+                          capture_output=True, text=True, timeout=70, env=env(), cwd=ROOT)
+
+
+def test_local_ranks_lines_arrive_whole_and_tagged(tmp_path: Path) -> None:
+    folders = [tmp_path / f"run{n}" for n in range(RUNS)]
+    for folder in folders:
+        folder.mkdir()
+    with concurrent.futures.ThreadPoolExecutor(RUNS) as pool:
+        outs = list(pool.map(launch_local, folders))
+    for out in outs:
         assert out.returncode == 0, out.stderr[-3000:]
         check_whole(out.stdout, out.stderr)
 
 
 def test_lines_over_ssh_arrive_whole_and_tagged_with_host_and_rank(tmp_path: Path,
                                                                    hosts: tuple[NetHost, NetHost]) -> None:
-    script = tmp_path / "chatter.py"
-    script.write_text(CHATTER)
     standin = install_ssh_standin(tmp_path / "bin").parent
     hostfile = write_hostfile(tmp_path / "hosts", hosts)
     out = subprocess.run([sys.executable, "-m", "distcomp", "launch", "--hostfile", str(hostfile),
-                          "--launcher", "ssh", str(script)], capture_output=True, text=True, timeout=120,
+                          "--launcher", "ssh", *chatter(tmp_path)], capture_output=True, text=True, timeout=120,
                          env=env(standin), cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     # Which host runs which rank is the rendezvous' choice: read it from the first line of each rank.
