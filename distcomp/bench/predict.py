@@ -13,7 +13,8 @@ The model of one step (all times per rank):
   ``(p-1) a + (p-1) n/B``; all-to-all and reduce-scatter ``(p-1) a + (p-1)/p n/B``.
 * Overlap: a bucket's collectives start when its gradients are ready and the previous bucket's are done
   (one link, first in first out); what is still on the wire when backward ends is exposed. A method that
-  does not overlap (one bucket, or ``overlap=False``) exposes all of it.
+  does not overlap (one bucket, or ``overlap=False``) exposes all of it. FSDP2 overlaps its units'
+  collectives with forward and backward on CUDA streams; on CPU it runs them in line, exposing all.
 
 ``step = compute + codec + exposed``. The compressed optimizers are predicted as the sign exchange of
 their momentum (what they send in their compressed phase).
@@ -119,7 +120,7 @@ def _sharded_step(method: str, traffic: Traffic, wl: Workload, net: Network, wor
     per_bucket = [[net.seconds(c, world) for c in b.collectives] for b in traffic.buckets]
     comm = sum(map(sum, per_bucket))
     edges = per_bucket[0][0] + per_bucket[-1][-1]
-    exposed = max(comm - wl.compute_s - codec, edges)
+    exposed = max(comm - wl.compute_s - codec, edges) if traffic.overlap else comm
     sent = sum(net.sent_bytes(c, world) for b in traffic.buckets for c in b.collectives)
     return Prediction(method, world, wl.compute_s + codec + exposed, comm, exposed, codec, sent / 1e6)
 

@@ -132,7 +132,7 @@ def test_recommendation_is_compression_on_a_slow_link_and_ddp_on_a_fast_one() ->
 def test_predict_command_prints_a_table_per_link_with_its_recommendation(capsys: pytest.CaptureFixture[str]) -> None:
     from distcomp.cli import main
 
-    argv = ["bench", "predict", "--params", "3e5", "--compute-ms", "200", "--world", "8,64",
+    argv = ["bench", "predict", "--params", "3e6", "--compute-ms", "200", "--world", "8,64",
             "--bandwidth", "100mbit,100gbit", "--methods", "ddp,noop,powersgd,topk"]
     assert main(argv) == 0
     out = capsys.readouterr().out
