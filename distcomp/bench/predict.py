@@ -31,6 +31,8 @@ from distcomp.bench.traffic import Collective, Shape, Traffic, compressed_traffi
 GOODPUT = 0.92
 """What a TCP stream carries of a link's line rate (headers, acknowledgements, the shaper's queue): the
 default of :attr:`Network.efficiency`, from the probes of the committed benchmark run (0.84 to 0.96)."""
+OPTIMIZER_EXCHANGE = "sign"
+"""What the compressed optimizers are predicted as: the 1-bit exchange of their momentum."""
 BACKWARD_FRACTION = 0.6
 """Backward's share of a step's compute, when not measured."""
 TORCH_POWERSGD_CAP_MB = 1024.0
@@ -136,12 +138,14 @@ def method_traffic(method: Method, wl: Workload, world: int, reps: int = 3) -> T
     if method.kind == "ddp":
         return dense_traffic(wl.shapes, wl.bucket_cap_mb)
     if method.kind == "fsdp":
-        return fsdp_traffic(method.compressor, wl.shapes, world, bucket_cap_mb=wl.bucket_cap_mb, device=wl.device)
+        return fsdp_traffic(
+            method.compressor, wl.shapes, world, bucket_cap_mb=wl.bucket_cap_mb, device=wl.device, reps=reps
+        )
     cap, compressor = wl.bucket_cap_mb, str(method.compressor)
     if method.kind == "torch_powersgd":
         cap, compressor = TORCH_POWERSGD_CAP_MB, "powersgd"
     elif method.kind == "optimizer":
-        compressor, options = "sign", {}
+        compressor, options = OPTIMIZER_EXCHANGE, {}
     return compressed_traffic(compressor, options, wl.shapes, world, bucket_cap_mb=cap, device=wl.device, reps=reps)
 
 

@@ -109,6 +109,8 @@ def measure_compute(model: GPT, batch: int, device: str) -> float:
 
 
 def _workload(args: argparse.Namespace) -> Workload:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device here; predict with --device cpu or on a GPU machine")
     shapes, model = _shapes(args)
     if args.compute_ms is not None:
         compute = args.compute_ms / 1e3
@@ -119,8 +121,6 @@ def _workload(args: argparse.Namespace) -> Workload:
             "give --compute-ms: the time of one forward+backward+optimizer step of your model on one device "
             "(e.g. the step time of a single-GPU run)"
         )
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device here; predict with --device cpu or on a GPU machine")
     return Workload(shapes=tuple(shapes), compute_s=compute, bucket_cap_mb=args.bucket_cap_mb, device=args.device)
 
 

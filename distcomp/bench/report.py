@@ -118,6 +118,8 @@ class TimeToLoss:
     steps: int | None
     """None: not reached within the recorded steps."""
     target: float
+    recorded: int
+    """Steps of the method's loss curve."""
 
 
 def steps_to_loss(curves: dict[str, list[float]], n: int) -> dict[str, TimeToLoss]:
@@ -127,8 +129,17 @@ def steps_to_loss(curves: dict[str, list[float]], n: int) -> dict[str, TimeToLos
     for name, losses in curves.items():
         s = smoothed(losses)
         reached = next((i + 1 for i, v in enumerate(s) if v <= target), None)
-        out[name] = TimeToLoss(name, reached, target)
+        out[name] = TimeToLoss(name, reached, target, len(losses))
     return out
+
+
+def reach(cells: Sequence[CellResult], hosts: int, n: int) -> dict[str, TimeToLoss]:
+    """:func:`steps_to_loss` of every method but the bound on the loss curves of ``hosts``; empty without a
+    loss curve of plain DDP."""
+    source = loss_cell(cells, hosts)
+    if source is None or "ddp" not in source.methods:
+        return {}
+    return steps_to_loss({k: f.losses for k, f in source.methods.items() if not f.failure and k != "noop"}, n)
 
 
 def loss_cell(cells: Sequence[CellResult], hosts: int) -> CellResult | None:
@@ -140,17 +151,15 @@ def loss_cell(cells: Sequence[CellResult], hosts: int) -> CellResult | None:
 def ttl_table(cells: Sequence[CellResult], hosts: int, n: int) -> tuple[str, dict[str, dict[str, float | None]]]:
     """Time-to-loss at :data:`TTL_LINKS`: steps to DDP's loss at step ``n`` times the median step measured on
     that link. Also ``{link: {method: seconds}}``."""
-    source = loss_cell(cells, hosts)
-    if source is None or "ddp" not in source.methods:
+    reached = reach(cells, hosts, n)
+    if not reached:
         return "(no loss curve with plain DDP)", {}
-    curves = {k: f.losses for k, f in source.methods.items() if not f.failure and k != "noop"}
-    reach = steps_to_loss(curves, n)
     links = [c for c in cells if c.hosts == hosts and c.link in TTL_LINKS]
     seconds: dict[str, dict[str, float | None]] = {}
     rows = []
-    for name, r in reach.items():
-        row = [name, str(r.steps) if r.steps else f"> {len(curves[name])}"]
-        ddp_steps = reach["ddp"].steps
+    ddp_steps = reached["ddp"].steps
+    for name, r in reached.items():
+        row = [name, str(r.steps) if r.steps else f"> {r.recorded}"]
         for c in links:
             f = c.methods.get(name)
             t = r.steps * f.step_s if r.steps and f and f.step_s else None
@@ -163,13 +172,6 @@ def ttl_table(cells: Sequence[CellResult], hosts: int, n: int) -> tuple[str, dic
     for c in links:
         cols += [f"{c.link}: s", f"{c.link}: x DDP"]
     return table(cols, rows), seconds
-
-
-def loss_target(cells: Sequence[CellResult], hosts: int, n: int) -> float | None:
-    source = loss_cell(cells, hosts)
-    if source is None or "ddp" not in source.methods:
-        return None
-    return smoothed(source.methods["ddp"].losses)[n - 1]
 
 
 def best_compressed(cell: CellResult) -> MethodFigures | None:

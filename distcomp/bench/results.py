@@ -185,9 +185,6 @@ def load(folder: Path) -> tuple[dict[str, Any], list[CellResult]]:
     cells = []
     for c in doc["cells"]:
         figures = {k: MethodFigures(**v) for k, v in c["methods"].items()}
-        for fig in figures.values():  # results written before each method carried its job's baselines
-            fig.bound_s = fig.bound_s or (figures["noop"].step_s if "noop" in figures else None)
-            fig.ddp_s = fig.ddp_s or (figures["ddp"].step_s if "ddp" in figures else None)
         cells.append(CellResult(**{**c, "methods": figures}))
     return doc["meta"], cells
 
@@ -220,7 +217,8 @@ def write_report(folder: Path, meta: dict[str, Any], cells: Sequence[CellResult]
         ]
     sections += ["## Targets", "\n".join(report.targets(cells, ttl)) or "- (no cell for any target)"]
     for h, md in ttl_md.items():
-        target = report.loss_target(cells, h, n)
+        ddp = report.reach(cells, h, n).get("ddp")
+        target = ddp.target if ddp else None
         sections += [
             f"## Time-to-loss, {h} hosts",
             f"Target: plain DDP's training loss at step {n} ({report.fmt(target, '.3f')}, {report.SMOOTH}-step "
@@ -282,8 +280,9 @@ def rewrite(folder: Path) -> None:
     seconds = {(c.hosts, c.rate): c.seconds for c in old}
     parts: dict[tuple[int, str | None], list[CellResult]] = {}
     for cell_dir in sorted((folder / "cells").iterdir(), key=lambda p: (len(p.name), p.name)):
-        hosts, rate = _cell_key(cell_dir.name)
         if (cell_dir / "rank0.json").exists():
+            hosts = len((cell_dir / "hosts").read_text().splitlines())
+            rate = json.loads((cell_dir / "job.json").read_text())["rate"]
             parts.setdefault((hosts, rate), []).append(read_cell(cell_dir, hosts, rate, cfg, 0.0))
     cells = []
     for key, found in parts.items():
@@ -296,26 +295,15 @@ def rewrite(folder: Path) -> None:
     write_report(folder, meta, cells, select(meta["methods"], cfg.warmup))
 
 
-def _cell_key(name: str) -> tuple[int, str | None]:
-    """``(hosts, rate)`` of a cell folder named ``<hosts>h-<link>`` or ``<hosts>h-<link>-<job>``."""
-    hosts, _, link = name.partition("h-")
-    link = link.rsplit("-", 1)[0] if link.rsplit("-", 1)[-1].isdigit() and "-" in link else link
-    return int(hosts), None if link == "unshaped" else link
-
-
 def set_reference(folder: Path) -> None:
     """Ship ``folder``'s time-to-loss factors and prediction errors with the package (:mod:`reference`)."""
     from distcomp.bench import reference
 
     meta, cells = load(folder)
     n = CellConfig(**meta["config"]).loss_steps
-    hosts = max(c.hosts for c in cells)
-    source = report.loss_cell(cells, hosts)
-    assert source is not None
-    curves = {k: f.losses for k, f in source.methods.items() if not f.failure and k != "noop"}
-    reach = report.steps_to_loss(curves, n)
-    longest = max(len(v) for v in curves.values())
-    factors = {k: (r.steps or longest) / n for k, r in reach.items()}
+    reached = report.reach(cells, max(c.hosts for c in cells), n)
+    # A method that never reached the target ships at the lower bound of its factor.
+    factors = {k: (r.steps or r.recorded) / n for k, r in reached.items()}
     errors = [p["error"] for p in json.loads((folder / "validation.json").read_text())]
     links = list(dict.fromkeys(c.link for c in cells))
     root = results_root().parent.parent

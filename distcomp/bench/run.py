@@ -44,7 +44,8 @@ class CellConfig:
     steps: int = 6
     """Timed rounds per method and cell; the median is reported."""
     loss_steps: int = 0
-    """N of time-to-loss: the unshaped cell runs ``1.5 N`` rounds after the warm-up and records every loss."""
+    """N of time-to-loss: the fastest link's cell runs ``1.5 N`` rounds after the warm-up and records every
+    loss."""
     global_batch: int = 16
     """Sequences per step over all ranks (each rank takes ``global_batch / hosts``): the same for every
     host count, so that the loss curves compare."""

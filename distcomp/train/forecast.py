@@ -9,7 +9,7 @@ import math
 from collections.abc import Sequence
 
 from distcomp.bench import reference
-from distcomp.bench.predict import Network, Workload, step_time
+from distcomp.bench.predict import OPTIMIZER_EXCHANGE, Network, Workload, step_time
 from distcomp.bench.traffic import Traffic, compressed_traffic
 from distcomp.models.gpt import GPT
 from distcomp.train.config import RunSpec, TrainConfig
@@ -23,8 +23,7 @@ DDP_BUCKET_CAP_MB = 25.0
 
 
 def _traffic(spec: RunSpec, shapes: list[tuple[int, ...]], world: int, device: str) -> Traffic:
-    # A compressed optimizer sends the 1-bit code of its momentum: predicted as the sign exchange.
-    compressor = spec.compression if spec.compression is not None else "sign"
+    compressor = spec.compression if spec.compression is not None else OPTIMIZER_EXCHANGE
     return compressed_traffic(compressor, {}, shapes, world, bucket_cap_mb=DDP_BUCKET_CAP_MB, device=device, reps=2)
 
 
